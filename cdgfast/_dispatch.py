@@ -1,0 +1,35 @@
+"""When to run a Triton kernel instead of the plain-PyTorch path.
+
+The CUDA implementation of every op calls the Triton launcher in `cdgfast.kernels`; if Triton is
+missing (or CDGFAST_DISABLE_TRITON=1) it falls back to the PyTorch composite, which is always
+correct. On the CPU, Triton kernels run only when a test asks for them explicitly under
+TRITON_INTERPRET=1 (see tests/conftest.py): they are far slower than ATen there.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    if os.environ.get("CDGFAST_DISABLE_TRITON", "0") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install on an unsupported platform
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(tensor) -> bool:
+    """True where the Triton path should run for a tensor on this device."""
+    if not triton_available():
+        return False
+    if tensor.is_cuda:
+        return True
+    return False

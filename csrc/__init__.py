@@ -1,0 +1,1 @@
+"""CUDA C++ sources, installed as data beside the package (`cdgfast.csrc`)."""

@@ -1,0 +1,49 @@
+"""cdgfast: a consolidation engine for continual learning of diffusion models.
+
+`kernels/` (the Triton sources) is installed inside the package as `cdgfast.kernels`,
+never as a top-level module named `kernels`.
+"""
+import platform
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdgfast" / "__init__.py").read_text()).group(1)
+
+packages = find_packages(include=["cdgfast", "cdgfast.*"]) + ["cdgfast.kernels", "cdgfast.csrc"]
+
+install_requires = [
+    "torch>=2.4",
+    "diffusers>=0.30",
+    "scikit-learn>=1.3",
+    "numpy>=1.24",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "peft>=0.10",
+]
+# Triton ships wheels for Linux x86_64 only; elsewhere the CPU path is used.
+if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+    install_requires.append("triton>=3.0")
+
+setup(
+    name="cdgfast",
+    version=VERSION,
+    description="Fused consolidation ops and benchmark drivers for continual learning of diffusion models",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=packages,
+    package_dir={"cdgfast.kernels": "kernels", "cdgfast.csrc": "csrc"},
+    package_data={"cdgfast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "cdgfast": ["data/assets/*"]},
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "cuda": ["cupy-cuda12x"],
+        "text": ["transformers>=4.30"],
+        "vision": ["torchvision"],
+    },
+    entry_points={"console_scripts": ["cdgfast-train=cdgfast.train.__main__:main"]},
+)
