@@ -52,11 +52,13 @@ def flatten_detached(params: Sequence[torch.Tensor], dtype=None) -> torch.Tensor
 
 def split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Views of `flat` shaped like each parameter (no copy)."""
+    expected = num_params(params)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(f"flat: expected a 1-D tensor of {expected} elements to match the parameters, "
+                         f"got shape {tuple(flat.shape)}")
     out, offset = [], 0
     for p in params:
         n = p.numel()
         out.append(flat[offset:offset + n].view_as(p))
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat: expected {offset} elements to match the parameters, got {flat.numel()}")
     return out
