@@ -14,7 +14,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "fisher", "methods", "data", "models", "metrics", "train", "analysis", "kernels", "diffusion")
+_SUBMODULES = ("ops", "fisher", "methods", "data", "models", "metrics", "train", "analysis", "kernels", "diffusion", "sampling")
 
 
 def __getattr__(name):

@@ -1,0 +1,137 @@
+"""DDIM sampling from a class-conditional noise predictor, with diffusers' DDIMScheduler matched to a
+cdgfast NoiseSchedule (same T and the same float64 betas, epsilon prediction).
+
+Update (Song et al., DDIM, Eq. 12), with a_t = abar_t and a_prev = abar of the next (smaller) timestep
+(1 after the last step):
+    x0_hat  = clip((x_t - sqrt(1 - a_t) eps) / sqrt(a_t), -1, 1)
+    sigma   = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+    x_prev  = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z
+Timesteps come from diffusers' DDIMScheduler, "trailing" spacing by default (T-1, T-1-T/n, ...), so
+even a 2-step sampler (the on-the-fly GD replay) starts from pure noise at t = T-1; "leading" spacing
+would start at T - T/n. The update itself is written here: diffusers' `step` takes the previous
+timestep to be t - T // n, which is off by one for trailing spacing when n does not divide T. When n
+divides T the two agree (tests/test_sampling.py checks both against each other and against a
+reference loop written in the test).
+
+Random draws, in order, from `generator`: the initial noise x_T, then (only when eta > 0) one noise
+tensor per step. Draws are made on the generator's device and moved to the model's device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+
+from .diffusion import NoiseSchedule, predict_eps
+
+
+def make_ddim_scheduler(schedule: NoiseSchedule, num_steps: int = 50, *, clip_sample: bool = True,
+                        timestep_spacing: str = "trailing") -> DDIMScheduler:
+    """A DDIMScheduler with the schedule's T and betas (passed explicitly, so they match bit for bit),
+    epsilon prediction, final alpha 1, and `num_steps` inference timesteps set."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= schedule.num_timesteps:
+        raise ValueError(f"num_steps: expected an integer in [1, {schedule.num_timesteps}], got {num_steps!r}")
+    if timestep_spacing not in ("trailing", "leading", "linspace"):
+        raise ValueError(f"timestep_spacing: expected 'trailing', 'leading' or 'linspace', got {timestep_spacing!r}")
+    sched = DDIMScheduler(
+        num_train_timesteps=schedule.num_timesteps,
+        trained_betas=schedule.betas.numpy(),
+        clip_sample=clip_sample, clip_sample_range=1.0,
+        set_alpha_to_one=True, steps_offset=0,
+        prediction_type="epsilon", timestep_spacing=timestep_spacing,
+    )
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def _infer_shape(model: torch.nn.Module, batch: int) -> tuple:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "in_channels") or not hasattr(cfg, "sample_size"):
+        raise ValueError("shape: the model has no config.in_channels / config.sample_size; pass shape=(B, C, H, W)")
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (batch, int(cfg.in_channels), int(h), int(w))
+
+
+def _model_device_dtype(model: torch.nn.Module):
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
+
+
+def _ddim_update(x, eps, a_t: float, a_prev: float, eta: float, noise, clip: bool):
+    """One DDIM step x_t -> x_prev (module docstring); `noise()` draws z when eta > 0."""
+    x0 = (x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    sigma = eta * max(var, 0.0) ** 0.5
+    out = a_prev ** 0.5 * x0 + max(1.0 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+    if noise is not None:
+        out = out + sigma * noise()
+    return out
+
+
+def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, schedule: NoiseSchedule,
+                num_steps: int = 50, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                shape: Optional[Sequence[int]] = None, progress: bool = False, clip_sample: bool = True,
+                timestep_spacing: str = "trailing") -> torch.Tensor:
+    """Generate x0 [B, C, H, W] in [-1, 1] with DDIM from `model` (eps prediction, called as
+    `model(x_t, t, class_labels=labels)`; `labels=None` calls it unconditionally and needs `shape`).
+
+    Runs in eval mode under no_grad and restores the model's training flag afterwards. With eta = 0
+    the result is a deterministic function of the initial noise (so of `generator`'s state).
+    """
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+            raise ValueError(f"labels: expected an integer tensor [B], got {getattr(labels, 'shape', type(labels))}")
+        if labels.numel() == 0:
+            raise ValueError("labels: expected at least one label, got an empty tensor")
+        n_embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+        if n_embeds is not None and (int(labels.min()) < 0 or int(labels.max()) >= n_embeds):
+            raise ValueError(f"labels: expected values in [0, {n_embeds - 1}] (the last one is the null class), "
+                             f"got [{int(labels.min())}, {int(labels.max())}]")
+    if not isinstance(eta, (int, float)) or eta < 0:
+        raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
+    if shape is None:
+        if labels is None:
+            raise ValueError("shape: needed when labels is None (unconditional sampling)")
+        shape = _infer_shape(model, labels.shape[0])
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise ValueError(f"shape: expected (B, C, H, W), got {shape}")
+    if labels is not None and shape[0] != labels.shape[0]:
+        raise ValueError(f"shape: batch size {shape[0]} does not match labels ({labels.shape[0]})")
+    sched = make_ddim_scheduler(schedule, num_steps, clip_sample=clip_sample, timestep_spacing=timestep_spacing)
+    device, dtype = _model_device_dtype(model)
+    gen_device = generator.device if generator is not None else device
+    if labels is not None:
+        labels = labels.to(device)
+
+    def noise():
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = noise()
+            steps = [int(t) for t in sched.timesteps]
+            # abar at each step and at the step it moves to (1 after the last: set_alpha_to_one).
+            ac = schedule.alphas_cumprod
+            a = [float(ac[t]) for t in steps]
+            a_prev = a[1:] + [1.0]
+            if progress:
+                from tqdm.auto import tqdm
+                steps = tqdm(steps, desc="DDIM", leave=False)
+            for i, t in enumerate(steps):
+                tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+                eps = predict_eps(model, x, tt, labels)
+                x = _ddim_update(x, eps, a[i], a_prev[i], float(eta), noise if eta > 0 else None, clip_sample)
+    finally:
+        model.train(was_training)
+    return x.clamp_(-1.0, 1.0)
