@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
@@ -33,3 +35,13 @@ def use_triton(tensor) -> bool:
     if tensor.is_cuda:
         return True
     return False
+
+
+def transform_active() -> bool:
+    """True inside a torch.func transform or a forward-AD dual level, where a custom op without a
+    forward-mode / batching rule would be wrong or slow: the callers then use plain PyTorch."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0

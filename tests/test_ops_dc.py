@@ -1,0 +1,281 @@
+"""DC-score ops (cdgfast/ops/dc.py) against independent naive references (loops, float64)."""
+import pytest
+import torch
+
+from cdgfast.ops.dc import dc_cross_entropy, dc_errors, dc_scores
+
+# atol, rtol per input dtype: the reference sees the same (rounded) inputs in float64, so the
+# error is fp32 accumulation plus the rounding of the result to the input dtype.
+TOL = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+DTYPES = list(TOL)
+# (B, K, S): size-1 dims, odd sizes, no spatial dims at all
+SHAPES = [(1, 1, (7,)), (2, 5, (3, 9, 9)), (3, 5, (1, 7, 5)), (1, 3, ()), (4, 2, (5,))]
+
+
+# --- naive references: python loops over b and k, float64 ---------------------------------------
+
+def naive_errors(pred, eps):
+    B, K = pred.shape[:2]
+    rows = []
+    for b in range(B):
+        row = []
+        for k in range(K):
+            d = (pred[b, k].double() - eps[b].double()).reshape(-1)
+            row.append((d * d).sum() / d.numel())
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def naive_scores(pred, eps, tau):
+    err = naive_errors(pred, eps)
+    out = []
+    for b in range(err.shape[0]):
+        z = [-e / tau for e in err[b]]
+        m = max(float(v.detach()) for v in z)
+        lse = m + torch.log(sum(torch.exp(v - m) for v in z))
+        out.append(torch.stack([v - lse for v in z]))
+    return torch.stack(out)
+
+
+def naive_ce(pred, eps, target, tau, reduction="mean"):
+    logp = naive_scores(pred, eps, tau)
+    B, K = logp.shape
+    losses = []
+    for b in range(B):
+        if target.dtype.is_floating_point:
+            losses.append(-sum(target[b, k].double() * logp[b, k] for k in range(K)))
+        else:
+            losses.append(-logp[b, int(target[b])])
+    losses = torch.stack(losses)
+    return {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+
+
+def _inputs(B, K, S, dtype=torch.float64, requires_grad=False):
+    pred = torch.randn(B, K, *S, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    eps = torch.randn(B, *S, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+    return pred, eps
+
+
+def _close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+# --- forward values ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,S", SHAPES)
+def test_errors_scores_match_naive(B, K, S, dtype):
+    pred, eps = _inputs(B, K, S, dtype)
+    err = dc_errors(pred, eps)
+    assert err.shape == (B, K) and err.dtype == dtype
+    _close(err, naive_errors(pred, eps), dtype)
+    for tau in (1.0, 0.37):
+        s = dc_scores(pred, eps, tau=tau)
+        assert s.shape == (B, K) and s.dtype == dtype
+        _close(s, naive_scores(pred, eps, tau), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,S", SHAPES)
+def test_cross_entropy_matches_naive(B, K, S, dtype):
+    pred, eps = _inputs(B, K, S, dtype)
+    idx = torch.randint(0, K, (B,))
+    probs = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1)
+    for target in (idx, probs):
+        for reduction in ("mean", "sum", "none"):
+            out = dc_cross_entropy(pred, eps, target, tau=0.5, reduction=reduction)
+            ref = naive_ce(pred, eps, target.to(dtype) if target.is_floating_point() else target, 0.5, reduction)
+            assert out.shape == ref.shape
+            _close(out, ref, dtype)
+
+
+def test_scores_are_log_probabilities_and_rank_by_error():
+    pred, eps = _inputs(3, 5, (2, 3))
+    s = dc_scores(pred, eps)
+    torch.testing.assert_close(s.exp().sum(-1), torch.ones(3, dtype=torch.float64))
+    # the condition with the smallest error is the most probable
+    assert torch.equal(s.argmax(-1), dc_errors(pred, eps).argmin(-1))
+
+
+def test_unnormalised_probability_target():
+    pred, eps = _inputs(3, 4, (2, 5), requires_grad=True)
+    q = (torch.rand(3, 4, dtype=torch.float64) * 3).requires_grad_()
+    out = dc_cross_entropy(pred, eps, q, tau=0.8, reduction="sum")
+    ref = naive_ce(pred, eps, q, 0.8, "sum")
+    torch.testing.assert_close(out, ref)
+    for g, e in zip(torch.autograd.grad(out, (pred, eps, q)), torch.autograd.grad(ref, (pred, eps, q))):
+        torch.testing.assert_close(g, e)
+
+
+def test_index_target_equals_one_hot_target_and_int32_accepted():
+    pred, eps = _inputs(4, 5, (3, 3))
+    idx = torch.tensor([0, 4, 2, 2])
+    onehot = torch.nn.functional.one_hot(idx, 5).double()
+    a = dc_cross_entropy(pred, eps, idx, reduction="none")
+    torch.testing.assert_close(a, dc_cross_entropy(pred, eps, onehot, reduction="none"))
+    torch.testing.assert_close(a, dc_cross_entropy(pred, eps, idx.int(), reduction="none"))
+
+
+def test_mixed_input_dtypes_promote():
+    pred, eps = _inputs(2, 3, (4,))
+    out = dc_scores(pred.bfloat16(), eps.float())
+    assert out.dtype == torch.float32
+    _close(out, naive_scores(pred.bfloat16(), eps.float(), 1.0), torch.bfloat16)
+
+
+def test_meta_tensors_give_shapes():
+    pred = torch.empty(3, 5, 2, 7, device="meta")
+    eps = torch.empty(3, 2, 7, device="meta")
+    assert dc_errors(pred, eps).shape == (3, 5)
+    assert dc_scores(pred, eps).device.type == "meta"
+    assert dc_cross_entropy(pred, eps, torch.empty(3, dtype=torch.long, device="meta"), reduction="none").shape == (3,)
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,K,S", [(1, 1, (3,)), (2, 5, (1, 3, 2)), (3, 2, ())])
+def test_gradcheck(B, K, S):
+    pred, eps = _inputs(B, K, S, requires_grad=True)
+    q = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1).requires_grad_()
+    idx = torch.randint(0, K, (B,))
+    assert torch.autograd.gradcheck(lambda a, b: dc_errors(a, b), (pred, eps))
+    assert torch.autograd.gradcheck(lambda a, b: dc_scores(a, b, tau=0.3), (pred, eps))
+    for red in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(lambda a, b, c: dc_cross_entropy(a, b, c, 0.7, red), (pred, eps, q))
+        assert torch.autograd.gradcheck(lambda a, b: dc_cross_entropy(a, b, idx, 0.7, red), (pred, eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradients_match_naive_autograd(dtype):
+    B, K, S = 3, 5, (2, 3)
+    pred, eps = _inputs(B, K, S, dtype, requires_grad=True)
+    w = torch.randn(B, K, dtype=torch.float64)
+    q = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1).to(dtype).requires_grad_()
+    cases = [
+        (lambda a, b, c: (dc_errors(a, b).double() * w).sum(), lambda a, b, c: (naive_errors(a, b) * w).sum()),
+        (lambda a, b, c: (dc_scores(a, b, 0.4).double() * w).sum(),
+         lambda a, b, c: (naive_scores(a, b, 0.4) * w).sum()),
+        (lambda a, b, c: dc_cross_entropy(a, b, c, 0.4, "sum"), lambda a, b, c: naive_ce(a, b, c, 0.4, "sum")),
+    ]
+    for ours, ref in cases:
+        got = torch.autograd.grad(ours(pred, eps, q), (pred, eps, q), allow_unused=True)
+        exp = torch.autograd.grad(ref(pred, eps, q), (pred, eps, q), allow_unused=True)
+        for g, e in zip(got, exp):
+            if e is None:
+                assert g is None or torch.count_nonzero(g) == 0
+                continue
+            assert g.dtype == dtype
+            _close(g, e, dtype)
+
+
+def test_cross_entropy_gradient_scaled_by_grad_output():
+    pred, eps = _inputs(3, 4, (5,), requires_grad=True)
+    idx = torch.tensor([1, 0, 3])
+    loss = dc_cross_entropy(pred, eps, idx, reduction="none")
+    g = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    gp, ge = torch.autograd.grad(loss, (pred, eps), g)
+    ep, ee = torch.autograd.grad((naive_ce(pred, eps, idx, 1.0, "none") * g).sum(), (pred, eps))
+    torch.testing.assert_close(gp, ep)
+    torch.testing.assert_close(ge, ee)
+
+
+def test_index_target_and_constant_target_get_no_gradient():
+    pred, eps = _inputs(2, 3, (4,), requires_grad=True)
+    q = torch.softmax(torch.randn(2, 3, dtype=torch.float64), -1)  # does not require grad
+    dc_cross_entropy(pred, eps, q).backward()
+    assert q.grad is None and pred.grad is not None
+
+
+def test_fused_op_extra_outputs_are_not_differentiable():
+    pred, eps = _inputs(2, 3, (4,), requires_grad=True)
+    q = torch.softmax(torch.randn(2, 3, dtype=torch.float64), -1)
+    loss, gpred, geps, logp = torch.ops.cdgfast.dc_cross_entropy(pred, eps, q, 1.0)
+    assert loss.requires_grad
+    assert not gpred.requires_grad and not geps.requires_grad and not logp.requires_grad
+    # the saved per-sample gradient is exactly d loss_b / d pred
+    ref = torch.autograd.grad(naive_ce(pred, eps, q, 1.0, "sum"), pred)[0]
+    torch.testing.assert_close(gpred, ref)
+    torch.testing.assert_close(logp, naive_scores(pred, eps, 1.0))
+
+
+# --- torch.library -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_opcheck(dtype):
+    pred, eps = _inputs(2, 5, (3, 1, 3), dtype, requires_grad=True)
+    q = torch.softmax(torch.randn(2, 5, dtype=torch.float64), -1).to(dtype).requires_grad_()
+    g = torch.randn(2, 5, dtype=dtype)
+    logp = torch.log_softmax(torch.randn(2, 5, dtype=dtype), -1)
+    ops = torch.ops.cdgfast
+    cases = [
+        (ops.dc_errors, (pred, eps)),
+        (ops.dc_scores, (pred, eps, 0.7)),
+        (ops.dc_cross_entropy, (pred, eps, q, 0.7)),
+        (ops.dc_errors_backward, (g, pred.detach(), eps.detach())),
+        (ops.dc_scores_backward, (g, pred.detach(), eps.detach(), logp, 0.7)),
+        (ops.dc_cross_entropy_backward, (g[:, 0], pred.detach(), eps.detach(), logp)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _bad(fn, name):
+    with pytest.raises(ValueError, match=name):
+        fn()
+
+
+def test_bad_inputs_name_the_argument():
+    pred, eps = _inputs(2, 3, (4, 5))
+    idx = torch.tensor([0, 2])
+    _bad(lambda: dc_errors(pred, eps[:, :3]), "eps")                      # mismatched S
+    _bad(lambda: dc_errors(pred, eps[:1]), "eps")                         # mismatched B
+    _bad(lambda: dc_errors(pred[:, 0, 0, 0], eps), "eps_pred")            # too few dims
+    _bad(lambda: dc_errors(pred.long(), eps), "eps_pred")                 # non-floating
+    _bad(lambda: dc_scores(pred, eps.int()), "eps")
+    _bad(lambda: dc_errors(pred.numpy(), eps), "eps_pred")                # not a tensor
+    _bad(lambda: dc_errors(pred[:0], eps[:0]), "eps_pred")                # empty batch
+    _bad(lambda: dc_errors(pred[:, :0], eps), "eps_pred")                 # no conditions
+    _bad(lambda: dc_errors(pred, eps.to("meta")), "eps")                  # different devices
+    for tau in (0.0, -1.0, float("nan"), True, "1"):
+        _bad(lambda: dc_scores(pred, eps, tau=tau), "tau")
+        _bad(lambda: dc_cross_entropy(pred, eps, idx, tau=tau), "tau")
+    _bad(lambda: dc_cross_entropy(pred, eps, idx, reduction="avg"), "reduction")
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.tensor([0, 3])), "target")          # index >= K
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.tensor([-1, 0])), "target")         # negative index
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.tensor([0, 1, 2])), "target")       # wrong B
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.rand(2, 4, dtype=torch.float64)), "target")  # wrong K
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.rand(2, dtype=torch.float64)), "target")     # probs need [B, K]
+    _bad(lambda: dc_cross_entropy(pred, eps, torch.tensor([True, False])), "target")   # bool
+    _bad(lambda: dc_cross_entropy(pred, eps, [0, 1]), "target")                        # not a tensor
+    _bad(lambda: dc_cross_entropy(pred, eps, idx.to("meta")), "target")                # other device
+
+
+# --- function transforms: plain-PyTorch path, so forward-mode AD and vmap are right -------------
+
+def test_forward_mode_ad_and_vmap_of_grad():
+    from torch.autograd import forward_ad as fwAD
+
+    pred, eps = _inputs(3, 4, (2, 3))
+    tan = torch.randn_like(pred)
+    idx = torch.tensor([0, 3, 1])
+    for ours, ref in [(lambda a: dc_errors(a, eps), lambda a: naive_errors(a, eps)),
+                      (lambda a: dc_scores(a, eps, 0.6), lambda a: naive_scores(a, eps, 0.6)),
+                      (lambda a: dc_cross_entropy(a, eps, idx, 0.6, "none"),
+                       lambda a: naive_ce(a, eps, idx, 0.6, "none"))]:
+        expected = torch.func.jvp(ref, (pred,), (tan,))[1]
+        torch.testing.assert_close(torch.func.jvp(ours, (pred,), (tan,))[1], expected)
+        with fwAD.dual_level():
+            torch.testing.assert_close(fwAD.unpack_dual(ours(fwAD.make_dual(pred, tan))).tangent, expected)
+    # per-sample gradients with vmap(grad(...)) equal the rows of the summed loss's gradient
+    per_sample_grad = torch.func.grad(lambda a, b, i: dc_cross_entropy(a[None], b[None], i[None]))
+    per_sample = torch.func.vmap(per_sample_grad)(pred, eps, idx)
+    p = pred.clone().requires_grad_()
+    torch.testing.assert_close(per_sample, torch.autograd.grad(naive_ce(p, eps, idx, 1.0, "sum"), p)[0])
