@@ -1,0 +1,286 @@
+"""FisherAccumulator and online_update against explicit sums of per-sample gradients; the streaming
+kernels (Triton under the interpreter, the multi-tensor fallback of cdgfast._cuda); bad input."""
+import sys
+
+import pytest
+import torch
+
+from cdgfast.fisher.accumulator import FisherAccumulator, fisher_update_, foreach_fisher_update, online_update
+
+
+def close(got, ref, rtol=1e-12):
+    got, ref = torch.as_tensor(got).detach().double(), torch.as_tensor(ref).detach().double()
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * max(float(ref.abs().max()), 1e-30))
+
+
+def model_and_per_sample_grads(B=7):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    params = list(model.parameters())
+    x = torch.randn(B, 3, dtype=torch.float64)
+    y = torch.randn(B, 1, dtype=torch.float64)
+    grads = []
+    for i in range(B):  # one sample at a time: the explicit per-sample gradients
+        loss = ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).mean()
+        grads.append(torch.autograd.grad(loss, params))
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads])  # [B, P]
+    return params, grads, flat
+
+
+def test_diagonal_mean_grad_and_coeff_from_flat_and_per_parameter_sums():
+    params, grads, flat = model_and_per_sample_grads()
+    B, P = flat.shape
+    acc = FisherAccumulator(P, dtype=torch.float64)
+    # two batches: flat sums for samples 0..2, per-parameter sums for 3..6
+    acc.add_sq_grads((flat[:3] ** 2).sum(0), count=3)
+    acc.add_sq_grads([sum(grads[i][j] ** 2 for i in range(3, B)) for j in range(len(params))], count=B - 3)
+    acc.add_grads(flat[:3].sum(0), count=3)
+    acc.add_grads([sum(grads[i][j] for i in range(3, B)) for j in range(len(params))], count=B - 3)
+    assert (acc.num_sq, acc.num_grad) == (B, B)
+    close(acc.diagonal(), (flat ** 2).mean(0))
+    mu = acc.mean_grad()
+    close(mu, flat.mean(0))
+    acc.add_projections(flat[:4] @ mu)
+    acc.add_projections(flat[4:] @ mu)
+    assert acc.num_proj == B
+    expected = sum(float(mu @ flat[i]) ** 2 for i in range(B)) / B / float(mu @ mu) ** 2
+    assert acc.coeff() == pytest.approx(expected, rel=1e-12)
+    other = torch.randn(P, dtype=torch.float64)  # an explicit mu divides by its own norm
+    assert acc.coeff(other) == pytest.approx(expected * float(mu @ mu) ** 2 / float(other @ other) ** 2, rel=1e-12)
+    acc.reset()
+    assert (acc.num_sq, acc.num_grad, acc.num_proj) == (0, 0, 0)
+    with pytest.raises(RuntimeError, match="diagonal"):
+        acc.diagonal()
+
+
+def test_add_squared_per_sample_float32_buffer():
+    _, grads, flat = model_and_per_sample_grads(B=5)
+    acc = FisherAccumulator(flat.shape[1])  # float32 default, device from the first input
+    for i in range(5):
+        acc.add_squared([g.float() for g in grads[i]])
+    assert acc.num_sq == 5 and acc.diagonal().dtype == torch.float32 and acc.device == torch.device("cpu")
+    close(acc.diagonal(), (flat ** 2).mean(0), 1e-6)
+
+
+def test_coeff_zero_direction_is_zero():
+    acc = FisherAccumulator(3)
+    acc.add_projections(torch.zeros(4))
+    assert acc.coeff(torch.zeros(3)) == 0.0
+
+
+def test_online_update_decay_in_place():
+    gamma = 0.9
+    news = [torch.rand(13, dtype=torch.float64) for _ in range(4)]
+    F = online_update(None, news[0], gamma)
+    assert F is not news[0] and torch.equal(F, news[0])
+    ref = news[0].clone()
+    for n in news[1:]:
+        out = online_update(F, n, gamma)
+        assert out is F  # in place
+        ref = gamma * ref + n
+    close(F, ref)
+    close(F, sum(gamma ** (len(news) - 1 - k) * n for k, n in enumerate(news)))
+    assert torch.equal(news[0], news[0].clone())  # the first F_new was copied, not updated
+
+
+def test_fisher_update_flat_and_list_paths_agree_with_mixed_dtypes():
+    sizes = [1, 6, 0, 13]
+    srcs = [torch.randn(s).to(dt) for s, dt in zip(sizes, (torch.float32, torch.bfloat16, torch.float32,
+                                                           torch.float16))]
+    flat_src = torch.cat([s.float().reshape(-1) for s in srcs])
+    base = torch.randn(20)
+    for square in (False, True):
+        a = fisher_update_(base.clone(), srcs, gamma=0.5, scale=2.0, square=square)
+        b = fisher_update_(base.clone(), flat_src, gamma=0.5, scale=2.0, square=square)
+        v = flat_src.double() ** 2 if square else flat_src.double()
+        close(a, 0.5 * base.double() + 2.0 * v, 1e-6)
+        close(b, a, 1e-6)
+
+
+@pytest.mark.parametrize("n,block", [(1, 64), (37, 16), (1031, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_fisher_update_matches_torch(n, block, dtype):
+    from cdgfast.kernels.fisher_update import fisher_sq_accumulate_
+    from cdgfast.kernels.fisher_update import fisher_update_ as triton_update
+
+    rtol = 1e-13 if dtype == torch.float64 else 1e-6
+    dst, src = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    for gamma, scale, square in ((1.0, 1.0, False), (0.9, 0.3, False), (0.7, 1.0 / 3.0, True)):
+        got = triton_update(dst.clone(), src, gamma, scale, square, block=block)
+        ref = gamma * dst.double() + scale * (src.double() ** 2 if square else src.double())
+        close(got, ref, rtol)
+    close(fisher_sq_accumulate_(dst.clone(), src.bfloat16(), 2.0), dst.double() + 2 * src.bfloat16().double() ** 2,
+          rtol)
+
+
+def test_triton_fisher_update_slices():
+    from cdgfast.kernels.fisher_update import fisher_update_slices
+
+    tensors = [torch.randn(3, 2), torch.randn(1), torch.randn(0), torch.randn(5, 1, 2)]
+    dst = torch.randn(17)
+    ref = dst.clone()
+    foreach_fisher_update(ref, tensors, 0.8, 1.5, True)
+    close(fisher_update_slices(dst, tensors, 0.8, 1.5, True), ref, 1e-6)
+    with pytest.raises(ValueError, match="tensors"):
+        fisher_update_slices(dst, tensors[:2], 1.0, 1.0, False)
+
+
+def test_cuda_loader_fallback_and_sources():
+    from cdgfast import _cuda
+
+    assert "fisher_update.cu" in _cuda.sources()
+    src = _cuda.source("fisher_update.cu")
+    for name in _cuda._FISHER_KERNELS.values():
+        assert f"extern \"C\" __global__ void __launch_bounds__(FU_THREADS)\n{name}(" in src
+    assert f"#define FU_CHUNK {_cuda.FISHER_CHUNK}" in src and f"#define FU_THREADS {_cuda.FISHER_THREADS}" in src
+    with pytest.raises(ValueError, match="name"):
+        _cuda.source("nope.cu")
+    if not torch.cuda.is_available():
+        assert not _cuda.available() and "CUDA" in _cuda.unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _cuda.get_kernel("fisher_update.cu", "fisher_update_f32_f32")
+    tensors = [torch.randn(4, 3), torch.randn(2).half(), torch.randn(1).bfloat16()]
+    dst = torch.randn(15)
+    ref = dst.double() * 0.25 + 3.0 * torch.cat([t.double().reshape(-1) for t in tensors])
+    close(_cuda.multi_tensor_fisher_update(dst, tensors, gamma=0.25, scale=3.0), ref, 1e-6)
+    with pytest.raises(ValueError, match=r"tensors\[1\].*device"):
+        _cuda.multi_tensor_fisher_update(dst, [tensors[0], torch.randn(3, device="meta")])
+    with pytest.raises(ValueError, match="dst_flat"):
+        _cuda.multi_tensor_fisher_update(dst.view(3, 5), tensors)
+
+
+def test_cuda_table_and_block_mapping_emulated_on_cpu():
+    """A line-by-line Python mirror of fu_find_tensor/fu_body in csrc/fisher_update.cu, run over the table
+    that cdgfast._cuda builds: every element is updated exactly once and matches the torch path."""
+    from cdgfast import _cuda
+
+    chunk = _cuda.FISHER_CHUNK
+    tensors = [torch.randn(1), torch.randn(chunk - 1), torch.randn(0), torch.randn(2, chunk // 2),
+               torch.randn(chunk + 1).half(), torch.randn(9000), torch.randn(3).half()]
+    total = sum(t.numel() for t in tensors)
+    base = torch.randn(total, dtype=torch.float64)
+    for square in (False, True):
+        dst, hits = base.clone(), torch.zeros(total, dtype=torch.int64)
+        for dtype, items in _cuda._fisher_groups(tensors).items():
+            table = _cuda.fisher_table(items)
+            T = len(items)
+            assert len(table) == 4 * T + 1
+            by_address = {t.data_ptr(): t.reshape(-1) for t, _ in items}
+            ptrs, sizes, offsets, prefix = table[:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:]
+            for block in range(prefix[-1]):  # grid.x = table[4T]
+                lo, hi = 0, T - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) >> 1
+                    if prefix[mid] <= block:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                src, n = by_address[ptrs[lo]], sizes[lo]
+                begin = (block - prefix[lo]) * chunk
+                end = min(begin + chunk, n)
+                v = src[begin:end].double()
+                if square:
+                    v = v * v
+                out = dst[offsets[lo] + begin:offsets[lo] + end]
+                out.copy_(0.75 * out + 1.25 * v)
+                hits[offsets[lo] + begin:offsets[lo] + end] += 1
+        assert torch.equal(hits, torch.ones_like(hits))
+        ref = base.clone()
+        foreach_fisher_update(ref, tensors, 0.75, 1.25, square)
+        close(dst, ref, 1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernel_matches_foreach():
+    from cdgfast import _cuda
+
+    if not _cuda.available():
+        pytest.skip(_cuda.unavailable_reason())
+    dev = torch.device("cuda")
+    tensors = [torch.randn(n, device=dev) for n in (1, 4095, 4096, 4097, 70001)]
+    tensors += [torch.randn(33, device=dev).half(), torch.randn(5000, device=dev).bfloat16()]
+    total = sum(t.numel() for t in tensors)
+    for square in (False, True):
+        dst = torch.randn(total, device=dev)
+        ref = dst.clone()
+        foreach_fisher_update(ref, tensors, 0.9, 0.5, square)
+        _cuda._launch_fisher_update(dst, tensors, 0.9, 0.5, square)
+        torch.testing.assert_close(dst, ref, rtol=1e-5, atol=1e-6)
+    assert _cuda._kernel_trusted(dev)
+
+
+def test_cuda_loader_is_not_imported_on_cpu_paths(monkeypatch):
+    import ast
+    import pathlib
+
+    import cdgfast
+    from cdgfast.ops.lora import lora_overlap_penalty
+    from cdgfast.ops.penalties import diag_penalty
+
+    # import time: no module-level import of cdgfast._cuda anywhere in the package
+    root = pathlib.Path(cdgfast.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                bad = any(a.name.startswith("cdgfast._cuda") for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                bad = (node.module or "").startswith("cdgfast._cuda") or (
+                    node.module == "cdgfast" and any(a.name == "_cuda" for a in node.names))
+            else:
+                continue
+            assert not bad, f"{path} imports the CUDA loader at import time"
+    # run time: the CPU paths never reach it
+    monkeypatch.delitem(sys.modules, "cdgfast._cuda", raising=False)
+    monkeypatch.delattr(cdgfast, "_cuda", raising=False)
+    acc = FisherAccumulator(5)
+    acc.add_sq_grads([torch.ones(2), torch.ones(3)], 1)
+    acc.add_squared(torch.ones(5))
+    online_update(torch.ones(5), torch.ones(5), 0.5)
+    diag_penalty([torch.ones(2, requires_grad=True), torch.ones(3)], torch.zeros(5), torch.ones(5)).backward()
+    lora_overlap_penalty(torch.ones(2, 2), torch.ones(2, 1), torch.ones(1, 2))
+    assert "cdgfast._cuda" not in sys.modules and "cupy" not in sys.modules
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="num_params"):
+        FisherAccumulator(0)
+    with pytest.raises(ValueError, match="dtype"):
+        FisherAccumulator(3, dtype=torch.int64)
+    acc = FisherAccumulator(5)
+    with pytest.raises(ValueError, match=r"sq.*5 elements"):
+        acc.add_sq_grads(torch.ones(4), 1)
+    with pytest.raises(ValueError, match=r"sq.*5 elements"):
+        acc.add_sq_grads([torch.ones(2), torch.ones(2)], 1)
+    with pytest.raises(ValueError, match="count"):
+        acc.add_sq_grads(torch.ones(5), 0)
+    with pytest.raises(ValueError, match="count"):
+        acc.add_grads(torch.ones(5), 1.5)
+    with pytest.raises(ValueError, match=r"g.*floating"):
+        acc.add_grads(torch.ones(5, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"g\[1\].*floating"):
+        acc.add_grads([torch.ones(2), torch.ones(3, dtype=torch.long)], 1)
+    with pytest.raises(ValueError, match="g.*empty"):
+        acc.add_grads(torch.ones(0), 1)
+    with pytest.raises(ValueError, match="g.*non-empty list"):
+        acc.add_grads([], 1)
+    acc.add_grads(torch.ones(5), 1)  # fixes the device to the CPU
+    with pytest.raises(ValueError, match="g.*device"):
+        acc.add_grads(torch.ones(5, device="meta"), 1)
+    with pytest.raises(ValueError, match="proj.*device"):
+        acc.add_projections(torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="proj.*1 dimensions"):
+        acc.add_projections(torch.ones(3, 1))
+    with pytest.raises(RuntimeError, match="projections"):
+        acc.coeff()
+    acc.add_projections(torch.ones(3))
+    with pytest.raises(ValueError, match="mean_grad.*5 elements"):
+        acc.coeff(torch.ones(4))
+    with pytest.raises(ValueError, match="gamma"):
+        online_update(torch.ones(3), torch.ones(3), -0.1)
+    with pytest.raises(ValueError, match=r"new.*\(3,\)"):
+        online_update(torch.ones(3), torch.ones(4), 0.5)
+    with pytest.raises(ValueError, match="new.*device"):
+        online_update(torch.ones(3), torch.ones(3, device="meta"), 0.5)
+    with pytest.raises(ValueError, match="new.*floating"):
+        online_update(torch.ones(3), torch.ones(3, dtype=torch.int32), 0.5)
