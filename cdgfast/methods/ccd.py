@@ -1,0 +1,213 @@
+"""Continual Consistency Diffusion (CCD): `alpha L_IKC + beta L_UKC + gamma L_LKC` with the task loss over
+`concat(current, buffer)` (SPEC section 2.1).
+
+RECONSTRUCTION: the CCD paper's text lost Eq. 5-12; the three losses below are the documented
+reconstruction of SPEC section 2.1, not the paper's verbatim formulas.
+
+- L_IKC (inter-task knowledge consistency): Bregman-preconditioned distillation of the conditional noise
+  prediction, `cdgfast.ops.bregman.bregman_distill(student, teacher, precond=h, kappa)` with
+  `h = cdgfast.ops.bregman.hutchinson_metric(eps_teacher(., t, y), x_t)` (one-probe Hutchinson estimate
+  of diag(J^T J) of the teacher w.r.t. x_t), over current and buffer samples.
+- L_UKC (unconditional knowledge consistency): reverse means with the null class,
+  `m(x_t) = (x_t - beta_t / sqrt(1 - abar_t) eps(x_t, t, null)) / sqrt(alpha_t)`,
+  `L_UKC = mean_i w(t_i) mean_pixels (m_teacher - m_student)^2`, `w(t) = 4 abar_t (1 - abar_t)`; equal to an
+  eps-MSE with per-t weight `w(t) beta_t^2 / (alpha_t (1 - abar_t))` (tests check it).
+- L_LKC (label knowledge consistency): a linear label regressor on mean-pooled `model.mid_block` features
+  of the null-class forward (the null class keeps the label out of the features), trained with
+  cross-entropy on the true labels by its own Adam optimizer inside `loss` (on detached features, so it
+  does not move the UNet); `L_LKC = KL(softmax(r_old(h_old)/T) || softmax(r(h)/T))` (batch mean, no T^2
+  factor), gradients reach the UNet through h (the regressor weights are detached in this term).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion import NoiseSchedule, predict_eps
+from ._deps import ClassBalancedBuffer, bregman_distill, hutchinson_metric
+from .base import Method, frozen_copy, reusable
+
+
+def reverse_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """DDPM reverse mean m(x_t) = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)."""
+    beta = schedule.gather(schedule.betas, t, x_t)
+    alpha = schedule.gather(schedule.alphas, t, x_t)
+    abar = schedule.gather(schedule.alphas_cumprod, t, x_t)
+    return (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt()
+
+
+def ukc_loss(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps_teacher: torch.Tensor,
+             eps_student: torch.Tensor) -> torch.Tensor:
+    """L_UKC (reconstruction, SPEC 2.1): mean over samples of w(t) * mean over pixels of
+    (m_teacher - m_student)^2 with w(t) = 4 abar_t (1 - abar_t)."""
+    abar = schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
+    w = 4 * abar * (1 - abar)
+    diff = reverse_mean(schedule, x_t, t, eps_teacher) - reverse_mean(schedule, x_t, t, eps_student)
+    return (w * diff.pow(2).flatten(1).mean(1)).mean()
+
+
+class _MidFeatures:
+    """Forward hook on `model.mid_block` capturing its output, mean-pooled over space."""
+
+    def __init__(self, model):
+        block = getattr(model, "mid_block", None)
+        if block is None:
+            raise ValueError("model: CCD's label regressor needs a `mid_block` (a diffusers UNet2DModel)")
+        self.out = None
+        self.handle = block.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        self.out = out.flatten(2).mean(2) if out.dim() > 2 else out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class CCD(Method):
+    name = "ccd"
+    defaults = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "kappa": 1.0, "temperature": 2.0,
+                "buffer_size": 512, "replay_batch": None, "regressor_lr": 1e-3, "label_dropout": 0.1}
+    owns_task_loss = True
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.teacher: Optional[torch.nn.Module] = None
+        self.regressor: Optional[torch.nn.Linear] = None
+        self.teacher_regressor: Optional[torch.nn.Linear] = None
+        self.regressor_opt = None
+        self.buffer = None
+        self.last_regressor_ce: Optional[float] = None
+        self._pending = None
+
+    # -- pieces
+    def _null_forward(self, model, x_t, t):
+        """(eps(x_t, t, null), pooled mid-block features) in one forward."""
+        null = torch.full((x_t.shape[0],), self.null_class, dtype=torch.long, device=x_t.device)
+        with _MidFeatures(model) as hook:
+            eps = predict_eps(model, x_t, t, null)
+        return eps, hook.out
+
+    def _ensure_regressor(self, feat_dim: int, like: torch.Tensor):
+        if self.regressor is None:
+            gen = torch.Generator().manual_seed(int(self.config["seed"]) + 7)
+            reg = torch.nn.Linear(feat_dim, self.num_classes)
+            with torch.no_grad():  # seeded init, independent of the global RNG
+                bound = 1.0 / feat_dim ** 0.5
+                reg.weight.copy_(torch.rand(reg.weight.shape, generator=gen) * 2 * bound - bound)
+                reg.bias.zero_()
+            self.regressor = reg.to(like.device)
+        if self.regressor_opt is None:
+            self.regressor_opt = torch.optim.Adam(self.regressor.parameters(), lr=float(self.config["regressor_lr"]))
+
+    def _train_regressor(self, feat: torch.Tensor, y: torch.Tensor):
+        feat = feat.detach().float()
+        self._ensure_regressor(feat.shape[1], feat)
+        self.regressor_opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            ce = F.cross_entropy(self.regressor(feat), y)
+            ce.backward()
+        self.regressor_opt.step()
+        self.regressor_opt.zero_grad(set_to_none=True)
+        self.last_regressor_ce = float(ce.detach())
+
+    def _restore(self, model):
+        if self._pending is not None:
+            st = self._pending
+            self._pending = None
+            if st["teacher"] is not None:
+                self.teacher = frozen_copy(model)
+                self.teacher.load_state_dict(st["teacher"])
+            for key in ("regressor", "teacher_regressor"):
+                if st[key] is not None:
+                    w = st[key]["weight"]
+                    lin = torch.nn.Linear(w.shape[1], w.shape[0]).to(w.device)
+                    lin.load_state_dict(st[key])
+                    if key == "teacher_regressor":
+                        lin.requires_grad_(False)
+                    setattr(self, key, lin)
+            if st["regressor"] is not None and st["regressor_opt"] is not None:
+                self.regressor_opt = torch.optim.Adam(self.regressor.parameters(), lr=float(self.config["regressor_lr"]))
+                self.regressor_opt.load_state_dict(st["regressor_opt"])
+            if st["buffer"] is not None:
+                self.buffer = self._make_buffer()
+                self.buffer.load_state_dict(st["buffer"])
+
+    def _make_buffer(self):
+        return ClassBalancedBuffer(int(self.config["buffer_size"]), seed=int(self.config["seed"]))
+
+    # -- hooks
+    def begin_task(self, model, task=None):
+        super().begin_task(model, task)
+        self._restore(model)
+
+    def loss(self, model, batch) -> Dict[str, torch.Tensor]:
+        self._require_setup()
+        self._restore(model)
+        self.steps_in_task += 1
+        x, y = batch["x"], batch["y"].long().to(batch["x"].device)
+        if self.buffer is not None and len(self.buffer) > 0:
+            xb, yb = self.buffer.sample(int(self.config["replay_batch"] or x.shape[0]), generator=self.generator)
+            x, y = torch.cat([x, xb.to(x)]), torch.cat([y, yb.to(y.device).long()])
+        nb = self.noisy_batch(x, y, dropout=True)
+        x_t = self.schedule.add_noise(nb["x"], nb["eps"], nb["t"])
+        t, y_in = nb["t"], nb["y"]
+        pred = predict_eps(model, x_t, t, y_in)
+        terms = {"task": (pred - nb["eps"]).pow(2).mean()}
+
+        if self.teacher is None:
+            with torch.no_grad():
+                _, feat = self._null_forward(model, x_t, t)
+            self._train_regressor(feat, y)
+            return terms
+
+        teacher = self.teacher
+        with torch.no_grad():
+            target = predict_eps(teacher, x_t, t, y_in)
+            eps_t_null, feat_t = self._null_forward(teacher, x_t, t)
+        gen = self.generator if x_t.device.type == "cpu" else None
+        h = hutchinson_metric(lambda z: predict_eps(teacher, z, t, y_in), x_t.detach(), generator=gen)
+        terms["ikc"] = float(self.config["alpha"]) * bregman_distill(pred, target, precond=h,
+                                                                     kappa=float(self.config["kappa"]))
+        eps_s_null, feat_s = self._null_forward(model, x_t, t)
+        terms["ukc"] = float(self.config["beta"]) * ukc_loss(self.schedule, x_t, t, eps_t_null, eps_s_null)
+
+        temp = float(self.config["temperature"])
+        w, b = self.regressor.weight.detach().clone(), self.regressor.bias.detach().clone()
+        log_ps = F.log_softmax(F.linear(feat_s.float(), w, b) / temp, dim=1)
+        log_pt = F.log_softmax(self.teacher_regressor(feat_t.float()) / temp, dim=1)
+        terms["lkc"] = float(self.config["gamma"]) * F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
+        self._train_regressor(feat_s, y)  # after L_LKC, so the term uses the regressor before this update
+        return terms
+
+    def end_task(self, model, data):
+        super().end_task(model, data)
+        self.teacher = frozen_copy(model)
+        if self.regressor is not None:
+            self.teacher_regressor = frozen_copy(self.regressor)
+        if self.buffer is None:
+            self.buffer = self._make_buffer()
+        for xb, yb in reusable(data)():
+            self.buffer.add(xb.detach().cpu(), yb.detach().cpu().long())
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.update({
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "regressor": None if self.regressor is None else self.regressor.state_dict(),
+            "teacher_regressor": None if self.teacher_regressor is None else self.teacher_regressor.state_dict(),
+            "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "regressor_opt": None if self.regressor_opt is None else self.regressor_opt.state_dict(),
+        })
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.teacher = self.regressor = self.teacher_regressor = self.buffer = None
+        self.regressor_opt = None
+        self._pending = {k: state.get(k) for k in ("teacher", "regressor", "teacher_regressor", "buffer", "regressor_opt")}

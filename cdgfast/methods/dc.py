@@ -1,0 +1,180 @@
+"""Diffusion-classifier (DC) score methods (SPEC section 2.2): EWC with DC scores (`ewc_dc`) and Diffusion
+Scores Consolidation (`dsc`).
+
+DC scores `log p(c_k | x) = log_softmax_k(-err_k / tau)` come from `cdgfast.ops.dc.dc_scores` /
+`dc_cross_entropy` on one batched forward over B x K conditions with a shared (t, eps) per sample.
+For class-conditional models the prior concept c_0 is the null class (index `num_classes`); both
+methods train with label dropout p = 0.1 so that the null class is learned.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List, Optional
+
+import torch
+
+from ..diffusion import predict_eps
+from ._deps import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
+from .anchors import EWC
+from .base import Method, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
+
+
+def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.Tensor:
+    """eps_theta(x_t, t, c) for every condition of every sample: cond [B, K] -> eps_pred [B, K, *S], one
+    batched forward over B*K with the sample's (t, eps) shared by its K conditions."""
+    b, k = cond.shape
+    x_t = schedule.add_noise(batch["x"], batch["eps"], batch["t"])
+    xk = x_t.repeat_interleave(k, dim=0)
+    tk = batch["t"].repeat_interleave(k, dim=0)
+    pred = predict_eps(model, xk, tk, cond.reshape(-1))
+    return pred.view(b, k, *x_t.shape[1:])
+
+
+class EWCDC(EWC):
+    """Online EWC whose Fisher is the diagonal of mean_j grad L_ewc^j (grad L_ewc^j)^T, with the per-sample
+
+        L_ewc^j = l_j + delta * sum_{i in C_k} (2 [i = n] - 1) * (-log p(c_i | x_j))
+
+    (SPEC 2.2; `cdgfast.fisher.diag_fisher` on this per-sample loss). C_k = [null class, the sample's
+    own (current) class, k - 2 classes of earlier tasks drawn without replacement] (fewer when fewer
+    earlier classes exist); l_j is the denoising error on the sample's own class. `lam` = 1e6 is the
+    paper's weight for LoRA parameters; full-model runs usually need a smaller one."""
+
+    name = "ewc_dc"
+    defaults = {"lam": 1e6, "online": True, "gamma": 1.0, "k": 5, "delta": 0.5, "tau": 1.0, "label_dropout": 0.1}
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        k = self.config["k"]
+        if not isinstance(k, int) or k < 2:
+            raise ValueError(f"k: expected an integer >= 2 (null class and current class at least), got {k!r}")
+
+    def previous_classes(self) -> List[int]:
+        return [c for c in self.seen_classes if c not in self.current_classes]
+
+    def conditions(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, K] condition labels: null, own class, then k - 2 earlier classes without replacement."""
+        prev = torch.tensor(self.previous_classes(), dtype=torch.long)
+        m = min(int(self.config["k"]) - 2, prev.numel())
+        b = y.shape[0]
+        cols = [torch.full((b,), self.null_class, dtype=torch.long), y.cpu().long()]
+        if m > 0:
+            order = torch.rand(b, prev.numel(), generator=self.generator).argsort(dim=1)[:, :m]
+            cols.extend(prev[order].unbind(1))
+        return torch.stack(cols, dim=1).to(y.device)
+
+    def ewc_loss_fn(self, model, batch) -> torch.Tensor:
+        """Per-sample L_ewc [B] (uses batch["cond"] [B, K]; column 1 is the sample's own class)."""
+        cond = batch["cond"]
+        pred = condition_predictions(model, batch, cond, self.schedule)
+        logp = dc_scores(pred, batch["eps"], tau=float(self.config["tau"]))
+        own = dc_errors(pred, batch["eps"])[:, 1]
+        sign = -torch.ones(cond.shape[1], dtype=logp.dtype, device=logp.device)
+        sign[1] = 1.0
+        return own + float(self.config["delta"]) * (sign * (-logp)).sum(1)
+
+    def fisher(self, model, data) -> torch.Tensor:
+        base = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
+
+        def batches():
+            for b in base():
+                b["cond"] = self.conditions(b["y"])
+                yield b
+
+        from ._deps import diag_fisher
+        return diag_fisher(model, self.ewc_loss_fn, batches)
+
+
+class DSC(Method):
+    """Diffusion Scores Consolidation, run by the trainer as `post_task_phase` after each task (SPEC 2.2).
+
+    The student (the model itself, so initialised from the task-n model) is trained for
+    `iterations` steps (default `iteration_ratio` = 0.2 x the task's training iterations, counted by
+    `loss`) on the task's data with its own Adam (`lr`) to minimise
+
+        L_DSC = gamma (H(p_n, p_s) + H(p_j, p_s)) + lam (MSE(eps_n, eps_s) + MSE(eps_j, eps_s))
+
+    with teachers: the frozen task-n model on c_n (the sample's class) and, per iteration, a previous
+    task model j drawn uniformly (seeded) on c_j (a class of task j drawn per sample). DC scores over
+    {null, c_n, c_j}: teachers at tau = 0.05 (`teacher_tau`), student at tau = 1 (`student_tau`);
+    `cdgfast.ops.dc.dc_cross_entropy` with the teacher's probabilities as soft targets; MSE is the mean
+    over pixels (`bregman_distill` without preconditioner). After the phase the consolidated model is
+    stored as task n's model (flat copy of the trainable parameters: the LoRA weights for LoRA models).
+    `teacher_history` lists the drawn j per iteration."""
+
+    name = "dsc"
+    defaults = {"gamma": 0.1, "lam": 1.5, "teacher_tau": 0.05, "student_tau": 1.0, "iteration_ratio": 0.2,
+                "iterations": None, "lr": 5e-4, "label_dropout": 0.1}
+    _state_attrs = ("task_models", "task_classes", "teacher_history")
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.task_models: List[torch.Tensor] = []
+        self.task_classes: List[List[int]] = []
+        self.teacher_history: List[int] = []
+        self.last_terms: Dict[str, float] = {}
+
+    def num_iterations(self) -> int:
+        if self.config["iterations"] is not None:
+            return int(self.config["iterations"])
+        return max(1, int(round(float(self.config["iteration_ratio"]) * self.steps_in_task)))
+
+    def dsc_terms(self, student, teacher_n, teacher_j, batch, c_j: torch.Tensor) -> Dict[str, torch.Tensor]:
+        y = batch["y"]
+        cond = torch.stack([torch.full_like(y, self.null_class), y, c_j], dim=1)
+        with torch.no_grad():
+            eps_n = condition_predictions(teacher_n, batch, cond, self.schedule)
+            eps_j = condition_predictions(teacher_j, batch, cond, self.schedule)
+            p_n = dc_scores(eps_n, batch["eps"], tau=float(self.config["teacher_tau"])).exp()
+            p_j = dc_scores(eps_j, batch["eps"], tau=float(self.config["teacher_tau"])).exp()
+        eps_s = condition_predictions(student, batch, cond, self.schedule)
+        tau_s = float(self.config["student_tau"])
+        h = dc_cross_entropy(eps_s, batch["eps"], p_n, tau=tau_s) + dc_cross_entropy(eps_s, batch["eps"], p_j, tau=tau_s)
+        mse = bregman_distill(eps_s[:, 1], eps_n[:, 1]) + bregman_distill(eps_s[:, 2], eps_j[:, 2])
+        return {"dsc_ce": float(self.config["gamma"]) * h, "dsc_mse": float(self.config["lam"]) * mse}
+
+    def post_task_phase(self, model, data):
+        self._require_setup()
+        if self.task_models:
+            self._consolidate(model, data)
+        self.task_models.append(flat_params(model))
+        self.task_classes.append(list(self.current_classes))
+
+    def _consolidate(self, model, data):
+        from tqdm.auto import tqdm
+        names = trainable_names(model)
+        teacher_n = frozen_copy(model)
+        teacher_j = frozen_copy(model)
+        params = params_of(model)
+        opt = torch.optim.Adam(params, lr=float(self.config["lr"]))
+        source = reusable(data)
+        stream = itertools.chain.from_iterable(source() for _ in itertools.count())
+        iters = self.num_iterations()
+        device = params[0].device
+        empty_run = 0
+        done = 0
+        bar = tqdm(total=iters, desc="DSC", leave=False, disable=iters < 50)
+        while done < iters:
+            x, y = next(stream)
+            if x.shape[0] == 0:
+                empty_run += 1
+                if empty_run > 1000:
+                    raise ValueError("data: expected non-empty (x, y) batches for the DSC phase")
+                continue
+            empty_run = 0
+            x, y = x.to(device), y.to(device).long()
+            j = int(torch.randint(0, len(self.task_models), (1,), generator=self.generator))
+            self.teacher_history.append(j)
+            load_flat_params(teacher_j, self.task_models[j], names)
+            classes = torch.tensor(self.task_classes[j] or [self.null_class], dtype=torch.long)
+            c_j = classes[torch.randint(0, classes.numel(), (y.shape[0],), generator=self.generator)].to(device)
+            batch = self.noisy_batch(x, y)
+            terms = self.dsc_terms(model, teacher_n, teacher_j, batch, c_j)
+            opt.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            opt.step()
+            self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+            done += 1
+            bar.update(1)
+        bar.close()
+        opt.zero_grad(set_to_none=True)

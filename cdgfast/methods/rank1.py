@@ -1,0 +1,46 @@
+"""Rank-1 EWC (SPEC section 2; rank-1 Fisher paper, Eq. 6):
+`lam/2 * sum_k c_k (mu_k . (theta - theta_k))^2` with `mu_k = mean_i g_i` and
+`c_k = mean_i (mu_k . g_i)^2 / ||mu_k||^4` from `cdgfast.fisher.rank1_fisher` (two passes over the
+task's data with fresh t/eps in each), the penalty from `cdgfast.ops.penalties.rank1_penalty`
+(which already carries the 0.5, so the term is `lam * rank1_penalty(...)`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ._deps import rank1_fisher, rank1_penalty
+from .base import Method, flat_params, params_of
+
+
+class Rank1(Method):
+    name = "rank1"
+    defaults = {"lam": 15000.0, "fisher_max_samples": None}
+    _state_attrs = ("anchors", "directions", "coeffs")
+
+    def __init__(self, **overrides):
+        super().__init__(**overrides)
+        self.anchors: Optional[torch.Tensor] = None      # [K, P]
+        self.directions: Optional[torch.Tensor] = None   # [K, P]
+        self.coeffs: Optional[torch.Tensor] = None       # [K]
+
+    def extra_terms(self, model, batch) -> Dict[str, torch.Tensor]:
+        if self.anchors is None:
+            return {}
+        pen = rank1_penalty(params_of(model), self.anchors, self.directions, self.coeffs)
+        return {self.name: float(self.config["lam"]) * pen}
+
+    def end_task(self, model, data):
+        super().end_task(model, data)
+        batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
+        est = rank1_fisher(model, self.loss_fn, batches)
+        theta = flat_params(model)
+        mu = est.mean_grad.detach().to(theta)
+        c = torch.tensor([float(est.coeff)], dtype=theta.dtype, device=theta.device)
+        if self.anchors is None:
+            self.anchors, self.directions, self.coeffs = theta[None], mu[None], c
+        else:
+            self.anchors = torch.cat([self.anchors, theta[None]])
+            self.directions = torch.cat([self.directions, mu[None]])
+            self.coeffs = torch.cat([self.coeffs, c])

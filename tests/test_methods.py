@@ -1,0 +1,228 @@
+"""cdgfast.methods: the registry, and every method run through two tiny tasks on the tiny UNet.
+
+Each method goes through the full hook sequence (setup, begin_task, loss, backward, before_step, step,
+after_step, end_task, post_task_phase); the checks: every term is a finite scalar, "task" is always
+there, the method's own terms appear once there is something to consolidate, their gradients reach the
+trainable parameters and never a frozen teacher, and the state kept after each task has the right shape.
+"""
+import math
+
+import pytest
+import torch
+
+import cdgfast.methods as M
+from cdgfast._params import trainable_parameters
+from cdgfast.data import Task
+from cdgfast.diffusion import NoiseSchedule
+from cdgfast.models import build_unet
+
+NUM_CLASSES = 4
+B = 6
+
+REQUIRED = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "diag", "rank1+gd", "diag+gd",
+            "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge"]
+
+# Small settings so that every method runs in about a second on the CPU.
+FAST = {
+    "er": dict(buffer_size=16), "agem": dict(buffer_size=16, replay_batch=4),
+    "gd": dict(pool_per_class=3, pool_steps=2), "rank1+gd": dict(pool_per_class=3, pool_steps=2),
+    "diag+gd": dict(pool_per_class=3, pool_steps=2), "mas": dict(mas_max_samples=4),
+    "ccd": dict(buffer_size=16), "dsc": dict(iterations=2), "ewc_dc": dict(k=3),
+    "clora": dict(rank=2), "lora_seq": dict(rank=2), "lora_merge": dict(rank=2),
+}
+
+# Terms expected on task 1 (besides "task").
+TERMS = {"finetune": set(), "er": set(), "agem": set(), "kd": {"kd"}, "l2": {"l2"}, "ewc": {"ewc"}, "si": {"si"},
+         "mas": {"mas"}, "gd": {"gd"}, "rank1": {"rank1"}, "diag": {"diag"}, "rank1+gd": {"rank1", "gd"},
+         "diag+gd": {"diag", "gd"}, "ccd": {"ikc", "ukc", "lkc"}, "ewc_dc": {"ewc_dc"}, "dsc": set(),
+         "clora": {"clora"}, "lora_seq": set(), "lora_merge": set()}
+
+
+def tiny_tasks(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(2 * n, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.tensor([0, 1] * (n // 2) + [2, 3] * (n // 2))
+    tasks = [Task(index=0, classes=[0, 1], indices=torch.arange(n)),
+             Task(index=1, classes=[2, 3], indices=torch.arange(n, 2 * n))]
+    return x, y, tasks
+
+
+def loader(x, y, task, bs=4):
+    idx = task.indices
+    return [(x[idx[i:i + bs]], y[idx[i:i + bs]]) for i in range(0, idx.numel(), bs)]
+
+
+def frozen_modules(method):
+    members = method.members if isinstance(method, M.Compose) else [method]
+    out = []
+    for m in members:
+        for attr in ("teacher", "teacher_regressor"):
+            mod = getattr(m, attr, None)
+            if isinstance(mod, torch.nn.Module):
+                out.append(mod)
+    return out
+
+
+def run_two_tasks(name, steps=2, seed=0, check=None, **extra):
+    torch.manual_seed(seed)
+    model = build_unet("tiny", num_classes=NUM_CLASSES, sample_size=8)
+    method = M.create(name, **{**FAST.get(name, {}), **extra})
+    method.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule(), device="cpu")
+    x, y, tasks = tiny_tasks(seed)
+    history = []
+    for task in tasks:
+        method.begin_task(model, task)
+        opt = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
+        data = loader(x, y, task)
+        for step in range(steps):
+            xb, yb = data[step % len(data)]
+            terms = method.loss(model, {"x": xb, "y": yb})
+            history.append((task.index, terms))
+            sum(terms.values()).backward()
+            method.before_step(model)
+            opt.step()
+            method.after_step(model)
+            opt.zero_grad(set_to_none=True)
+        if check is not None and task.index == len(tasks) - 1:
+            check(model, method)  # while training on the last task, before its end_task
+        method.end_task(model, data)
+        method.post_task_phase(model, data)
+    return model, method, history
+
+
+def test_available_lists_every_required_name():
+    assert set(REQUIRED) <= set(M.available())
+    for name in M.available():
+        m = M.create(name)
+        assert isinstance(m, M.Method) and m.name == name and isinstance(m.config, dict)
+
+
+def test_unknown_name_and_override_raise_value_error():
+    with pytest.raises(ValueError, match="finetune"):  # lists the valid names
+        M.create("nope")
+    with pytest.raises(ValueError, match="bogus"):
+        M.create("ewc", bogus=1)
+    with pytest.raises(ValueError, match="bogus"):
+        M.create("rank1+gd", bogus=1)
+    with pytest.raises(ValueError, match="gd.lam"):
+        M.create("rank1+gd", **{"gd.lam": 1.0})
+    with pytest.raises(ValueError, match="label_dropout"):
+        M.create("finetune", label_dropout=1.5)
+
+
+def test_defaults_follow_spec():
+    assert M.create("rank1").config["lam"] == 15000.0
+    assert M.create("ewc").config["online"] is True
+    assert M.create("clora").config["lam_f"] == 1e8
+    c = M.create("dsc").config
+    assert (c["teacher_tau"], c["student_tau"], c["gamma"], c["lam"], c["iteration_ratio"]) == (0.05, 1.0, 0.1, 1.5, 0.2)
+    assert M.create("gd").config["pool_steps"] == 50 and M.create("gd").config["online_steps"] == 2
+    e = M.create("ewc_dc").config
+    assert (e["k"], e["delta"], e["tau"], e["label_dropout"]) == (5, 0.5, 1.0, 0.1)
+
+
+def test_composition_is_a_compose_of_single_methods():
+    m = M.create("rank1+gd", lam=5.0, lam_gd=2.0, **{"gd.seed": 3})
+    assert isinstance(m, M.Compose)
+    assert [type(x) for x in m.members] == [M.Rank1, M.GD]
+    assert m.primary is m.members[1]  # gd computes the task loss over current + replay
+    assert m.config["rank1.lam"] == 5.0 and m.config["gd.lam_gd"] == 2.0 and m.config["gd.seed"] == 3
+    d = M.create("diag+gd")
+    assert [type(x) for x in d.members] == [M.Diag, M.GD]
+    with pytest.raises(ValueError, match="task loss"):
+        M.Compose([M.create("gd"), M.create("er")])
+
+
+def test_hooks_need_setup():
+    with pytest.raises(ValueError, match="setup"):
+        M.create("finetune").loss(build_unet("tiny", num_classes=2, sample_size=8),
+                                  {"x": torch.zeros(1, 1, 8, 8), "y": torch.zeros(1, dtype=torch.long)})
+
+
+def check_gradients(name):
+    def check(model, method):
+        # Gradients of every term reach trainable parameters, never a frozen teacher.
+        x, y, _ = tiny_tasks(1)
+        terms = method.loss(model, {"x": x[8:12], "y": y[8:12]})
+        params = trainable_parameters(model)
+        for k, v in terms.items():
+            grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), (name, k)
+        sum(terms.values()).backward()
+        for mod in frozen_modules(method):
+            assert all(not p.requires_grad and p.grad is None for p in mod.parameters()), name
+        model.zero_grad(set_to_none=True)
+    return check
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_method_runs_two_tasks(name):
+    model, method, history = run_two_tasks(name, check=check_gradients(name))
+    for task_index, terms in history:
+        assert "task" in terms
+        for k, v in terms.items():
+            assert v.dim() == 0 and math.isfinite(v.item()), (name, k, v)
+    last = history[-1][1]
+    assert set(last) - {"task"} == TERMS[name], (name, set(last))
+    assert set(history[0][1]) == {"task"}  # nothing to consolidate during the first task
+    assert len(frozen_modules(method)) == (2 if name == "ccd" else 1 if name in ("kd", "gd", "rank1+gd", "diag+gd") else 0)
+
+
+def test_gd_online_replay_uses_two_step_ddim():
+    model, m, history = run_two_tasks("gd", replay="online", replay_batch=3)
+    assert m.pool_x is None and m.config["online_steps"] == 2
+    assert set(history[-1][1]) == {"task", "gd"}
+
+
+def _flat_size(model):
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
+def test_state_shapes_after_tasks():
+    model, m, _ = run_two_tasks("rank1")
+    P = _flat_size(model)
+    assert m.anchors.shape == (2, P) and m.directions.shape == (2, P) and m.coeffs.shape == (2,)
+    assert torch.all(m.coeffs > 0)
+
+    model, m, _ = run_two_tasks("ewc")
+    assert len(m.weights) == 1 and m.weights[0].shape == (_flat_size(model),) and len(m.anchors) == 1
+    model, m, _ = run_two_tasks("diag")
+    assert len(m.weights) == 2 and all(w.shape == (_flat_size(model),) for w in m.weights)
+    assert all(torch.all(w >= 0) for w in m.weights)
+
+    model, m, _ = run_two_tasks("gd")
+    assert m.pool_x.shape == (4 * 3, 1, 8, 8) and sorted(m.pool_y.unique().tolist()) == [0, 1, 2, 3]
+    assert all(not p.requires_grad for p in m.teacher.parameters()) and not m.teacher.training
+
+    model, m, _ = run_two_tasks("er")
+    assert len(m.buffer) == 16
+    model, m, _ = run_two_tasks("dsc")
+    assert len(m.task_models) == 2 and m.task_models[0].shape == (_flat_size(model),)
+    assert len(m.teacher_history) == 2 and m.task_classes == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("name", ["rank1+gd", "si", "agem", "ccd"])
+def test_state_dict_round_trip(name):
+    model, m, _ = run_two_tasks(name)
+    state = m.state_dict()
+    fresh = M.create(name, **FAST.get(name, {}))
+    fresh.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule(), device="cpu")
+    fresh.load_state_dict(state)
+    x, y, tasks = tiny_tasks(2)
+    batch = {"x": x[8:12], "y": y[8:12]}
+    task = Task(index=2, classes=[2, 3], indices=torch.arange(8, 16))
+    m.begin_task(model, task)
+    fresh.begin_task(model, task)
+    a, b = m.loss(model, batch), fresh.loss(model, batch)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_label_dropout_uses_null_class():
+    m = M.create("finetune", label_dropout=0.5)
+    m.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule())
+    nb = m.noisy_batch(torch.zeros(400, 1, 2, 2), torch.zeros(400, dtype=torch.long), dropout=True)
+    frac = (nb["y"] == NUM_CLASSES).float().mean().item()
+    assert set(nb["y"].unique().tolist()) == {0, NUM_CLASSES} and 0.4 < frac < 0.6
+    assert torch.all(m.noisy_batch(torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long))["y"] == 0)
