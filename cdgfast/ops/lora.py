@@ -23,6 +23,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from cdgfast._dispatch import transform_active
 from cdgfast._validation import check_same_device, check_tensor
 
 __all__ = ["lora_overlap_penalty"]
@@ -107,4 +108,7 @@ def lora_overlap_penalty(prev_delta: Tensor, A: Tensor, B: Tensor) -> Tensor:
     if A.dtype != B.dtype:
         raise ValueError(f"B: expected the dtype of A ({A.dtype}), got {B.dtype}")
     check_same_device(prev_delta=prev_delta, A=A, B=B)
+    if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
+        acc = _acc_dtype(prev_delta, A, B)
+        return (prev_delta.to(acc).abs() * (A @ B).to(acc)).pow(2).sum()
     return torch.ops.cdgfast.lora_overlap_penalty(prev_delta, A, B)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from cdgfast._dispatch import use_triton
+from cdgfast._dispatch import transform_active, use_triton
 from cdgfast._params import as_param_list
 from cdgfast._validation import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -120,7 +120,7 @@ def flat_parameters(params: Union[Tensor, Sequence[Tensor], torch.nn.Module], na
     if len(plist) == 1:
         return plist[0].reshape(-1)
     flat = _shared_flat_buffer(plist)
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and any(p.requires_grad for p in plist)):
+    if transform_active() or torch.compiler.is_compiling() or not (torch.is_grad_enabled() and any(p.requires_grad for p in plist)):
         return flat if flat is not None else torch.cat([p.reshape(-1) for p in plist])
     return _Flatten.apply(flat, *plist)
 
@@ -384,6 +384,10 @@ def rank1_penalty(params, anchors: Tensor, directions: Tensor, coeffs) -> Tensor
     if coeffs.shape[0] != K:
         raise ValueError(f"coeffs: expected shape ({K},) (K = anchors.shape[0]), got {tuple(coeffs.shape)}")
     check_same_device(params=theta, anchors=anchors, directions=directions, coeffs=coeffs)
+    if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
+        acc = _acc_dtype(theta, anchors, directions, coeffs)
+        s = ((theta.to(acc) - anchors.to(acc)) * directions.to(acc)).sum(1)
+        return 0.5 * (coeffs.to(acc) * s * s).sum()
     return torch.ops.cdgfast.rank1_penalty(theta, anchors, directions, coeffs)
 
 
@@ -405,4 +409,8 @@ def diag_penalty(params, anchor: Tensor, fisher: Tensor) -> Tensor:
             raise ValueError(f"{name}: expected shape ({P},) (P = the number of parameter elements), "
                              f"got {tuple(t.shape)}")
     check_same_device(params=theta, anchor=anchor, fisher=fisher)
+    if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
+        acc = _acc_dtype(theta, anchor, fisher)
+        r = theta.to(acc) - anchor.to(acc)
+        return 0.5 * (fisher.to(acc) * r * r).sum()
     return torch.ops.cdgfast.diag_penalty(theta, anchor, fisher)
