@@ -1,0 +1,215 @@
+"""The rank-1 paper's section 3.2 experiment on any cdgfast data set: train (or load) a small
+class-conditional UNet, then at each fixed timestep t draw n data points with fresh noise and measure
+Fig. 1 (scaled-prediction MSE), Fig. 2 (|cos(g_i, mu_t)|), Fig. 3a (cos(mu_t, mu_s)), Fig. 3b-d
+(top eigenvalues, lambda_2 / lambda_1, rank-1 vs diagonal relative Frobenius error).
+
+Differences from the paper (appendix D: UNet with 16-channel blocks, MNIST, 200 epochs, Adam 2e-4,
+n = 1024): the model is a cdgfast preset ("tiny" by default), the data set and the number of training
+steps are the caller's, and the default learning rate is 1e-3 so that a CPU-minutes run gets near
+convergence (the paper's argument assumes a converged model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..diffusion import DiffusionLoss, NoiseSchedule
+from .geometry import fisher_geometry, scaled_prediction_mse
+
+CHECKPOINT_NAME = "model.pt"
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def validate_timesteps(timesteps: Sequence[int], num_timesteps: int) -> List[int]:
+    ts = list(timesteps)
+    if not ts:
+        raise ValueError("timesteps: expected at least one timestep")
+    for t in ts:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_timesteps:
+            raise ValueError(f"timesteps: expected integers in [0, {num_timesteps}), got {t!r}")
+    if len(set(ts)) != len(ts):
+        raise ValueError(f"timesteps: expected distinct values, got {ts}")
+    return ts
+
+
+def train_model(data, *, preset: str = "tiny", steps: int = 2000, batch_size: int = 128, lr: float = 1e-3,
+                schedule: Optional[NoiseSchedule] = None, seed: int = 0, device="cpu", progress: bool = True):
+    """Train a class-conditional UNet (cdgfast.models.build_unet) on an ImageDataset with the SPEC loss
+    (uniform t, fresh eps, Adam). Returns (model, list of (step, loss))."""
+    from tqdm.auto import tqdm
+
+    from ..models import build_unet
+
+    schedule = schedule or NoiseSchedule()
+    torch.manual_seed(seed)
+    model = build_unet(preset, num_classes=data.num_classes, in_channels=data.channels,
+                       sample_size=data.image_size).to(device)
+    loss_fn = DiffusionLoss(schedule)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = data.x, data.y
+    history = []
+    model.train()
+    bar = tqdm(range(steps), desc="train", disable=not progress)
+    running = None
+    for step in bar:
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        batch = {"x": x_all[idx].to(device), "y": y_all[idx].to(device),
+                 "t": torch.randint(0, schedule.num_timesteps, (batch_size,), generator=gen).to(device),
+                 "eps": torch.randn((batch_size, *x_all.shape[1:]), generator=gen).to(device)}
+        loss = loss_fn(model, batch).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.detach().item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % 50 == 0 or step == steps - 1:
+            history.append((step, value))
+            bar.set_postfix(loss=f"{running:.4f}")
+    model.eval()
+    return model, history
+
+
+def save_checkpoint(path: str, model, *, preset: str, data, extra: Optional[dict] = None) -> None:
+    torch.save({"model": model.state_dict(), "preset": preset, "num_classes": data.num_classes,
+                "in_channels": data.channels, "sample_size": data.image_size, "dataset": data.name,
+                **(extra or {})}, path)
+
+
+def load_checkpoint(path: str, data, *, preset: str = "tiny", device="cpu"):
+    """Load a model to analyse. Accepted: a checkpoint written by `save_checkpoint` (a dict with "model"
+    and the UNet config), a `python -m cdgfast.train` checkpoint (a dict with "model" weights and, for
+    changed structures such as LoRA, "model_object"), a pickled nn.Module, or a plain state dict of a
+    `build_unet(preset)` model sized for `data`."""
+    from ..models import UNET_PRESETS, build_unet
+
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint: expected an existing file, got {path!r}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, torch.nn.Module):
+        return state.to(device).eval()
+    if isinstance(state, dict) and isinstance(state.get("model_object"), torch.nn.Module):
+        return state["model_object"].to(device).eval()
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint: expected a state dict or a dict with 'model', got {type(state).__name__}")
+    stored = state.get("preset")
+    cfg = dict(preset=stored if isinstance(stored, str) and stored in UNET_PRESETS else preset,
+               num_classes=state.get("num_classes", data.num_classes),
+               in_channels=state.get("in_channels", data.channels),
+               sample_size=state.get("sample_size", data.image_size))
+    weights = state["model"] if "model" in state else state
+    if cfg["num_classes"] != data.num_classes or cfg["in_channels"] != data.channels \
+            or cfg["sample_size"] != data.image_size:
+        raise ValueError(f"checkpoint: model config {cfg} does not match the data set "
+                         f"({data.num_classes} classes, {data.channels} channels, {data.image_size}px)")
+    model = build_unet(cfg.pop("preset"), **cfg)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"checkpoint: weights do not fit build_unet({preset!r}) for this data set "
+                         f"(pass the right --preset): {str(exc)[:300]}") from None
+    return model.to(device).eval()
+
+
+def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = tuple(range(100, 1000, 100)),
+                        samples: int = 1024, out_dir: str, checkpoint: Optional[str] = None,
+                        train_steps: int = 2000, batch_size: int = 128, lr: float = 1e-3,
+                        preset: str = "tiny", data_root: Optional[str] = None, device="cpu", seed: int = 0,
+                        top_k: int = 5, chunk_params: Optional[int] = None, micro_batch: int = 64,
+                        figures: bool = True, progress: bool = True) -> Dict:
+    """Run the section 3.2 measurements and write `out_dir`/geometry.json and the figures.
+
+    If `checkpoint` is None a model is trained for `train_steps` steps and saved to
+    `out_dir`/model.pt; otherwise the checkpoint is loaded. For each t, `samples` data points are drawn
+    (without replacement when the data set is large enough), with the timestep fixed to t and fresh eps.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import DATASETS, load_dataset
+
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {dataset!r}")
+    schedule = NoiseSchedule()
+    ts = validate_timesteps(timesteps, schedule.num_timesteps)
+    _check_int("samples", samples, 2)
+    _check_int("train_steps", train_steps, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("top_k", top_k, 1)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    device = torch.device(device)
+    os.makedirs(out_dir, exist_ok=True)
+
+    data = load_dataset(dataset, data_root)
+    t0 = time.time()
+    history = []
+    if checkpoint is None:
+        model, history = train_model(data, preset=preset, steps=train_steps, batch_size=batch_size, lr=lr,
+                                     schedule=schedule, seed=seed, device=device, progress=progress)
+        checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
+        save_checkpoint(checkpoint_path, model, preset=preset, data=data,
+                        extra={"train_steps": train_steps, "lr": lr, "batch_size": batch_size, "seed": seed})
+    else:
+        model = load_checkpoint(checkpoint, data, preset=preset, device=device)
+        checkpoint_path = checkpoint
+    train_seconds = time.time() - t0
+
+    loss_fn = DiffusionLoss(schedule)
+    gen = torch.Generator().manual_seed(seed + 1)
+    per_t, mean_grads = [], []
+    t1 = time.time()
+    for t in tqdm(ts, desc="timesteps", disable=not progress):
+        if samples <= len(data):
+            idx = torch.randperm(len(data), generator=gen)[:samples]
+        else:
+            idx = torch.randint(0, len(data), (samples,), generator=gen)
+        batch = {"x": data.x[idx].to(device), "y": data.y[idx].to(device),
+                 "t": torch.full((samples,), t, dtype=torch.long, device=device),
+                 "eps": torch.randn((samples, *data.x.shape[1:]), generator=gen).to(device)}
+        mse = scaled_prediction_mse(model, batch, schedule)
+        with torch.no_grad():
+            loss_mean = float(loss_fn(model, batch).mean())
+        geo = fisher_geometry(model, loss_fn, batch, top_k=top_k, chunk_params=chunk_params,
+                              micro_batch=micro_batch, return_diagonal=False, progress=progress)
+        mean_grads.append(geo.mean_grad.cpu())
+        row = {"t": t, "abar": float(schedule.alphas_cumprod[t]),
+               "scaled_prediction_mse": {"mean": float(mse.mean()), "std": float(mse.std()),
+                                         "median": float(mse.median())},
+               "loss_mean": loss_mean, **geo.summary(), "cosine": [round(float(c), 6) for c in geo.cosine]}
+        per_t.append(row)
+
+    # Fig. 3a: cos(mu_t, mu_s), from the float64 mean gradients.
+    M = torch.stack(mean_grads)
+    norms = M.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    U = M / norms
+    cos_mat = (U @ U.T).clamp(-1, 1)
+    result = {
+        "config": {"dataset": dataset, "timesteps": ts, "samples": samples, "checkpoint": checkpoint_path,
+                   "trained": checkpoint is None, "train_steps": train_steps if checkpoint is None else None,
+                   "batch_size": batch_size, "lr": lr, "preset": preset, "seed": seed, "device": str(device),
+                   "top_k": top_k, "chunk_params": chunk_params, "micro_batch": micro_batch,
+                   "num_params": per_t[0]["num_params"], "num_timesteps": schedule.num_timesteps,
+                   "train_seconds": round(train_seconds, 1), "analysis_seconds": round(time.time() - t1, 1)},
+        "train_loss": history,
+        "timesteps": per_t,
+        "mean_grad_cosine": cos_mat.tolist(),
+        "notes": ("eigenvalues: top-k of F_t = mean_i g_i g_i^T (from the n x n Gram matrix); "
+                  "rank1_rel_err uses c* mu mu^T with c* = mean_i (mu.g_i)^2/||mu||^4; "
+                  "best_rank1_rel_err is the Eckart-Young optimum; scaled_prediction_mse is "
+                  "mean_pixels (x_t - sqrt(1-abar_t) eps_hat)^2."),
+    }
+    with open(os.path.join(out_dir, "geometry.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if figures:
+        from .plots import plot_all
+        result["figures"] = plot_all(result, out_dir)
+    return result
