@@ -1,0 +1,495 @@
+"""Per-sample gradient contractions for Linear and Conv2d layers, without per-sample gradients.
+
+For a Linear layer `y = x W^T + b` applied to a sample's tokens `x_i [T, Cin]` (T = 1 for a plain
+`[B, C]` input), the per-sample weight gradient is `g_i = gy_i^T x_i [Cout, Cin]` with
+`gy_i = dl_i/dy_i [T, Cout]`, and the bias gradient is `sum_t gy_i,t`. Two contractions of `g_i`
+are what the rank-1 and diagonal Fisher estimators need (SPEC section 4):
+
+* `linear_grad_dot(x, gy, M, Mb)[i] = <g_i, M>_F (+ Mb . sum_t gy_i,t)`
+  = `sum_t sum_o gy[i,t,o] * (x[i,t,:] . M[o,:])`: the direction `M` (shaped like the weight)
+  dotted with the per-sample gradient, computed as `x_i M^T` contracted with `gy_i`;
+* `linear_sq_grad_sum(x, gy)[o, c] = sum_i g_i[o, c]^2`: each program owns one (Cout, Cin) tile,
+  loops over samples, forms that tile of `gy_i^T x_i` with `tl.dot` over T-chunks, squares and
+  accumulates it in fp32 registers and writes once, so memory stays O(Cout*Cin), never
+  O(B*Cout*Cin); `out += scale * ...` streams it straight into a Fisher buffer slice.
+
+Conv2d reduces to the Linear case: with `x = unfold(input)` laid out `[B, L, Cin/groups*kh*kw]` (L =
+output positions) and `gy = grad_output` laid out `[B, L, Cout]`, the per-sample weight gradient is
+`gy_i^T x_i` reshaped like `weight` (channel-major, then kernel rows and columns, the order of both
+`F.unfold` and `weight.reshape(Cout, -1)`). `conv2d_as_linear` builds that layout (plain torch);
+for `groups > 1` it returns the layout of one group (`group=g`), whose rows are
+`weight[g*Cout/G:(g+1)*Cout/G]`; `conv2d_grad_dot` / `conv2d_sq_grad_sum` loop over the groups.
+The unfolded input is `kh*kw` times the input's size: callers that cannot afford it process the
+batch in chunks (the contractions are sums over samples and positions).
+
+Launchers (`linear_grad_dot`, `linear_sq_grad_sum`) always run the Triton kernels: on CUDA tensors
+normally, on CPU tensors only under `TRITON_INTERPRET=1` (the tests). `*_torch` functions are the
+plain-PyTorch equivalents for the CPU path. Accumulation is fp32 for fp16/bf16/fp32 inputs (fp32
+matmuls use IEEE precision, not TF32, unless `allow_tf32=True`) and fp64 for fp64 inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from cdgfast._dispatch import triton_available, triton_interpreted, use_triton
+from cdgfast._validation import check_same_device, check_shape, check_tensor
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - Linux x86_64 always has triton; elsewhere only the *_torch paths exist
+    triton = None
+    tl = None
+
+__all__ = [
+    "linear_grad_dot",
+    "linear_sq_grad_sum",
+    "bias_sq_grad_sum",
+    "linear_grad_dot_torch",
+    "linear_sq_grad_sum_torch",
+    "conv2d_as_linear",
+    "conv2d_grad_dot",
+    "conv2d_sq_grad_sum",
+]
+
+# Fixed tiles under the interpreter (tl.dot needs every tile dimension >= 16; masks pad odd sizes).
+_INTERP_BLOCK = 16
+# The tile the split-over-samples heuristic assumes (autotune may pick another; only occupancy moves).
+_NOMINAL_TILE = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _grad_dot_kernel(
+        x_ptr, gy_ptr, m_ptr, mb_ptr, part_ptr,
+        T, CIN, COUT, NUM_T_TILES,
+        sxb, sxt, sxc, sgb, sgt, sgo, smo, smc, smb,
+        HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program: one sample i, one chunk of BLOCK_T rows; writes one partial sum.
+        pid_b = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = t < T
+        x_base = x_ptr + pid_b.to(tl.int64) * sxb
+        g_base = gy_ptr + pid_b.to(tl.int64) * sgb
+        row = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+        for o0 in range(0, COUT, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            o_mask = o < COUT
+            z = tl.zeros([BLOCK_T, BLOCK_O], dtype=ACC_DTYPE)
+            for c0 in range(0, CIN, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                c_mask = c < CIN
+                xt = tl.load(x_base + t[:, None] * sxt + c[None, :] * sxc,
+                             mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(DOT_DTYPE)
+                mt = tl.load(m_ptr + o[None, :] * smo + c[:, None] * smc,
+                             mask=c_mask[:, None] & o_mask[None, :], other=0.0).to(DOT_DTYPE)
+                z = tl.dot(xt, mt, z, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # (x_i M^T) tile
+            g = tl.load(g_base + t[:, None] * sgt + o[None, :] * sgo,
+                        mask=t_mask[:, None] & o_mask[None, :], other=0.0).to(ACC_DTYPE)
+            row += tl.sum(z * g, axis=1)
+            if HAS_BIAS:
+                mb = tl.load(mb_ptr + o * smb, mask=o_mask, other=0.0).to(ACC_DTYPE)
+                row += tl.sum(g * mb[None, :], axis=1)
+        tl.store(part_ptr + pid_b * NUM_T_TILES + pid_t, tl.sum(row, axis=0))
+
+    @triton.jit
+    def _sq_grad_sum_kernel(
+        x_ptr, gy_ptr, out_ptr, ws_ptr,
+        B, T, CIN, COUT, CHUNK, scale_ptr,
+        sxb, sxt, sxc, sgb, sgt, sgo, soo, soc,
+        ACCUMULATE: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program: one (Cout, Cin) tile and one chunk of samples; the per-sample gradient tile
+        # lives only in registers.
+        pid_o = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        o_mask = o < COUT
+        c_mask = c < CIN
+        i0 = pid_s * CHUNK
+        i1 = tl.minimum(i0 + CHUNK, B)
+        sq = tl.zeros([BLOCK_O, BLOCK_C], dtype=ACC_DTYPE)
+        # Pointers advance by one sample per iteration (64-bit offsets: B * stride may pass 2^31).
+        x_base = x_ptr + i0.to(tl.int64) * sxb
+        g_base = gy_ptr + i0.to(tl.int64) * sgb
+        for _ in range(i0, i1):
+            gi = tl.zeros([BLOCK_O, BLOCK_C], dtype=ACC_DTYPE)
+            for t0 in range(0, T, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                t_mask = t < T
+                gt = tl.load(g_base + t[None, :] * sgt + o[:, None] * sgo,
+                             mask=o_mask[:, None] & t_mask[None, :], other=0.0).to(DOT_DTYPE)
+                xt = tl.load(x_base + t[:, None] * sxt + c[None, :] * sxc,
+                             mask=t_mask[:, None] & c_mask[None, :], other=0.0).to(DOT_DTYPE)
+                gi = tl.dot(gt, xt, gi, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # (gy_i^T x_i) tile
+            sq += gi * gi
+            x_base += sxb
+            g_base += sgb
+        mask = o_mask[:, None] & c_mask[None, :]
+        if WRITE_PARTIAL:
+            # Split over samples: each split writes its own fp32/fp64 slab; the launcher sums them.
+            ws = ws_ptr + pid_s.to(tl.int64) * COUT * CIN + o[:, None] * CIN + c[None, :]
+            tl.store(ws, sq, mask=mask)
+        else:
+            optr = out_ptr + o[:, None] * soo + c[None, :] * soc
+            # scale comes through memory: a Python float argument would be rounded to fp32.
+            res = sq * tl.load(scale_ptr).to(ACC_DTYPE)
+            if ACCUMULATE:
+                res += tl.load(optr, mask=mask, other=0.0).to(ACC_DTYPE)
+            tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+    def _configs():
+        out = []
+        for bo, bc, bt, w in ((64, 64, 32, 4), (128, 64, 32, 8), (64, 128, 32, 8), (32, 32, 32, 4),
+                              (64, 64, 64, 4)):
+            out.append(triton.Config({"BLOCK_O": bo, "BLOCK_C": bc, "BLOCK_T": bt}, num_warps=w, num_stages=3))
+        return out
+
+    def _dot_configs():
+        out = []
+        for bt, bo, bc, w in ((64, 64, 32, 4), (128, 64, 32, 8), (64, 32, 64, 4), (32, 32, 32, 4)):
+            out.append(triton.Config({"BLOCK_T": bt, "BLOCK_O": bo, "BLOCK_C": bc}, num_warps=w, num_stages=3))
+        return out
+
+    # Autotuned variants for the GPU, tuned once per layer shape (T, Cin, Cout) and dtype.
+    # Configs with BLOCK_T > 32 fill only the first slots of the partial buffer: zero it between the
+    # tuning runs and before the real one so no slot keeps another config's partial sum.
+    _grad_dot_tuned = triton.autotune(configs=_dot_configs(), key=["T", "CIN", "COUT", "DOT_DTYPE"],
+                                      reset_to_zero=["part_ptr"])(_grad_dot_kernel)
+    _sq_grad_sum_tuned = triton.autotune(configs=_configs(), key=["T", "CIN", "COUT", "DOT_DTYPE"],
+                                         restore_value=["out_ptr"])(_sq_grad_sum_kernel)
+
+    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                  torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _check_runnable(name: str, t: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("cdgfast.kernels.projection: Triton is not installed; use the *_torch functions")
+    if not t.is_cuda and not triton_interpreted():
+        raise ValueError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                         f"got a tensor on {t.device}. Use the *_torch functions on the CPU.")
+
+
+def _compute_dtypes(*tensors: torch.Tensor):
+    """(dtype the tl.dot operands are cast to, accumulator dtype, input precision)."""
+    dts = {t.dtype for t in tensors}
+    if torch.float64 in dts:
+        return torch.float64, torch.float64, "ieee"
+    if len(dts) == 1 and next(iter(dts)) in (torch.float16, torch.bfloat16):
+        # Triton's interpreter (3.x) returns garbage from a bf16 x bf16 tl.dot; bf16 products are
+        # exact in fp32, so casting the operands there changes only the summation order.
+        if next(iter(dts)) == torch.bfloat16 and triton_interpreted():
+            return torch.float32, torch.float32, "ieee"
+        return next(iter(dts)), torch.float32, None
+    return torch.float32, torch.float32, "ieee"
+
+
+def _check_linear_inputs(x, gy):
+    check_tensor("x", x, ndim=3, nonempty=False)
+    check_tensor("gy", gy, ndim=3, nonempty=False)
+    check_same_device(x=x, gy=gy)
+    if gy.shape[:2] != x.shape[:2]:
+        raise ValueError(f"gy: expected shape ({x.shape[0]}, {x.shape[1]}, Cout) matching x's [B, T], "
+                         f"got {tuple(gy.shape)}")
+    return x.shape[0], x.shape[1], x.shape[2], gy.shape[2]
+
+
+def linear_grad_dot(x: torch.Tensor, gy: torch.Tensor, M: torch.Tensor, Mb: Optional[torch.Tensor] = None,
+                    *, allow_tf32: bool = False) -> torch.Tensor:
+    """`<gy_i^T x_i, M>_F (+ Mb . sum_t gy_i,t)` for every sample i: a direction dotted with the
+    per-sample gradient of one Linear layer, without forming that gradient.
+
+    x [B, T, Cin] (layer input), gy [B, T, Cout] (gradient of sample i's loss w.r.t. the layer
+    output), M [Cout, Cin] (direction restricted to the weight), Mb [Cout] (to the bias) or None.
+    Returns [B], float32 (float64 if any input is float64). Any strides are accepted.
+    """
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    check_tensor("M", M, ndim=2)
+    check_shape("M", M, (COUT, CIN), "[Cout, Cin] like the layer weight")
+    tensors = dict(x=x, gy=gy, M=M)
+    if Mb is not None:
+        check_tensor("Mb", Mb, ndim=1)
+        check_shape("Mb", Mb, (COUT,), "[Cout] like the layer bias")
+        tensors["Mb"] = Mb
+    check_same_device(**tensors)
+    _check_runnable("x", x)
+    dot_dt, acc_dt, precision = _compute_dtypes(*tensors.values())
+    if precision == "ieee" and allow_tf32 and dot_dt == torch.float32:
+        precision = "tf32"
+    if B == 0 or T == 0:
+        return torch.zeros(B, device=x.device, dtype=acc_dt)
+    interp = triton_interpreted() or not x.is_cuda
+    bt = _INTERP_BLOCK if interp else 32  # the partial buffer is sized for the smallest tuned BLOCK_T
+    n_t = triton.cdiv(T, bt)
+    part = torch.zeros(B, n_t, device=x.device, dtype=acc_dt)
+    mb = Mb if Mb is not None else M  # never read when HAS_BIAS is False
+    args = (x, gy, M, mb, part, T, CIN, COUT, n_t,
+            x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
+            M.stride(0), M.stride(1), mb.stride(0))
+    meta = dict(HAS_BIAS=Mb is not None, DOT_DTYPE=_TL_DTYPES[dot_dt], ACC_DTYPE=_TL_DTYPES[acc_dt],
+                PRECISION=precision)
+    if interp:
+        _grad_dot_kernel[(B, n_t)](*args, **meta, BLOCK_T=bt, BLOCK_O=_INTERP_BLOCK, BLOCK_C=_INTERP_BLOCK)
+    else:
+        # Programs with BLOCK_T > 32 cover several 32-row slots and leave the rest at zero.
+        _grad_dot_tuned[lambda m: (B, triton.cdiv(T, m["BLOCK_T"]))](*args, **meta)
+    return part.sum(dim=1)
+
+
+def linear_sq_grad_sum(x: torch.Tensor, gy: torch.Tensor, out: Optional[torch.Tensor] = None,
+                       scale: float = 1.0, *, allow_tf32: bool = False) -> torch.Tensor:
+    """`sum_i (gy_i^T x_i)^2` (elementwise) for one Linear layer: the sum of squared per-sample
+    weight gradients, [Cout, Cin], never materialising the B x Cout x Cin per-sample gradients.
+
+    x [B, T, Cin], gy [B, T, Cout]. If `out` ([Cout, Cin], any floating dtype) is given the result is
+    accumulated in place, `out += scale * sum`, and `out` is returned; else a new tensor
+    `scale * sum` is returned, float32 (float64 if an input is float64). With T = 1 the sum is one
+    matmul of the squares (`_single_token_sq_sum`, exact), no kernel launch.
+    """
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale: expected a Python number, got {type(scale).__name__}")
+    dot_dt, acc_dt, precision = _compute_dtypes(x, gy)
+    if precision == "ieee" and allow_tf32 and dot_dt == torch.float32:
+        precision = "tf32"
+    if out is not None:
+        check_tensor("out", out, ndim=2)
+        check_shape("out", out, (COUT, CIN), "[Cout, Cin] like the layer weight")
+        check_same_device(x=x, gy=gy, out=out)
+    _check_runnable("x", x)
+    if out is None:
+        if B == 0:
+            return torch.zeros(COUT, CIN, device=x.device, dtype=acc_dt)
+        out = torch.empty(COUT, CIN, device=x.device, dtype=acc_dt)
+        accumulate = False
+    else:
+        if B == 0:
+            return out
+        accumulate = True
+    if T == 1:
+        _single_token_sq_sum(x, gy, out, scale, acc_dt, accumulate)
+        return out
+    interp = triton_interpreted() or not x.is_cuda
+    if interp:
+        splits = 1
+    else:
+        # Enough programs to fill the GPU when the layer has few tiles: split the samples, each
+        # split writes a partial slab, summed below (deterministic, no atomics).
+        n_tiles = triton.cdiv(COUT, _NOMINAL_TILE) * triton.cdiv(CIN, _NOMINAL_TILE)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(B, (2 * sms) // max(n_tiles, 1), 64))
+    chunk = triton.cdiv(B, splits)
+    splits = triton.cdiv(B, chunk)
+    ws = torch.empty(splits, COUT, CIN, device=x.device, dtype=acc_dt) if splits > 1 else out
+    scale_t = torch.full((1,), float(scale), device=x.device, dtype=acc_dt)
+    args = (x, gy, out, ws, B, T, CIN, COUT, chunk, scale_t,
+            x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
+            out.stride(0), out.stride(1))
+    meta = dict(ACCUMULATE=accumulate, WRITE_PARTIAL=splits > 1, DOT_DTYPE=_TL_DTYPES[dot_dt],
+                ACC_DTYPE=_TL_DTYPES[acc_dt], PRECISION=precision)
+    if interp:
+        _sq_grad_sum_kernel[(triton.cdiv(COUT, _INTERP_BLOCK), triton.cdiv(CIN, _INTERP_BLOCK), 1)](
+            *args, **meta, BLOCK_T=_INTERP_BLOCK, BLOCK_O=_INTERP_BLOCK, BLOCK_C=_INTERP_BLOCK)
+    else:
+        grid = lambda m: (triton.cdiv(COUT, m["BLOCK_O"]), triton.cdiv(CIN, m["BLOCK_C"]), splits)  # noqa: E731
+        _sq_grad_sum_tuned[grid](*args, **meta)
+    if splits > 1:
+        total = ws.sum(dim=0)
+        if accumulate:
+            out.add_(total.to(out.dtype), alpha=scale)
+        else:
+            out.copy_(total.mul_(scale))
+    return out
+
+
+def _single_token_sq_sum(x, gy, out, scale, acc_dt, accumulate):
+    """T = 1 (a Linear on [B, C] inputs): (gy_i,o x_i,c)^2 = gy_i,o^2 x_i,c^2, so the sum over samples
+    is one matmul of the squares, exact and far cheaper than a per-sample tile loop."""
+    res = torch.mm(gy[:, 0].to(acc_dt).square().t(), x[:, 0].to(acc_dt).square())
+    if accumulate:
+        out.add_(res.to(out.dtype), alpha=scale)
+    else:
+        out.copy_(res.mul_(scale))
+
+
+def bias_sq_grad_sum(gy: torch.Tensor, out: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+    """`sum_i (sum_t gy_i,t)^2` [Cout]: the squared per-sample bias gradients of a Linear layer (or of
+    a Conv2d with gy laid out [B, L, Cout]). Plain torch (one reduction; no kernel needed). Accumulated
+    into `out` (`out += scale * ...`) when given; else float32 (float64 for float64 input)."""
+    check_tensor("gy", gy, ndim=3, nonempty=False)
+    acc_dt = torch.float64 if gy.dtype == torch.float64 else torch.float32
+    s = gy.sum(dim=1, dtype=acc_dt)
+    res = (s * s).sum(dim=0)
+    if out is None:
+        return res.mul_(scale)
+    check_tensor("out", out, ndim=1)
+    check_shape("out", out, (gy.shape[2],), "[Cout] like the layer bias")
+    check_same_device(gy=gy, out=out)
+    out.add_(res.to(out.dtype), alpha=scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain-PyTorch equivalents (the CPU path)
+# --------------------------------------------------------------------------------------------------
+def linear_grad_dot_torch(x: torch.Tensor, gy: torch.Tensor, M: torch.Tensor,
+                          Mb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same result as `linear_grad_dot`, in plain PyTorch (materialises x_i M^T, [B, T, Cout])."""
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    check_tensor("M", M, ndim=2)
+    check_shape("M", M, (COUT, CIN), "[Cout, Cin] like the layer weight")
+    _, acc_dt, _ = _compute_dtypes(x, gy, M, *([Mb] if Mb is not None else []))
+    gya = gy.to(acc_dt)
+    res = (torch.matmul(x.to(acc_dt), M.to(acc_dt).t()) * gya).sum(dim=(1, 2))
+    if Mb is not None:
+        check_tensor("Mb", Mb, ndim=1)
+        check_shape("Mb", Mb, (COUT,), "[Cout] like the layer bias")
+        res = res + gya.sum(dim=1) @ Mb.to(acc_dt)
+    return res
+
+
+def linear_sq_grad_sum_torch(x: torch.Tensor, gy: torch.Tensor, out: Optional[torch.Tensor] = None,
+                             scale: float = 1.0, *, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Same result as `linear_sq_grad_sum`, in plain PyTorch: per-sample gradients by `bmm`, in
+    chunks of samples so that at most `max_elements` of them exist at once."""
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    _, acc_dt, _ = _compute_dtypes(x, gy)
+    res = torch.zeros(COUT, CIN, device=x.device, dtype=acc_dt)
+    step = max(1, max_elements // max(COUT * CIN, 1))
+    if T == 1:
+        if B > 0:
+            _single_token_sq_sum(x, gy, res, 1.0, acc_dt, True)
+    else:
+        for i0 in range(0, B, step):
+            g = torch.bmm(gy[i0:i0 + step].to(acc_dt).transpose(1, 2), x[i0:i0 + step].to(acc_dt))
+            res += (g * g).sum(dim=0)
+    if out is None:
+        return res.mul_(scale)
+    check_tensor("out", out, ndim=2)
+    check_shape("out", out, (COUT, CIN), "[Cout, Cin] like the layer weight")
+    out.add_(res.to(out.dtype), alpha=scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Conv2d as a Linear layer
+# --------------------------------------------------------------------------------------------------
+def _conv_padded_input(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The input as the convolution sees it after padding (any padding mode, 'same'/'valid')."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return inp
+        # 'same' (stride 1): total dilation*(k-1), the extra element on the right/bottom as in torch.
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        ph, pw = conv.padding
+        pad = (pw, pw, ph, ph)
+    if not any(pad):
+        return inp
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(inp, pad, mode=mode)
+
+
+def conv2d_as_linear(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
+                     group: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x [B, L, Cin/G*kh*kw], gy [B, L, Cout/G]) such that `gy_i^T x_i` is sample i's gradient of
+    `weight[g*Cout/G:(g+1)*Cout/G].reshape(Cout/G, -1)` (G = groups, g = `group`; G = 1: the whole
+    weight). `input` [B, Cin, H, W] is the module's input, `grad_output` [B, Cout, Ho, Wo] the
+    gradient of the per-sample losses w.r.t. its output. Plain torch (`F.unfold`); x is a
+    transposed view of a new [B, Cin/G*kh*kw, L] tensor, gy a view of grad_output."""
+    if not isinstance(conv_module, torch.nn.Conv2d):
+        raise ValueError(f"conv_module: expected a torch.nn.Conv2d, got {type(conv_module).__name__}")
+    check_tensor("input", input, ndim=4)
+    check_tensor("grad_output", grad_output, ndim=4)
+    check_same_device(input=input, grad_output=grad_output)
+    G = conv_module.groups
+    if not (isinstance(group, int) and 0 <= group < G):
+        raise ValueError(f"group: expected an integer in [0, {G}), got {group!r}")
+    B, cin = input.shape[:2]
+    cout = conv_module.out_channels
+    if cin != conv_module.in_channels:
+        raise ValueError(f"input: expected {conv_module.in_channels} channels, got shape {tuple(input.shape)}")
+    if grad_output.shape[0] != B or grad_output.shape[1] != cout:
+        raise ValueError(f"grad_output: expected shape ({B}, {cout}, Ho, Wo), got {tuple(grad_output.shape)}")
+    padded = _conv_padded_input(input, conv_module)
+    cg, og = cin // G, cout // G
+    if G > 1:
+        padded = padded[:, group * cg:(group + 1) * cg]
+        grad_output = grad_output[:, group * og:(group + 1) * og]
+    cols = F.unfold(padded, conv_module.kernel_size, dilation=conv_module.dilation, padding=0,
+                    stride=conv_module.stride)  # [B, cg*kh*kw, L]
+    L = cols.shape[-1]
+    if grad_output.shape[2] * grad_output.shape[3] != L:
+        raise ValueError(f"grad_output: expected {L} output positions for this input and conv, got "
+                         f"shape {tuple(grad_output.shape)}")
+    return cols.transpose(1, 2), grad_output.reshape(B, og, L).transpose(1, 2)
+
+
+def _kernel_wanted(use_kernel: Optional[bool], t: torch.Tensor) -> bool:
+    return use_triton(t) if use_kernel is None else bool(use_kernel)
+
+
+def conv2d_grad_dot(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
+                    M: torch.Tensor, Mb: Optional[torch.Tensor] = None, *,
+                    use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """`<g_i, M> (+ Mb . bias grad_i)` for a Conv2d, M shaped like `weight`, Mb like `bias`: [B].
+    Triton when `use_kernel` (default: on CUDA), else plain torch; groups handled one at a time."""
+    check_tensor("M", M, ndim=4)
+    check_shape("M", M, tuple(conv_module.weight.shape), "like conv_module.weight")
+    G = conv_module.groups
+    og = conv_module.out_channels // G
+    fn = linear_grad_dot if _kernel_wanted(use_kernel, input) else linear_grad_dot_torch
+    total = None
+    for g in range(G):
+        x, gy = conv2d_as_linear(input, grad_output, conv_module, g)
+        mg = M[g * og:(g + 1) * og].reshape(og, -1)
+        mbg = Mb[g * og:(g + 1) * og] if Mb is not None else None
+        r = fn(x, gy, mg, mbg)
+        total = r if total is None else total + r
+    return total
+
+
+def conv2d_sq_grad_sum(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
+                       out: Optional[torch.Tensor] = None, scale: float = 1.0, *,
+                       use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """`sum_i g_i^2` for a Conv2d weight, shaped like `weight` ([Cout, Cin/G, kh, kw]); accumulated into
+    `out` (`out += scale * ...`, same shape, e.g. a view of a flat Fisher buffer) when given.
+    The bias term is `bias_sq_grad_sum(grad_output.flatten(2).transpose(1, 2))`."""
+    wshape = tuple(conv_module.weight.shape)
+    if out is not None:
+        check_tensor("out", out, ndim=4)
+        check_shape("out", out, wshape, "like conv_module.weight")
+    fn = linear_sq_grad_sum if _kernel_wanted(use_kernel, input) else linear_sq_grad_sum_torch
+    G = conv_module.groups
+    og = conv_module.out_channels // G
+    res = out
+    if res is None:
+        acc_dt = torch.float64 if torch.float64 in (input.dtype, grad_output.dtype) else torch.float32
+        res = torch.zeros(wshape, device=input.device, dtype=acc_dt)
+    for g in range(G):
+        x, gy = conv2d_as_linear(input, grad_output, conv_module, g)
+        view = res[g * og:(g + 1) * og].view(og, -1)  # weight slices are contiguous row blocks
+        fn(x, gy, out=view, scale=scale)
+    return res

@@ -1,0 +1,277 @@
+"""cdgfast.kernels.projection: per-sample gradient contractions for Linear / Conv2d layers.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors here (tests/conftest.py), on CUDA
+where there is a GPU. References: per-sample gradients built sample by sample in float64 (outer
+products over tokens), and autograd per-sample gradients of real nn.Linear / nn.Conv2d modules.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from cdgfast._dispatch import triton_available
+from cdgfast.kernels import projection as P
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative tolerance (to the reference's max magnitude) per input dtype. The reference uses the very
+# same (rounded) input values in float64, so only the kernel's accumulation error counts: products
+# of fp16/bf16 values are exact in the fp32 accumulator.
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+SHAPES = [  # (B, T, Cin, Cout)
+    (1, 1, 5, 3),
+    (3, 7, 5, 3),
+    (3, 1, 33, 5),
+    (2, 20, 33, 17),  # several T chunks and Cin / Cout tiles under the 16-wide interpreter tiles
+    (1, 7, 16, 16),
+]
+
+
+def naive_per_sample_grads(x, gy):
+    """g_i = sum_t outer(gy[i,t], x[i,t]) in float64, one sample and one token at a time."""
+    B, T, cin = x.shape
+    cout = gy.shape[2]
+    g = torch.zeros(B, cout, cin, dtype=torch.float64)
+    for i in range(B):
+        for t in range(T):
+            g[i] += torch.outer(gy[i, t].double().cpu(), x[i, t].double().cpu())
+    return g
+
+
+def assert_close_rel(got, ref, rtol):
+    got = got.double().cpu()
+    ref = ref.double().cpu()
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = (got - ref).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=torch.float64).to(device=DEV, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_grad_dot_fp32_shapes(shape, bias):
+    B, T, cin, cout = shape
+    x, gy, M = rand(B, T, cin), rand(B, T, cout), rand(cout, cin)
+    Mb = rand(cout) if bias else None
+    got = P.linear_grad_dot(x, gy, M, Mb)
+    g = naive_per_sample_grads(x, gy)
+    ref = (g * M.double().cpu()).sum(dim=(1, 2))
+    if bias:
+        ref += gy.double().cpu().sum(dim=1) @ Mb.double().cpu()
+    assert got.shape == (B,) and got.dtype == torch.float32
+    assert_close_rel(got, ref, RTOL[torch.float32])
+    assert_close_rel(P.linear_grad_dot_torch(x, gy, M, Mb), ref, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_sq_grad_sum_fp32_shapes(shape):
+    B, T, cin, cout = shape
+    x, gy = rand(B, T, cin), rand(B, T, cout)
+    got = P.linear_sq_grad_sum(x, gy)
+    ref = (naive_per_sample_grads(x, gy) ** 2).sum(dim=0)
+    assert got.shape == (cout, cin) and got.dtype == torch.float32
+    assert_close_rel(got, ref, RTOL[torch.float32])
+    assert_close_rel(P.linear_sq_grad_sum_torch(x, gy, max_elements=cout * cin), ref, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    B, T, cin, cout = 3, 7, 33, 5
+    x, gy, M, Mb = rand(B, T, cin, dtype=dtype), rand(B, T, cout, dtype=dtype), rand(cout, cin, dtype=dtype), rand(cout, dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = naive_per_sample_grads(x, gy)
+    dot = P.linear_grad_dot(x, gy, M, Mb)
+    ref_dot = (g * M.double().cpu()).sum(dim=(1, 2)) + gy.double().cpu().sum(dim=1) @ Mb.double().cpu()
+    assert dot.dtype == acc
+    assert_close_rel(dot, ref_dot, RTOL[dtype])
+    sq = P.linear_sq_grad_sum(x, gy)
+    assert sq.dtype == acc
+    assert_close_rel(sq, (g ** 2).sum(dim=0), RTOL[dtype])
+
+
+def test_mixed_dtypes_use_fp32_direction():
+    # A half-precision layer with an fp32 direction: the direction must not be rounded to fp16.
+    B, T, cin, cout = 2, 3, 17, 4
+    x, gy = rand(B, T, cin, dtype=torch.float16), rand(B, T, cout, dtype=torch.float16)
+    M = rand(cout, cin) * (1 + 1e-3)  # values not representable in fp16
+    got = P.linear_grad_dot(x, gy, M)
+    ref = (naive_per_sample_grads(x, gy) * M.double().cpu()).sum(dim=(1, 2))
+    assert_close_rel(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+def test_sq_grad_sum_accumulates_into_out(out_dtype):
+    B, T, cin, cout = 3, 5, 19, 6
+    x, gy = rand(B, T, cin), rand(B, T, cout)
+    flat = torch.randn(7 + cout * cin + 3, dtype=out_dtype, device=DEV)
+    before = flat.clone()
+    view = flat[7:7 + cout * cin].view(cout, cin)  # a slice of a flat Fisher buffer
+    ret = P.linear_sq_grad_sum(x, gy, out=view, scale=0.37)
+    assert ret.data_ptr() == view.data_ptr()
+    ref = before[7:7 + cout * cin].double().cpu().view(cout, cin) + 0.37 * (naive_per_sample_grads(x, gy) ** 2).sum(0)
+    assert_close_rel(view, ref, 2e-6)  # fp32 inputs: fp32 accumulation
+    # Nothing outside the slice is touched.
+    assert torch.equal(flat[:7], before[:7]) and torch.equal(flat[-3:], before[-3:])
+    # A second call accumulates again.
+    P.linear_sq_grad_sum(x, gy, out=view, scale=0.37)
+    ref2 = ref + 0.37 * (naive_per_sample_grads(x, gy) ** 2).sum(0)
+    assert_close_rel(view, ref2, 2e-6)
+
+
+def test_scale_fp64_is_exact():
+    x, gy = rand(2, 3, 5, dtype=torch.float64), rand(2, 3, 4, dtype=torch.float64)
+    scale = 1.0 / 3.0  # not representable in fp32
+    got = P.linear_sq_grad_sum(x, gy, scale=scale)
+    assert_close_rel(got, scale * (naive_per_sample_grads(x, gy) ** 2).sum(0), 1e-12)
+
+
+def test_non_contiguous_inputs_and_out():
+    B, T, cin, cout = 3, 6, 9, 5
+    x = rand(B, cin, T).transpose(1, 2)  # [B, T, Cin] with stride(2) != 1
+    gy = rand(T, B, cout).transpose(0, 1)
+    M = rand(cin, cout).t()
+    assert not x.is_contiguous() and not gy.is_contiguous() and not M.is_contiguous()
+    g = naive_per_sample_grads(x, gy)
+    assert_close_rel(P.linear_grad_dot(x, gy, M), (g * M.double().cpu()).sum((1, 2)), RTOL[torch.float32])
+    out = torch.zeros(cin, cout, device=DEV).t()
+    P.linear_sq_grad_sum(x, gy, out=out)
+    assert_close_rel(out, (g ** 2).sum(0), RTOL[torch.float32])
+
+
+def test_bias_sq_grad_sum():
+    gy = rand(3, 7, 5)
+    ref = torch.stack([gy[i].double().cpu().sum(0) ** 2 for i in range(3)]).sum(0)
+    assert_close_rel(P.bias_sq_grad_sum(gy), ref, 1e-6)
+    out = torch.ones(5, device=DEV)
+    P.bias_sq_grad_sum(gy, out=out, scale=2.0)
+    assert_close_rel(out, 1 + 2 * ref, 1e-6)
+
+
+def test_empty_batch():
+    x, gy = rand(0, 3, 5), rand(0, 3, 4)
+    assert P.linear_grad_dot(x, gy, rand(4, 5)).shape == (0,)
+    assert torch.equal(P.linear_sq_grad_sum(x, gy).cpu(), torch.zeros(4, 5))
+    out = torch.ones(4, 5, device=DEV)
+    P.linear_sq_grad_sum(x, gy, out=out)
+    assert torch.equal(out.cpu(), torch.ones(4, 5))
+
+
+# --- real layers against autograd per-sample gradients --------------------------------------------
+def per_sample_autograd(module, inputs, loss_of_output):
+    """Per-sample parameter gradients by a backward at batch size 1 (the definition)."""
+    grads = []
+    for i in range(inputs.shape[0]):
+        module.zero_grad()
+        loss_of_output(module(inputs[i:i + 1]), i).backward()
+        grads.append({n: p.grad.detach().double().clone() for n, p in module.named_parameters()})
+    return grads
+
+
+def batch_io_grads(module, inputs, loss_of_output):
+    """Layer input and grad_output of the summed per-sample losses (= per-sample output grads)."""
+    out = module(inputs)
+    out.retain_grad()
+    sum(loss_of_output(out[i:i + 1], i) for i in range(inputs.shape[0])).backward()
+    return inputs.detach(), out.grad.detach()
+
+
+def test_linear_tokens_vs_autograd():
+    torch.manual_seed(1)
+    B, T, cin, cout = 3, 7, 5, 3
+    lin = nn.Linear(cin, cout).double()
+    x = torch.randn(B, T, cin, dtype=torch.float64)
+    w = torch.randn(B, T, cout, dtype=torch.float64)
+    loss = lambda y, i: (torch.tanh(y) * w[i]).sum() + (y ** 2).mean()  # noqa: E731
+    per = per_sample_autograd(lin, x, loss)
+    xin, gy = batch_io_grads(lin, x, loss)
+    xin, gy = xin.to(DEV), gy.to(DEV)
+    Mw = torch.randn(cout, cin, dtype=torch.float64)
+    Mb = torch.randn(cout, dtype=torch.float64)
+    ref_dot = torch.stack([(g["weight"] * Mw).sum() + (g["bias"] * Mb).sum() for g in per])
+    assert_close_rel(P.linear_grad_dot(xin, gy, Mw.to(DEV), Mb.to(DEV)), ref_dot, 1e-10)
+    ref_sq = sum(g["weight"] ** 2 for g in per)
+    assert_close_rel(P.linear_sq_grad_sum(xin, gy), ref_sq, 1e-10)
+    assert_close_rel(P.bias_sq_grad_sum(gy), sum(g["bias"] ** 2 for g in per), 1e-10)
+
+
+CONVS = [
+    dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=2, out_channels=3, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", groups=2, padding_mode="reflect"),
+    dict(in_channels=3, out_channels=5, kernel_size=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"k{c['kernel_size']}g{c.get('groups', 1)}")
+def test_conv2d_vs_autograd(cfg):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(**cfg).double()
+    B = 3
+    x = torch.randn(B, cfg["in_channels"], 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        w = torch.randn_like(conv(x))
+    loss = lambda y, i: (torch.sin(y) * w[i]).sum()  # noqa: E731
+    per = per_sample_autograd(conv, x, loss)
+    xin, gout = batch_io_grads(conv, x, loss)
+    Mw = torch.randn_like(conv.weight)
+    Mb = torch.randn(cfg["out_channels"], dtype=torch.float64) if conv.bias is not None else None
+    ref_dot = torch.stack([(g["weight"] * Mw).sum() + ((g["bias"] * Mb).sum() if Mb is not None else 0) for g in per])
+    ref_sq = sum(g["weight"] ** 2 for g in per)
+    for use_kernel in (False, True):
+        d_in, d_out = xin.to(DEV), gout.to(DEV)
+        got_dot = P.conv2d_grad_dot(d_in, d_out, conv.to(DEV), Mw.to(DEV), None if Mb is None else Mb.to(DEV),
+                                    use_kernel=use_kernel)
+        assert_close_rel(got_dot, ref_dot, 1e-10)
+        got_sq = P.conv2d_sq_grad_sum(d_in, d_out, conv, use_kernel=use_kernel)
+        assert got_sq.shape == conv.weight.shape
+        assert_close_rel(got_sq, ref_sq, 1e-10)
+        conv.cpu()
+    if conv.bias is not None:
+        gy_b = gout.flatten(2).transpose(1, 2)
+        assert_close_rel(P.bias_sq_grad_sum(gy_b), sum(g["bias"] ** 2 for g in per), 1e-10)
+
+
+def test_conv2d_as_linear_layout():
+    # x_i^T columns are the receptive fields: the conv output equals gy-layout of x @ W^T.
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    inp = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    y = conv(inp)
+    x, _ = P.conv2d_as_linear(inp, torch.zeros_like(y), conv)
+    lin = x @ conv.weight.reshape(4, -1).t() + conv.bias
+    assert torch.allclose(lin, y.flatten(2).transpose(1, 2), atol=1e-12)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def test_errors_name_the_argument():
+    x, gy = rand(2, 3, 5), rand(2, 3, 4)
+    with pytest.raises(ValueError, match="gy"):
+        P.linear_grad_dot(x, rand(2, 4, 4), rand(4, 5))
+    with pytest.raises(ValueError, match="M"):
+        P.linear_grad_dot(x, gy, rand(5, 4))
+    with pytest.raises(ValueError, match="Mb"):
+        P.linear_grad_dot(x, gy, rand(4, 5), rand(5))
+    with pytest.raises(ValueError, match="x"):
+        P.linear_sq_grad_sum(x[0], gy)
+    with pytest.raises(ValueError, match="out"):
+        P.linear_sq_grad_sum(x, gy, out=torch.zeros(5, 4, device=DEV))
+    with pytest.raises(ValueError, match="scale"):
+        P.linear_sq_grad_sum(x, gy, scale=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="x"):
+        P.linear_sq_grad_sum(x.long(), gy)
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="conv_module"):
+        P.conv2d_as_linear(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 3, 3), nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="grad_output"):
+        P.conv2d_as_linear(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 4, 4), conv)
+    with pytest.raises(ValueError, match="group"):
+        P.conv2d_as_linear(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 3, 3), conv, group=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="x: Triton kernels need CUDA"):
+        P.linear_sq_grad_sum(torch.randn(2, 3, 5), torch.randn(2, 3, 4))
