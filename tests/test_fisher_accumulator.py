@@ -284,3 +284,228 @@ def test_bad_input_names_the_argument():
         online_update(torch.ones(3), torch.ones(3, device="meta"), 0.5)
     with pytest.raises(ValueError, match="new.*floating"):
         online_update(torch.ones(3), torch.ones(3, dtype=torch.int32), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cached views, the flat (tiled storage) path, gamma folding, flatten_parameters_
+
+def naive_update(F, tensors, gamma=1.0, scale=1.0, square=False):
+    """F <- gamma F + scale (t or t*t), one parameter at a time, in float64."""
+    out, off = F.double().clone(), 0
+    for t in tensors:
+        n = t.numel()
+        v = t.double().reshape(-1)
+        out[off:off + n] = gamma * out[off:off + n] + scale * (v * v if square else v)
+        off += n
+    return out
+
+
+def test_view_cache_follows_the_parameter_list_and_never_goes_stale():
+    torch.manual_seed(1)
+    dst = torch.randn(12, dtype=torch.float64)
+    ref = dst.clone()
+    layouts = [[(3, 2), (1,), (5,)], [(12,)], [(4, 1), (0,), (2, 2), (4,)], [(3, 2), (1,), (5,)], [(1, 12)]]
+    for shapes in layouts * 2:  # each layout twice: the second time the views come from the cache
+        ts = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for square in (False, True):
+            fisher_update_(dst, ts, gamma=0.75, scale=1.5, square=square)
+            ref = naive_update(ref, ts, 0.75, 1.5, square)
+        close(dst, ref)
+    # a second buffer with the same layout gets its own views
+    other = torch.zeros(12, dtype=torch.float64)
+    ts = [torch.randn(s, dtype=torch.float64) for s in layouts[0]]
+    fisher_update_(other, ts)
+    close(other, naive_update(torch.zeros(12), ts))
+    close(dst, ref)  # untouched by the update of `other`
+    # a wrong total is still caught after the layouts were cached
+    with pytest.raises(ValueError, match=r"src.*12 elements"):
+        fisher_update_(dst, [torch.randn(3, 2, dtype=torch.float64), torch.randn(5, dtype=torch.float64)])
+
+
+def test_tiled_list_cache_sees_repointed_tensors():
+    from cdgfast._params import split_like
+
+    shapes = [(2, 3), (1,), (4, 1, 2)]
+    P = 15
+    store = torch.randn(P, dtype=torch.float64)
+    ts = split_like(store, [torch.empty(s) for s in shapes])  # views that tile `store`
+    dst = torch.zeros(P, dtype=torch.float64)
+    fisher_update_(dst, ts, square=True)
+    fisher_update_(dst, ts, square=True)  # the remembered flat alias
+    close(dst, 2 * store ** 2)
+    store.mul_(3)  # new values in the same storage: the alias reads them
+    fisher_update_(dst, ts)
+    close(dst, 2 * (store / 3) ** 2 + store)
+    ts[1].data = torch.full((1,), 7.0, dtype=torch.float64)  # same object, new storage: no longer tiled
+    before = dst.clone()
+    fisher_update_(dst, ts, gamma=0.5)
+    close(dst, naive_update(before, ts, 0.5))
+    assert float(dst[6]) == pytest.approx(0.5 * float(before[6]) + 7.0)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_flat_detect_path_matches_per_parameter_reference(monkeypatch, chunk):
+    from cdgfast._params import flatten_parameters_
+    from cdgfast.fisher import accumulator as A
+
+    monkeypatch.setattr(A, "_FLAT_CHUNK", chunk)  # 7: the chunked gamma pass runs over many chunks
+    torch.manual_seed(2)
+    shapes = [(3, 1, 5), (1,), (7,), (2, 9), (1, 1)]
+    mod = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes])
+    fp = flatten_parameters_(mod)
+    fp.sync_grads()  # no backward yet: every p.grad becomes its (zero) view of the flat gradient
+    with torch.no_grad():
+        for g in fp.grads():
+            g.copy_(torch.randn(g.shape, dtype=torch.float64))
+
+    def no_foreach(*a, **k):
+        raise AssertionError("the tiled list must take the flat path, not _foreach")
+
+    for op in ("_foreach_add_", "_foreach_addcmul_", "_foreach_mul_"):
+        monkeypatch.setattr(torch, op, no_foreach)
+    P = fp.numel
+    for src in ([p.grad for p in fp.params], list(fp.params)):
+        base = torch.rand(P, dtype=torch.float64)
+        for gamma, scale, square in ((1.0, 1.0, False), (0.9, 0.5, True), (0.3, 2.0, False), (0.0, 1.0, True),
+                                     (0.5, 1.0, False)):
+            for _ in range(2):  # detection, then the remembered alias
+                got = fisher_update_(base.clone(), src, gamma=gamma, scale=scale, square=square)
+                close(got, naive_update(base, [t.detach() for t in src], gamma, scale, square))
+    acc = FisherAccumulator(P, dtype=torch.float64)
+    for _ in range(3):
+        acc.add_squared([p.grad for p in fp.params], count=2)
+        acc.add_grads([p.grad for p in fp.params], count=2)
+    close(acc.diagonal(), torch.cat([p.grad.reshape(-1) ** 2 for p in fp.params]) / 2)
+    close(acc.mean_grad(), torch.cat([p.grad.reshape(-1) for p in fp.params]) / 2)
+    # online_update (flat tensors) through the chunked pass
+    F = online_update(torch.ones(P, dtype=torch.float64), fp.grad, 0.25)
+    close(F, 0.25 + fp.grad)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 16])
+def test_gamma_folding_on_per_parameter_lists_matches_naive_loop(monkeypatch, chunk):
+    from cdgfast.fisher import accumulator as A
+
+    monkeypatch.setattr(A, "_FLAT_CHUNK", chunk)  # 5: many groups of views, decayed group by group
+    torch.manual_seed(3)
+    shapes = [(2, 3), (1,), (0,), (4, 1), (13,), (1, 1, 1), (3, 3)]
+    P = sum(torch.Size(s).numel() for s in shapes)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        F = torch.rand(P, dtype=dtype)
+        ref = F.double().clone()  # .double() of a float64 tensor is the tensor itself
+        for step in range(3):
+            ts = [torch.randn(s, dtype=dtype) for s in shapes]
+            gamma, scale, square = (0.9, 0.5, True) if step % 2 == 0 else (0.6, 1.25, False)
+            fisher_update_(F, ts, gamma=gamma, scale=scale, square=square)
+            ref = naive_update(ref, ts, gamma, scale, square)
+            close(F, ref, rtol)
+            other = torch.rand(P, dtype=dtype)  # foreach_fisher_update is the same update without checks
+            expect = naive_update(other, ts, gamma, scale, square)
+            foreach_fisher_update(other, ts, gamma, scale, square)
+            close(other, expect, rtol)
+    # flat sources of another dtype, every CPU branch of the flat update (one-op online form included)
+    for gamma, scale, square in ((0.5, 1.0, False), (0.5, 1.0, True), (0.5, 3.0, False), (1.0, 2.0, True)):
+        F, src = torch.rand(P), torch.randn(P).bfloat16()
+        ref = naive_update(F, [src], gamma, scale, square)
+        close(fisher_update_(F, src, gamma=gamma, scale=scale, square=square), ref, 1e-6)
+    # mixed source dtypes through the groups
+    F = torch.rand(P)
+    ts = [torch.randn(s).to(dt) for s, dt in zip(shapes, [torch.float16, torch.bfloat16] * 4)]
+    ref = naive_update(F, ts, 0.8, 3.0, True)
+    close(fisher_update_(F, ts, gamma=0.8, scale=3.0, square=True), ref, 1e-6)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.norm = torch.nn.GroupNorm(1, 3)
+        self.lin = torch.nn.Linear(3 * 3 * 3, 5)
+        self.unused = torch.nn.Linear(1, 1)  # never in a forward: its gradient stays None
+        self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.norm(self.conv(x)))
+        return self.lin(h.flatten(1)) * self.frozen.sum()
+
+
+def test_flatten_parameters_trains_like_the_unflattened_model():
+    import copy
+    import io
+
+    from cdgfast._params import FlatParameters, flatten_parameters_
+    from cdgfast.ops.penalties import _shared_flat_buffer, flat_parameters
+
+    torch.manual_seed(4)
+    ref = _Net().double()
+    net = copy.deepcopy(ref)
+    fp = flatten_parameters_(net)
+    assert isinstance(fp, FlatParameters) and fp.is_flat()
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert fp.params == params and fp.numel == sum(p.numel() for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), net.parameters()))  # values kept
+    theta = flat_parameters(params)  # the penalties see one zero-copy view
+    assert theta.data_ptr() == fp.data.data_ptr() and _shared_flat_buffer(fp.grads()) is not None
+    assert all(p.grad is None for p in params)  # no gradient yet: optimizers still skip them
+    opts = [torch.optim.Adam(ref.parameters(), lr=1e-2), torch.optim.Adam(net.parameters(), lr=1e-2)]
+    acc_ref, acc = FisherAccumulator(fp.numel, dtype=torch.float64), FisherAccumulator(fp.numel, dtype=torch.float64)
+    for step in range(4):
+        x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+        for model, opt in zip((ref, net), opts):
+            opt.zero_grad(set_to_none=step % 2 == 0)  # both ways of zeroing
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            if step == 1:
+                (0.5 * model(x).sum()).backward()  # a second backward accumulates into .grad
+        assert net.unused.weight.grad is None  # never in a backward: still None, like the reference's
+        ref_grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                     for p in ref.parameters() if p.requires_grad]
+        torch.testing.assert_close(fp.grad, torch.cat([g.reshape(-1) for g in ref_grads]), rtol=1e-12, atol=0)
+        assert fp.is_flat()
+        acc.add_squared(fp.grad)  # the flat buffer, against per-parameter gradients
+        acc_ref.add_squared(ref_grads)
+        for opt in opts:
+            opt.step()
+        for a, b in zip(ref.parameters(), net.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+        assert fp.is_flat()  # the optimizer updated the parameters in place: still views of fp.data
+    close(acc.diagonal(), acc_ref.diagonal())
+    fp.sync_grads()  # now every p.grad is a view (zeros for `unused`), and the list takes the flat path
+    assert fp.is_flat() and all(p.grad is not None for p in params)
+    torch.testing.assert_close(fp.grad, torch.cat([g.reshape(-1) for g in ref_grads]), rtol=1e-12, atol=0)
+    assert _shared_flat_buffer([p.grad for p in params]) is not None
+    acc.add_squared([p.grad for p in params])
+    acc_ref.add_squared(ref_grads)
+    close(acc.diagonal(), acc_ref.diagonal())
+    with torch.no_grad():  # writing the flat buffer writes the parameters
+        fp.data[:3] = 0.0
+    assert float(net.conv.weight.detach().reshape(-1)[:3].abs().sum()) == 0.0
+    # state_dict: save the flattened model, load into an unflattened one, and back
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    fresh = _Net().double()
+    fresh.load_state_dict(torch.load(buf))
+    for a, b in zip(fresh.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    net.load_state_dict(ref.state_dict())  # in place: still flat
+    assert fp.is_flat() and torch.equal(fp.data, torch.cat([p.detach().reshape(-1) for p in ref.parameters()
+                                                            if p.requires_grad]))
+    net.lin.weight.grad = torch.ones_like(net.lin.weight)  # a replaced gradient is re-pointed by zero_grad
+    fp.zero_grad()
+    assert float(fp.grad.abs().sum()) == 0.0 and fp.is_flat() and float(net.lin.weight.grad.abs().sum()) == 0.0
+    net.conv.weight.data = net.conv.weight.data.clone()  # re-pointed: no longer flat, and the paths notice
+    assert not fp.is_flat() and _shared_flat_buffer(params) is None
+    fp.remove()
+
+
+def test_flatten_parameters_bad_input_names_the_argument():
+    from cdgfast._params import flatten_parameters_
+
+    with pytest.raises(ValueError, match="model"):
+        flatten_parameters_(torch.nn.ReLU())
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="model.*one dtype"):
+        flatten_parameters_(mixed)
+    with pytest.raises(ValueError, match=r"model\[0\].*Parameter"):
+        flatten_parameters_([torch.ones(2)])
