@@ -1,0 +1,256 @@
+"""Public Fisher functions (SPEC section 3): per-sample projections and squared-gradient sums without
+per-sample loops, and the rank-1 / diagonal empirical Fisher estimators.
+
+Conventions shared by every function here:
+* `loss_fn(model, batch)` returns the per-sample losses `[B]` (e.g. `cdgfast.diffusion.DiffusionLoss`);
+  `g_i = grad_theta l_i` over the trainable parameters, flattened in `model.parameters()` order (P).
+* The model is used in its current mode: call `model.eval()` first if it has dropout (the hook,
+  JVP and reference paths draw dropout masks differently, so train-mode dropout makes the numbers
+  depend on the path and on the RNG state). BatchNorm in train mode couples the samples of a batch;
+  it is supported (exactly, through the slower per-sample autograd path), with g_i = gradient of
+  l_i as computed in the batched forward.
+* The model is left as it was: no hooks remain, `.grad` is not touched (only `torch.autograd.grad`
+  is used), training flags, `requires_grad` and buffer values (BatchNorm running statistics) are
+  restored, parameters are never written.
+* Results are detached, on the parameters' device, in the widest parameter dtype but at least float32.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from cdgfast._params import split_like
+from cdgfast._validation import check_choice
+
+from ._common import (call_loss, check_batch, check_loss_fn, direction_pieces, param_device,
+                      preserved_state, result_dtype, trainable_named)
+from .hooks import HookPlan, hooked_contractions
+from .jvp import jvp_grad_dot
+
+DOT_METHODS = ("auto", "jvp", "hooks", "autograd")
+SQ_METHODS = ("auto", "hooks", "autograd")
+
+
+class Rank1Fisher(NamedTuple):
+    """The rank-1 empirical Fisher `F ~ coeff * mean_grad mean_grad^T` (rank-1 paper, Eq. 5):
+    `mean_grad = mean_i g_i` [P], `coeff = mean_i (mean_grad . g_i)^2 / ||mean_grad||^4`,
+    `num_samples` = samples in the first pass."""
+
+    mean_grad: torch.Tensor
+    coeff: float
+    num_samples: int
+
+
+def _tqdm(iterable, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, unit="batch")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-batch primitives
+# --------------------------------------------------------------------------------------------------
+def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direction: Union[torch.Tensor, Sequence[torch.Tensor]],
+                        method: str = "auto") -> torch.Tensor:
+    """`direction . g_i` for every sample i of `batch`: a tensor [B], without per-sample gradients.
+
+    direction: a flat [P] tensor (SPEC flat order) or a list of tensors shaped like the trainable
+    parameters. method:
+      * "jvp": forward-mode AD, `d/de l_i(theta + e*direction)` (about 2-3 forward costs; math SDPA
+        backend and contiguous GroupNorm inputs during the call, see `cdgfast.fisher.jvp`);
+      * "hooks": one batched forward + backward with per-layer contractions (Linear, Conv2d,
+        GroupNorm, LayerNorm, Embedding); parameters the rules do not cover get exact per-sample
+        gradients from the same batched graph (see `cdgfast.fisher.hooks`);
+      * "autograd": per-sample gradients of every parameter from the batched graph (vmapped backward
+        over one-hot cotangents in chunks): slow, exact, a reference;
+      * "auto" (default): "hooks" when every trainable parameter is statically covered by the hook
+        rules and no layer couples samples (`cdgfast.fisher.hooks.hook_coverage`), else "jvp".
+    """
+    check_choice("method", method, DOT_METHODS)
+    check_loss_fn(loss_fn)
+    names, params = trainable_named(model)
+    param_device(params)
+    pieces = direction_pieces(direction, params)
+    check_batch(batch)
+    acc = result_dtype(params)
+    if method == "auto":
+        plan = HookPlan(model, params)
+        method = "hooks" if (plan.all_covered and not plan.coupled) else "jvp"
+    with preserved_state(model):
+        if method == "jvp":
+            return jvp_grad_dot(model, loss_fn, batch, names, params, pieces, acc)
+        return hooked_contractions(model, loss_fn, batch, params, acc, pieces=pieces,
+                                   force_fallback=(method == "autograd")).detach()
+
+
+def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, method: str = "auto", *,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`sum_i g_i * g_i` over the samples of `batch`: a flat tensor [P]; never a B x P tensor.
+
+    Computed layer by layer from activations and output gradients of one batched forward + backward
+    and added straight into the flat buffer (method "hooks"; "auto" is the same). Parameters that the
+    hook rules do not cover (unsupported layers, shared or reused parameters, sample-coupling layers)
+    get exact per-sample gradients from the batched graph in chunks of samples, squared and summed:
+    slower, documented in `cdgfast.fisher.hooks`. "autograd" sends every parameter that way.
+
+    out: optional flat [P] floating tensor on the parameters' device; the sum is added into it in
+    place and it is returned (how `diag_fisher` accumulates over batches). Else a new zero buffer.
+    """
+    check_choice("method", method, SQ_METHODS)
+    check_loss_fn(loss_fn)
+    _, params = trainable_named(model)
+    dev = param_device(params)
+    P = sum(p.numel() for p in params)
+    acc = result_dtype(params)
+    if out is None:
+        out = torch.zeros(P, dtype=acc, device=dev)
+    elif not (isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == P and out.is_floating_point()
+              and out.device == dev):
+        got = f"shape {tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out: expected a flat floating tensor of P={P} elements on {dev}, got {got}")
+    check_batch(batch)
+    with preserved_state(model):
+        hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(out, params),
+                            force_fallback=(method == "autograd"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimators over a data set
+# --------------------------------------------------------------------------------------------------
+def _passes(batches, name: str = "batches", two_passes: bool = True) -> Callable[[], Iterable]:
+    """A function returning a fresh iterable of batches per pass."""
+    if isinstance(batches, (list, tuple)):
+        return lambda: batches
+    if callable(batches):
+        def fresh():
+            it = batches()
+            try:
+                iter(it)
+            except TypeError:
+                raise ValueError(f"{name}: the callable must return an iterable of batches, got {type(it).__name__}")
+            return it
+        return fresh
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise ValueError(f"{name}: expected a list/tuple of batches, a re-iterable (e.g. a DataLoader) or a "
+                         f"callable returning a fresh iterable, got {type(batches).__name__}")
+    if it is batches:
+        if two_passes:
+            raise ValueError(f"{name}: got a one-shot iterator/generator, but two passes over the data are "
+                             f"needed; pass a list of batches or a callable returning a fresh iterable "
+                             f"(the callable is how each pass gets fresh t/eps)")
+        used = []
+
+        def once():
+            if used:
+                raise ValueError(f"{name}: a one-shot iterator can be consumed only once")
+            used.append(True)
+            return batches
+        return once
+    return lambda: batches  # re-iterable (DataLoader, custom container)
+
+
+def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
+                 progress: bool = True) -> Rank1Fisher:
+    """Rank-1 empirical Fisher of the task data (rank-1 paper, section 3.3; SPEC `rank1`).
+
+    Pass 1: `mu = mean_i g_i`, one batched backward of the sum of each batch's losses (never per
+    sample). Pass 2: `mu . g_i` for every sample with `per_sample_grad_dot(..., mu, method)`;
+    `coeff = mean_i (mu . g_i)^2 / ||mu||^4`. The two passes iterate `batches` separately.
+
+    batches: a list/tuple of batches (iterated twice: same t/eps in both passes), a re-iterable such
+    as a DataLoader, or a callable returning a fresh iterable (how each pass gets fresh t/eps, as in
+    the paper). A one-shot iterator/generator raises ValueError. progress: tqdm bars over batches.
+    If `mu` is exactly zero, coeff is 0.0 (with a warning): the penalty vanishes either way.
+    """
+    check_choice("method", method, DOT_METHODS)
+    check_loss_fn(loss_fn)
+    get = _passes(batches)
+    _, params = trainable_named(model)
+    dev = param_device(params)
+    acc = result_dtype(params)
+    P = sum(p.numel() for p in params)
+    # Pass 1 writes each batch gradient straight into one flat buffer through per-parameter views;
+    # pass 2 keeps the sum of squared projections in float64 on the device (no host sync per batch).
+    total = torch.zeros(P, dtype=acc, device=dev)
+    views = split_like(total, params)
+    n1 = 0
+    with preserved_state(model):
+        for batch in _tqdm(get(), progress, "rank1 Fisher: mean gradient"):
+            check_batch(batch)
+            with torch.enable_grad():
+                losses = call_loss(loss_fn, model, batch)
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) if losses.requires_grad \
+                    else [None] * len(params)
+            for v, g in zip(views, grads):
+                if g is not None:
+                    v.add_(g.detach())
+            n1 += losses.shape[0]
+            del losses, grads
+    if n1 == 0:
+        raise ValueError("batches: expected at least one non-empty batch, got none")
+    mu = total.div_(n1)
+
+    sq, n2 = torch.zeros((), dtype=torch.float64, device=dev), 0
+    for batch in _tqdm(get(), progress, "rank1 Fisher: projections"):
+        proj = per_sample_grad_dot(model, loss_fn, batch, mu, method=method).to(torch.float64)
+        sq += torch.dot(proj, proj)
+        n2 += proj.shape[0]
+    if n2 == 0:
+        raise ValueError("batches: the second pass yielded no batches; pass a list or a callable returning a "
+                         "fresh iterable each time")
+    if n2 != n1:
+        warnings.warn(f"rank1_fisher: the two passes saw {n1} and {n2} samples; coeff averages over the second",
+                      RuntimeWarning, stacklevel=2)
+    norm2 = mu.to(torch.float64).square().sum()
+    if norm2.item() == 0.0:
+        warnings.warn("rank1_fisher: the mean gradient is exactly zero; coeff set to 0.0", RuntimeWarning, stacklevel=2)
+        coeff = 0.0
+    else:
+        coeff = (sq / n2 / norm2.square()).item()
+    return Rank1Fisher(mean_grad=mu, coeff=float(coeff), num_samples=int(n1))
+
+
+def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
+                progress: bool = True) -> torch.Tensor:
+    """Diagonal empirical Fisher `mean_i g_i * g_i` [P] from true per-sample gradients (not the
+    square of a batch gradient), summed batch by batch into one flat buffer with
+    `per_sample_sq_grad_sum(..., out=buffer)`. batches: as in `rank1_fisher` (one pass, so a
+    one-shot iterator is accepted here). progress: tqdm bar over batches."""
+    check_choice("method", method, SQ_METHODS)
+    check_loss_fn(loss_fn)
+    get = _passes(batches, two_passes=False)
+    _, params = trainable_named(model)
+    dev = param_device(params)
+    P = sum(p.numel() for p in params)
+    buf = torch.zeros(P, dtype=result_dtype(params), device=dev)
+    n = 0
+    for batch in _tqdm(get(), progress, "diag Fisher"):
+        check_batch(batch)
+        before = n
+        n += _batch_size_via_sq(model, loss_fn, batch, method, buf)
+        if n == before:
+            raise ValueError("batch: expected at least one sample")
+    if n == 0:
+        raise ValueError("batches: expected at least one non-empty batch, got none")
+    return buf.div_(n)
+
+
+def _batch_size_via_sq(model, loss_fn, batch, method, buf) -> int:
+    """Add one batch's sum_i g_i^2 into buf and return its number of samples."""
+    _, params = trainable_named(model)
+    acc = result_dtype(params)
+    with preserved_state(model):
+        return int(hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(buf, params),
+                                       force_fallback=(method == "autograd")))
+
+
+__all__ = ["Rank1Fisher", "per_sample_grad_dot", "per_sample_sq_grad_sum", "rank1_fisher", "diag_fisher"]

@@ -1,0 +1,525 @@
+"""Per-sample gradient contractions from one batched forward and backward (SPEC section 4).
+
+One forward of the batch records, for every supported layer, its input `x` and a handle on its output
+(`torch.autograd.graph.get_gradient_edge`); one `torch.autograd.grad` of `sum_i l_i` with respect to
+those outputs gives `gy = d(sum_j l_j)/d out`, whose row i is `d l_i / d out_i` because samples are
+independent. Per-sample parameter gradients are then contractions of `x_i` and `gy_i` that are never
+materialised per sample:
+
+| layer | g_i (weight) | direction . g_i | sum_i g_i * g_i |
+|---|---|---|---|
+| Linear on [B, *, Cin] | `gy_i^T x_i` | `sum_t (x_t @ M^T) . gy_t` | `(gy^2)^T x^2` (one token) or per-sample `bmm`s in chunks |
+| Conv2d (stride, padding incl. 'same' and non-zero modes, dilation, groups) | `gy_i (*) x_i` | `<conv2d(x_i, M), gy_i>` | `unfold` + `bmm` per group, chunks of samples |
+| GroupNorm / LayerNorm affine | `sum gy_i * xhat_i`, `sum gy_i` | contraction with M | squares of the same |
+| Embedding (no max_norm / scale_grad_by_freq) | rows `gy_i` scattered to `idx_i` | gather `M[idx_i] . gy_i` | per-(sample, row) sums, squared, scattered |
+
+Biases use `sum_t gy_i,t`. The weight gradients of the batch are never computed, and `.grad` is not
+touched. On CUDA, Linear layers (and Conv2d's unfolded form for the squares) call the Triton kernels
+`cdgfast.kernels.projection.linear_grad_dot` / `linear_sq_grad_sum` when `cdgfast._dispatch.use_triton`
+says so and the module imports; elsewhere the plain-PyTorch contractions here run.
+
+**Fallback (documented rule).** A trainable parameter is *covered* when it is the weight or bias of a
+supported layer whose `forward` is the stock one, the parameter belongs to that layer only, and the
+model has no sample-coupling layer (BatchNorm in train mode or without running stats). During the
+forward a `TorchFunctionMode` also checks that every covered parameter enters the graph only inside
+its own layer's call, that the layer runs exactly once, and that the layer sees the samples in dim 0
+(`x.shape[0] == B`) and does not have its input modified in place afterwards. Every parameter that
+fails any of these gets exact per-sample gradients from the same batched graph
+(`per_sample_grads_autograd`: vmapped backward of one-hot cotangents over chunks of samples, or one
+backward per sample) - slower, never a wrong number. With a coupling layer every parameter takes that
+path. Assumption that cannot be checked: hooked layers keep the sample index in dim 0 (not, e.g., a
+sequence-first [T, B, C] layout that happens to have T == B).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from cdgfast._dispatch import use_triton
+
+from ._common import call_loss, per_sample_grads_autograd
+
+# Per-sample intermediates (per-sample weight gradients, unfolded inputs) of at most this many
+# elements exist at once.
+_MAX_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton dispatch (CUDA only)
+# --------------------------------------------------------------------------------------------------
+def _triton_projection(x: torch.Tensor):
+    if not use_triton(x):
+        return None
+    try:
+        from cdgfast.kernels import projection
+    except Exception:  # kernels missing or broken: the PyTorch contraction is always correct
+        return None
+    if hasattr(projection, "linear_grad_dot") and hasattr(projection, "linear_sq_grad_sum"):
+        return projection
+    return None
+
+
+def _linear_dot(x3: torch.Tensor, gy3: torch.Tensor, M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """[B]: sum_t (x_t @ M^T) . gy_t for x3 [B, T, Cin], gy3 [B, T, Cout], M [Cout, Cin]."""
+    kern = _triton_projection(x3)
+    if kern is not None:
+        return kern.linear_grad_dot(x3, gy3, M).to(acc)
+    xa, ga, Ma = x3.to(acc), gy3.to(acc), M.to(acc)
+    if xa.shape[1] == 1:
+        return ((xa[:, 0] @ Ma.t()) * ga[:, 0]).sum(1)
+    return (torch.matmul(xa, Ma.t()) * ga).sum(dim=(1, 2))
+
+
+def _linear_sq(x3: torch.Tensor, gy3: torch.Tensor, out: torch.Tensor, acc: torch.dtype) -> None:
+    """out [Cout, Cin] += sum_i (gy_i^T x_i)^2 for x3 [B, T, Cin], gy3 [B, T, Cout]."""
+    kern = _triton_projection(x3)
+    if kern is not None:
+        out.add_(kern.linear_sq_grad_sum(x3, gy3).to(out.dtype))
+        return
+    B, T, cin = x3.shape
+    cout = gy3.shape[2]
+    if T == 1:  # g_i = outer(gy_i, x_i): squares factor, one matmul
+        g2, x2 = gy3[:, 0].to(acc).square(), x3[:, 0].to(acc).square()
+        out.add_((g2.t() @ x2).to(out.dtype))
+        return
+    step = max(1, _MAX_ELEMENTS // max(1, cout * cin + T * (cin + cout)))
+    res = torch.zeros(cout, cin, dtype=acc, device=out.device)
+    for s in range(0, B, step):
+        g = torch.bmm(gy3[s:s + step].to(acc).transpose(1, 2), x3[s:s + step].to(acc))
+        res += g.square().sum(0)
+    out.add_(res.to(out.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer rules: per-sample contractions from (x, gy)
+# --------------------------------------------------------------------------------------------------
+class _Rule:
+    cls: type = nn.Module
+
+    def applies(self, mod: nn.Module) -> bool:
+        return True
+
+    def layout_ok(self, mod, x: torch.Tensor, B: int) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == B
+
+    # per-sample parameter-gradient summaries (weight part, bias part), each [B, ...] or None
+    def dot(self, mod, x, gy, Mw, Mb, acc) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sq(self, mod, x, gy, out_w, out_b, acc) -> None:
+        raise NotImplementedError
+
+
+class _LinearRule(_Rule):
+    cls = nn.Linear
+
+    @staticmethod
+    def _flat(mod, x, gy):
+        B = x.shape[0]
+        return x.reshape(B, -1, mod.in_features), gy.reshape(B, -1, mod.out_features)
+
+    def dot(self, mod, x, gy, Mw, Mb, acc):
+        x3, g3 = self._flat(mod, x, gy)
+        res = torch.zeros(x3.shape[0], dtype=acc, device=x.device)
+        if Mw is not None:
+            res += _linear_dot(x3, g3, Mw, acc)
+        if Mb is not None:
+            res += g3.to(acc).sum(1) @ Mb.to(acc)
+        return res
+
+    def sq(self, mod, x, gy, out_w, out_b, acc):
+        x3, g3 = self._flat(mod, x, gy)
+        if out_w is not None:
+            _linear_sq(x3, g3, out_w, acc)
+        if out_b is not None:
+            out_b.add_(g3.to(acc).sum(1).square().sum(0).to(out_b.dtype))
+
+
+def _conv_padded(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The input as the convolution sees it after its padding (any padding mode, 'same'/'valid'), so
+    that a convolution with padding 0 reproduces the layer."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x
+        th, tw = dh * (kh - 1), dw * (kw - 1)  # 'same': the odd element goes right/bottom, as in torch
+        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        ph, pw = conv.padding
+        pad = (pw, pw, ph, ph)
+    if not any(pad):
+        return x
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+class _Conv2dRule(_Rule):
+    cls = nn.Conv2d
+
+    def layout_ok(self, mod, x, B):
+        return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == B
+
+    def dot(self, mod, x, gy, Mw, Mb, acc):
+        B = x.shape[0]
+        res = torch.zeros(B, dtype=acc, device=x.device)
+        g = gy.to(acc)
+        if Mw is not None:
+            y = F.conv2d(_conv_padded(x.to(acc), mod), Mw.to(acc), None, mod.stride, 0, mod.dilation, mod.groups)
+            res += (y * g).flatten(1).sum(1)
+        if Mb is not None:
+            res += g.sum(dim=(2, 3)) @ Mb.to(acc)
+        return res
+
+    def sq(self, mod, x, gy, out_w, out_b, acc):
+        B = x.shape[0]
+        if out_b is not None:
+            out_b.add_(gy.to(acc).sum(dim=(2, 3)).square().sum(0).to(out_b.dtype))
+        if out_w is None:
+            return
+        G = mod.groups
+        cout = mod.out_channels
+        og = cout // G
+        kk = mod.kernel_size[0] * mod.kernel_size[1]
+        cg = mod.in_channels // G
+        L = gy.shape[2] * gy.shape[3]
+        kern = _triton_projection(x)
+        per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
+        step = max(1, _MAX_ELEMENTS // max(1, per_sample))
+        res = torch.zeros(G, og, cg * kk, dtype=acc, device=x.device)
+        for s in range(0, B, step):
+            xp = _conv_padded(x[s:s + step].to(acc), mod)
+            c = xp.shape[0]
+            cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
+            cols = cols.view(c, G, cg * kk, L)  # unfold's row order (channel, kh, kw) matches weight
+            g = gy[s:s + step].to(acc).reshape(c, G, og, L)
+            if kern is not None:
+                for gi in range(G):
+                    res[gi] += kern.linear_sq_grad_sum(cols[:, gi].transpose(1, 2), g[:, gi].transpose(1, 2)).to(acc)
+            else:
+                per = torch.einsum("bgol,bgkl->bgok", g, cols)  # per-sample weight gradients of the chunk
+                res += per.square().sum(0)
+        out_w.add_(res.view(cout, cg, *mod.kernel_size).to(out_w.dtype))
+
+
+class _NormRule(_Rule):
+    """GroupNorm / LayerNorm affine: out = xhat * weight + bias, elementwise per channel / feature."""
+
+    def _xhat(self, mod, x, acc):
+        raise NotImplementedError
+
+    def _reduce_dims(self, mod, x) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def _summaries(self, mod, x, gy, need_w, need_b, acc):
+        g = gy.to(acc)
+        dims = self._reduce_dims(mod, x)
+        red = (lambda t: t.sum(dim=dims)) if dims else (lambda t: t)  # sum(dim=()) would reduce everything
+        sw = red(g * self._xhat(mod, x, acc)) if need_w else None
+        sb = red(g) if need_b else None
+        return sw, sb  # [B, *param_shape]
+
+    def dot(self, mod, x, gy, Mw, Mb, acc):
+        sw, sb = self._summaries(mod, x, gy, Mw is not None, Mb is not None, acc)
+        res = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+        if sw is not None:
+            res += (sw * Mw.to(acc)).flatten(1).sum(1)
+        if sb is not None:
+            res += (sb * Mb.to(acc)).flatten(1).sum(1)
+        return res
+
+    def sq(self, mod, x, gy, out_w, out_b, acc):
+        sw, sb = self._summaries(mod, x, gy, out_w is not None, out_b is not None, acc)
+        if sw is not None:
+            out_w.add_(sw.square().sum(0).to(out_w.dtype))
+        if sb is not None:
+            out_b.add_(sb.square().sum(0).to(out_b.dtype))
+
+
+class _GroupNormRule(_NormRule):
+    cls = nn.GroupNorm
+
+    def _xhat(self, mod, x, acc):
+        return F.group_norm(x.to(acc), mod.num_groups, None, None, mod.eps)
+
+    def _reduce_dims(self, mod, x):
+        return tuple(range(2, x.dim()))
+
+
+class _LayerNormRule(_NormRule):
+    cls = nn.LayerNorm
+
+    def layout_ok(self, mod, x, B):
+        return isinstance(x, torch.Tensor) and x.dim() > len(mod.normalized_shape) and x.shape[0] == B
+
+    def _xhat(self, mod, x, acc):
+        return F.layer_norm(x.to(acc), mod.normalized_shape, None, None, mod.eps)
+
+    def _reduce_dims(self, mod, x):
+        return tuple(range(1, x.dim() - len(mod.normalized_shape)))
+
+
+class _EmbeddingRule(_Rule):
+    cls = nn.Embedding
+
+    def applies(self, mod):
+        # max_norm renormalises the table in place inside forward; scale_grad_by_freq rescales the
+        # gradient by batch-wide counts (couples samples): both go to the fallback.
+        return mod.max_norm is None and not mod.scale_grad_by_freq
+
+    def layout_ok(self, mod, x, B):
+        return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
+
+    @staticmethod
+    def _flat(mod, idx, gy, acc):
+        B = idx.shape[0]
+        i2 = idx.reshape(B, -1)
+        g3 = gy.to(acc).reshape(B, i2.shape[1], mod.embedding_dim)
+        keep = None if mod.padding_idx is None else (i2 != mod.padding_idx)  # no gradient at padding_idx
+        return i2, g3, keep
+
+    def dot(self, mod, idx, gy, Mw, Mb, acc):
+        i2, g3, keep = self._flat(mod, idx, gy, acc)
+        if Mw is None:
+            return torch.zeros(i2.shape[0], dtype=acc, device=gy.device)
+        per = (Mw.to(acc)[i2] * g3).sum(-1)  # [B, T]
+        if keep is not None:
+            per = per * keep
+        return per.sum(1)
+
+    def sq(self, mod, idx, gy, out_w, out_b, acc):
+        if out_w is None:
+            return
+        i2, g3, keep = self._flat(mod, idx, gy, acc)
+        B, T = i2.shape
+        V, D = mod.num_embeddings, mod.embedding_dim
+        sample = torch.arange(B, device=i2.device).unsqueeze(1).expand(B, T)
+        keys, rows = (sample * V + i2).reshape(-1), g3.reshape(-1, D)
+        if keep is not None:
+            k = keep.reshape(-1)
+            keys, rows = keys[k], rows[k]
+        if keys.numel() == 0:
+            return
+        if T == 1:  # one row per sample: no repeats to merge
+            out_w.index_add_(0, keys % V, rows.square().to(out_w.dtype))
+            return
+        uniq, inv = torch.unique(keys, return_inverse=True)  # (sample, row) pairs; repeats add first
+        sums = torch.zeros(uniq.numel(), D, dtype=acc, device=rows.device).index_add_(0, inv, rows)
+        out_w.index_add_(0, uniq % V, sums.square().to(out_w.dtype))
+
+
+_RULES: Tuple[_Rule, ...] = (_LinearRule(), _Conv2dRule(), _GroupNormRule(), _LayerNormRule(), _EmbeddingRule())
+
+
+def _rule_for(mod: nn.Module) -> Optional[_Rule]:
+    for rule in _RULES:
+        # the stock forward only: subclasses that override it (LoRA-compatible layers, ...) and
+        # instance-level forward patches fall back
+        if isinstance(mod, rule.cls) and type(mod).forward is rule.cls.forward and "forward" not in mod.__dict__:
+            return rule if rule.applies(mod) else None
+    return None
+
+
+def _couples_samples(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Static coverage
+# --------------------------------------------------------------------------------------------------
+class HookPlan:
+    """Which trainable parameters the hook rules cover (static part of the rule in the module doc).
+
+    `owners[k]` = (module, rule, "weight"|"bias") for a covered parameter k, else None.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        index = {id(p): k for k, p in enumerate(self.params)}
+        holders: Dict[int, List[Tuple[nn.Module, str]]] = {}
+        self.coupled = False
+        for mod in model.modules():
+            if _couples_samples(mod):
+                self.coupled = True
+            for pname, p in mod._parameters.items():
+                if p is not None and id(p) in index:
+                    holders.setdefault(id(p), []).append((mod, pname))
+        self.owners: List[Optional[Tuple[nn.Module, _Rule, str]]] = [None] * len(self.params)
+        for k, p in enumerate(self.params):
+            h = holders.get(id(p), [])
+            if self.coupled or len(h) != 1:  # shared (tied) parameters: per-sample terms add before squaring
+                continue
+            mod, pname = h[0]
+            rule = _rule_for(mod)
+            if rule is not None and pname in ("weight", "bias"):
+                self.owners[k] = (mod, rule, pname)
+        # modules with at least one covered parameter -> {role: k}
+        self.modules: Dict[nn.Module, Dict[str, int]] = {}
+        for k, o in enumerate(self.owners):
+            if o is not None:
+                self.modules.setdefault(o[0], {})[o[2]] = k
+
+    @property
+    def all_covered(self) -> bool:
+        return all(o is not None for o in self.owners)
+
+
+def hook_coverage(model: nn.Module) -> List[bool]:
+    """Per trainable parameter (SPEC flat order): True where the hook rules cover it statically
+    (`method="auto"` in `per_sample_grad_dot` uses hooks only when all are True)."""
+    from ._common import trainable_named
+
+    _, params = trainable_named(model)
+    return [o is not None for o in HookPlan(model, params).owners]
+
+
+# --------------------------------------------------------------------------------------------------
+# The hooked forward
+# --------------------------------------------------------------------------------------------------
+def _tensors_in(obj, out: list, depth: int = 0) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tensors_in(o, out, depth + 1)
+    elif depth < 4 and isinstance(obj, dict):
+        for o in obj.values():
+            _tensors_in(o, out, depth + 1)
+
+
+class _UseTracker(TorchFunctionMode):
+    """Flags covered parameters that enter the autograd graph outside their own layer's call."""
+
+    def __init__(self, owner_of: Dict[int, nn.Module], stack: List[nn.Module]):
+        super().__init__()
+        self.owner_of = owner_of
+        self.stack = stack
+        self.foreign: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        found = []
+        _tensors_in(args, found)
+        _tensors_in(kwargs, found)
+        hits = [id(t) for t in found if id(t) in self.owner_of]
+        if hits and torch.is_grad_enabled():
+            outs: list = []
+            _tensors_in(result, outs)
+            if any(o.requires_grad for o in outs):  # metadata reads (.dtype, .shape) and detach() do not count
+                top = self.stack[-1] if self.stack else None
+                for h in hits:
+                    if self.owner_of[h] is not top:
+                        self.foreign.add(h)
+        return result
+
+
+class _Record:
+    __slots__ = ("x", "version", "edge", "calls")
+
+    def __init__(self):
+        self.x = None
+        self.version = None
+        self.edge = None
+        self.calls = 0
+
+
+def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
+    """Run loss_fn under hooks; return (losses, records, foreign parameter ids)."""
+    records: Dict[nn.Module, _Record] = {m: _Record() for m in plan.modules}
+    owner_of = {id(plan.params[k]): m for m, roles in plan.modules.items() for k in roles.values()}
+    stack: List[nn.Module] = []
+    handles = []
+
+    def pre_hook(mod, args, kwargs):
+        stack.append(mod)
+
+    def post_hook(mod, args, kwargs, out):
+        if stack and stack[-1] is mod:
+            stack.pop()
+        rec = records[mod]
+        rec.calls += 1
+        x = args[0] if args else kwargs.get("input")
+        if rec.calls == 1 and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+            rec.x = x.detach()  # shares the version counter: an in-place change later is detected
+            rec.version = x._version
+            if out.requires_grad:
+                rec.edge = torch.autograd.graph.get_gradient_edge(out)
+
+    try:
+        for mod in plan.modules:
+            handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
+        with torch.enable_grad(), _UseTracker(owner_of, stack) as tracker:
+            losses = call_loss(loss_fn, model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return losses, records, tracker.foreign
+
+
+def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch.Tensor], acc: torch.dtype, *,
+                        pieces: Optional[Sequence[torch.Tensor]] = None,
+                        sq_views: Optional[Sequence[torch.Tensor]] = None,
+                        force_fallback: bool = False):
+    """One hooked forward + backward. With `pieces` (direction per parameter) returns [B] projections;
+    with `sq_views` (flat-buffer views per parameter) adds sum_i g_i*g_i into them and returns the
+    number of samples. `force_fallback` sends every parameter through the per-sample autograd path."""
+    plan = HookPlan(model, params)
+    if force_fallback:
+        plan.owners = [None] * len(plan.params)
+        plan.modules = {}
+    losses, records, foreign = _hooked_forward(model, loss_fn, batch, plan)
+    B = losses.shape[0]
+
+    fallback = {k for k, o in enumerate(plan.owners) if o is None}
+    usable: List[Tuple[nn.Module, _Rule, _Record]] = []
+    for mod, roles in plan.modules.items():
+        rec = records[mod]
+        rule = plan.owners[next(iter(roles.values()))][1]
+        ok = (rec.calls <= 1 and not any(id(plan.params[k]) in foreign for k in roles.values()))
+        if ok and rec.calls == 1 and rec.edge is not None:
+            ok = rule.layout_ok(mod, rec.x, B) and rec.x._version == rec.version
+            if ok:
+                usable.append((mod, rule, rec))
+        if not ok:
+            fallback.update(roles.values())
+        # calls == 0 or an output without a gradient path: these parameters' gradients are exactly zero
+
+    result = torch.zeros(B, dtype=acc, device=losses.device) if pieces is not None else None
+    if losses.requires_grad and usable:
+        gys = torch.autograd.grad(losses.sum(), [r.edge for _, _, r in usable],
+                                  retain_graph=bool(fallback), allow_unused=True)
+        for (mod, rule, rec), gy in zip(usable, gys):
+            if gy is None:
+                continue
+            roles = plan.modules[mod]
+            kw, kb = roles.get("weight"), roles.get("bias")
+            if pieces is not None:
+                result += rule.dot(mod, rec.x, gy, None if kw is None else pieces[kw],
+                                   None if kb is None else pieces[kb], acc)
+            if sq_views is not None:
+                rule.sq(mod, rec.x, gy, None if kw is None else sq_views[kw],
+                        None if kb is None else sq_views[kb], acc)
+            rec.x = None  # free the activation as soon as it is used
+        del gys
+    if fallback and losses.requires_grad:
+        ks = sorted(fallback)
+        fb_params = [plan.params[k] for k in ks]
+        for start, grads in per_sample_grads_autograd(losses, fb_params):
+            c = grads[0].shape[0]
+            for k, g in zip(ks, grads):
+                g = g.to(acc)
+                if pieces is not None:
+                    result[start:start + c] += (g * pieces[k].to(acc)).flatten(1).sum(1)
+                if sq_views is not None:
+                    sq_views[k].add_(g.square().sum(0).to(sq_views[k].dtype))
+    return result if pieces is not None else B
+
+
+__all__ = ["HookPlan", "hook_coverage", "hooked_contractions"]

@@ -1,0 +1,556 @@
+"""cdgfast.fisher against a naive per-sample loop (torch.autograd.grad of l_i one sample at a time)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdgfast.diffusion import DiffusionLoss, make_batch
+from cdgfast.fisher import (Rank1Fisher, diag_fisher, hook_coverage, per_sample_grad_dot, per_sample_sq_grad_sum,
+                            rank1_fisher)
+from cdgfast.models import build_unet
+
+# relative tolerance (max abs error / max abs reference) per model dtype
+RTOL = {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 5e-2}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def slice_batch(batch, i):
+    if isinstance(batch, dict):
+        return {k: v[i:i + 1] for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v[i:i + 1] for v in batch)
+    return batch[i:i + 1]
+
+
+def naive_grads(model, loss_fn, batch, n):
+    """[n, P]: g_i by one backward per sample, each sample run alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(n):
+        li = loss_fn(model, slice_batch(batch, i))
+        assert li.shape == (1,)
+        gs = torch.autograd.grad(li[0], params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+    return torch.stack(rows)
+
+
+def num_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny diffusers UNet (attention + GroupNorm + class Embedding)
+# --------------------------------------------------------------------------------------------------
+def unet_setup(dtype, B, seed=0, sample_size=8):
+    torch.manual_seed(seed)
+    model = build_unet("tiny", num_classes=3, sample_size=sample_size).to(dtype)
+    with torch.no_grad():  # non-trivial affine parameters so every rule is exercised
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+        model.conv_out.weight.normal_(0, 0.05)  # diffusers zero-initialises nothing here, but be sure
+    loss_fn = DiffusionLoss()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, 1, sample_size, sample_size, generator=g).to(dtype)
+    y = torch.randint(0, 4, (B,), generator=g)  # includes the null class 3
+    batch = make_batch(x, y, loss_fn.schedule, g)
+    return model, loss_fn, batch
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    model, loss_fn, batch = unet_setup(torch.float64, 5)
+    G = naive_grads(model, loss_fn, batch, 5)
+    return model, loss_fn, batch, G
+
+
+def test_unet_fully_covered_by_hooks():
+    model, _, _ = unet_setup(torch.float32, 2)
+    assert all(hook_coverage(model))
+
+
+@pytest.mark.parametrize("method", ["jvp", "hooks", "auto", "autograd"])
+def test_grad_dot_unet_float64(unet64, method):
+    model, loss_fn, batch, G = unet64
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    out = per_sample_grad_dot(model, loss_fn, batch, d, method=method)
+    assert out.shape == (5,) and out.dtype == torch.float64
+    assert rel_err(out, G @ d) < RTOL[torch.float64]
+
+
+def test_grad_dot_unet_direction_as_list(unet64):
+    model, loss_fn, batch, G = unet64
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    pieces = [t.clone() for t in torch.split(d, [p.numel() for p in model.parameters()])]
+    pieces = [t.view_as(p) for t, p in zip(pieces, model.parameters())]
+    out = per_sample_grad_dot(model, loss_fn, batch, pieces, method="hooks")
+    assert rel_err(out, G @ d) < RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("method", ["hooks", "autograd"])
+def test_sq_grad_sum_unet_float64(unet64, method):
+    model, loss_fn, batch, G = unet64
+    out = per_sample_sq_grad_sum(model, loss_fn, batch, method=method)
+    assert out.shape == (G.shape[1],)
+    assert rel_err(out, (G * G).sum(0)) < RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("method", ["jvp", "hooks"])
+def test_unet_float32(B, method):
+    model, loss_fn, batch = unet_setup(torch.float32, B, seed=3)
+    G = naive_grads(model, loss_fn, batch, B)
+    d = G.mean(0) + 0.1 * torch.randn(G.shape[1])
+    assert rel_err(per_sample_grad_dot(model, loss_fn, batch, d, method=method), G @ d) < RTOL[torch.float32]
+    if method == "hooks":
+        assert rel_err(per_sample_sq_grad_sum(model, loss_fn, batch), (G * G).sum(0)) < RTOL[torch.float32]
+
+
+def test_rank1_and_diag_fisher_unet():
+    model, loss_fn, b1 = unet_setup(torch.float64, 5, seed=4)
+    _, _, b2 = unet_setup(torch.float64, 3, seed=5)
+    G = torch.cat([naive_grads(model, loss_fn, b1, 5), naive_grads(model, loss_fn, b2, 3)])
+    mu = G.mean(0)
+    coeff = ((G @ mu) ** 2).mean() / mu.norm() ** 4
+    for batches in ([b1, b2], (b1, b2), lambda: iter([b1, b2])):
+        r = rank1_fisher(model, loss_fn, batches, progress=False)
+        assert isinstance(r, Rank1Fisher) and isinstance(r.coeff, float) and r.num_samples == 8
+        assert rel_err(r.mean_grad, mu) < 1e-10
+        assert abs(r.coeff - coeff.item()) <= 1e-9 * abs(coeff.item())
+    r_jvp = rank1_fisher(model, loss_fn, [b1, b2], method="jvp", progress=False)
+    assert abs(r_jvp.coeff - coeff.item()) <= 1e-9 * abs(coeff.item())
+    diag = diag_fisher(model, loss_fn, [b1, b2], progress=False)
+    assert rel_err(diag, (G * G).mean(0)) < 1e-10
+    # one pass only: a generator is fine for the diagonal
+    assert rel_err(diag_fisher(model, loss_fn, (b for b in [b1, b2]), progress=False), diag) < 1e-12
+
+
+def test_rank1_callable_gets_fresh_noise_each_pass():
+    """With a callable, each pass draws new t/eps: mu comes from pass 1, the projections from pass 2."""
+    model, loss_fn, _ = unet_setup(torch.float64, 1, seed=6)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (4,), generator=g)
+    draws = []
+
+    def batches():
+        b = make_batch(x, y, loss_fn.schedule, g)
+        draws.append(b)
+        return [b]
+
+    r = rank1_fisher(model, loss_fn, batches, progress=False)
+    assert len(draws) == 2 and not torch.equal(draws[0]["eps"], draws[1]["eps"])
+    G1 = naive_grads(model, loss_fn, draws[0], 4)
+    G2 = naive_grads(model, loss_fn, draws[1], 4)
+    mu = G1.mean(0)
+    assert rel_err(r.mean_grad, mu) < 1e-10
+    expected = ((G2 @ mu) ** 2).mean() / mu.norm() ** 4
+    assert abs(r.coeff - expected.item()) <= 1e-9 * expected.item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-built models covering each rule and the fallbacks
+# --------------------------------------------------------------------------------------------------
+class TokenNet(nn.Module):
+    """Embedding [B, T] (repeated ids, padding_idx) -> LayerNorm -> Linear on [B, T, C] -> Linear on [B, C]."""
+
+    def __init__(self, vocab=7, c=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, c, padding_idx=0)
+        self.norm = nn.LayerNorm(c)
+        self.lin = nn.Linear(c, 5)
+        self.norm2 = nn.LayerNorm((3, 5), bias=False)
+        self.head = nn.Linear(15, 2)
+        self.cls = nn.Embedding(4, 2)  # one id per sample
+
+    def forward(self, batch):
+        h = torch.tanh(self.lin(self.norm(self.emb(batch["ids"]))))  # [B, 3, 5]
+        h = self.norm2(h).flatten(1)
+        return self.head(h) + self.cls(batch["c"])
+
+
+def token_loss(model, batch):
+    return (model(batch) - batch["target"]).pow(2).sum(1)
+
+
+def token_batch(B, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 7, (B, 3), generator=g)
+    ids[0, 1] = ids[0, 2]  # a repeated id inside one sample
+    ids[-1, 0] = 0  # padding
+    return {"x": torch.zeros(B, 1, dtype=dtype), "ids": ids, "c": torch.randint(0, 4, (B,), generator=g),
+            "target": torch.randn(B, 2, generator=g).to(dtype)}
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.c3 = nn.Conv2d(6, 6, (3, 2), padding="same", padding_mode="reflect", groups=3)
+        self.c4 = nn.Conv2d(6, 3, 2, stride=(1, 2), padding=1, padding_mode="circular")
+        self.gn = nn.GroupNorm(2, 6)
+        self.c5 = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.gn(torch.relu(self.c3(torch.relu(self.c2(h)))))
+        return self.c5(torch.tanh(self.c4(h)))
+
+
+def conv_loss(model, batch):
+    return model(batch["x"]).pow(2).flatten(1).mean(1)
+
+
+def conv_batch(B, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(B, 2, 7, 9, generator=g).to(dtype)}
+
+
+class Scale(nn.Module):
+    """Unsupported custom layer with its own parameter."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        return x * self.s
+
+
+class MixedNet(nn.Module):
+    """A custom layer, a Linear used twice, a weight read outside its module, tied weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.scale = Scale(5)
+        self.twice = nn.Linear(5, 5)
+        self.side = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+        self.tied = nn.Linear(3, 3, bias=False)
+        self.tied_in = nn.Linear(3, 3, bias=False)
+        self.tied_in.weight = self.tied.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.scale(self.inp(x)))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        h = h + F.linear(h, self.side.weight.t())  # weight used outside self.side's call
+        h = self.side(h)
+        return self.tied(torch.tanh(self.tied_in(self.out(h))))
+
+
+def mixed_loss(model, batch):
+    return (model(batch["x"]) - 1).pow(2).mean(1)
+
+
+def mixed_batch(B, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(B, 4, generator=g).to(dtype)}
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l(torch.relu(self.bn(self.c(x))).mean((2, 3)))
+
+
+CASES = {
+    "tokens": (TokenNet, token_loss, token_batch),
+    "conv": (ConvNet, conv_loss, conv_batch),
+    "mixed": (MixedNet, mixed_loss, mixed_batch),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_small_models_against_naive(case, B, dtype):
+    make, loss_fn, make_b = CASES[case]
+    torch.manual_seed(1)
+    model = make().to(dtype)
+    batch = make_b(B, dtype)
+    G = naive_grads(model, loss_fn, batch, B)
+    d = torch.randn(G.shape[1], dtype=dtype)
+    for method in ("auto", "hooks", "jvp", "autograd"):
+        out = per_sample_grad_dot(model, loss_fn, batch, d, method=method)
+        assert rel_err(out, G @ d) < RTOL[dtype], method
+    for method in ("auto", "autograd"):
+        sq = per_sample_sq_grad_sum(model, loss_fn, batch, method=method)
+        assert rel_err(sq, (G * G).sum(0)) < RTOL[dtype], method
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_small_models_bfloat16(case):
+    """bf16 model: results come back in float32 and match a float64 copy to bf16 precision."""
+    make, loss_fn, make_b = CASES[case]
+    torch.manual_seed(1)
+    model = make().to(torch.bfloat16)
+    batch = make_b(4, torch.bfloat16)
+    ref = make().double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    G = naive_grads(ref, loss_fn, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}, 4)
+    d = torch.randn(G.shape[1])
+    for method in ("hooks", "jvp"):
+        out = per_sample_grad_dot(model, loss_fn, batch, d, method=method)
+        assert out.dtype == torch.float32 and rel_err(out, G @ d.double()) < RTOL[torch.bfloat16], method
+    sq = per_sample_sq_grad_sum(model, loss_fn, batch)
+    assert sq.dtype == torch.float32 and rel_err(sq, (G * G).sum(0)) < RTOL[torch.bfloat16]
+
+
+def test_coverage_of_small_models():
+    assert all(hook_coverage(TokenNet())) and all(hook_coverage(ConvNet()))
+    cov = hook_coverage(MixedNet())
+    names = [n for n, _ in MixedNet().named_parameters()]
+    covered = {n for n, c in zip(names, cov) if c}
+    # statically: Scale is unsupported, the tied weight is shared; reuse/outside use are found at run time
+    assert "scale.s" not in covered and "tied.weight" not in covered
+    assert {"inp.weight", "twice.weight", "side.weight", "out.bias"} <= covered
+
+
+def test_dynamic_fallbacks_are_exact():
+    """Reuse and outside use are detected during the hooked forward: without that detection the hook
+    rules would return wrong numbers for `twice` and `side`."""
+    torch.manual_seed(2)
+    model = MixedNet().double()
+    batch = mixed_batch(4, torch.float64)
+    G = naive_grads(model, mixed_loss, batch, 4)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    for target in ("twice.weight", "side.weight"):
+        d = torch.zeros(G.shape[1], dtype=torch.float64)
+        k = names.index(target)
+        off = sum(sizes[:k])
+        d[off:off + sizes[k]] = torch.randn(sizes[k], dtype=torch.float64)
+        assert rel_err(per_sample_grad_dot(model, mixed_loss, batch, d, method="hooks"), G @ d) < 1e-10
+    assert rel_err(per_sample_sq_grad_sum(model, mixed_loss, batch, method="hooks"), (G * G).sum(0)) < 1e-10
+
+
+def test_frozen_parameters_are_excluded():
+    torch.manual_seed(3)
+    model = ConvNet().double()
+    model.c2.weight.requires_grad_(False)
+    model.gn.bias.requires_grad_(False)
+    batch = conv_batch(3, torch.float64)
+    G = naive_grads(model, conv_loss, batch, 3)
+    assert G.shape[1] == num_trainable(model)
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    for method in ("hooks", "jvp"):
+        assert rel_err(per_sample_grad_dot(model, conv_loss, batch, d, method=method), G @ d) < 1e-10
+    assert rel_err(per_sample_sq_grad_sum(model, conv_loss, batch), (G * G).sum(0)) < 1e-10
+
+
+def test_batchnorm_train_mode_couples_samples():
+    """Train-mode BatchNorm: g_i is the gradient of l_i as computed in the batched forward (not a
+    single-sample run); every path must agree with that, and running stats must be restored."""
+    torch.manual_seed(4)
+    model = BNNet().double().train()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    loss_fn = lambda m, b: m(b["x"]).pow(2).sum(1)  # noqa: E731
+    batch = {"x": x}
+    assert not all(hook_coverage(model))
+    stats = copy.deepcopy(model.bn.state_dict())
+    ref_model = copy.deepcopy(model)
+    losses = loss_fn(ref_model, batch)
+    params = list(ref_model.parameters())
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], params, retain_graph=True)])
+                     for i in range(5)])
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    for method in ("auto", "hooks", "jvp"):
+        assert rel_err(per_sample_grad_dot(model, loss_fn, batch, d, method=method), G @ d) < 1e-10
+    assert rel_err(per_sample_sq_grad_sum(model, loss_fn, batch), (G * G).sum(0)) < 1e-10
+    for k, v in model.bn.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+
+
+# --------------------------------------------------------------------------------------------------
+# The model is left unchanged
+# --------------------------------------------------------------------------------------------------
+def _snapshot(model):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "forward_attrs": [("forward" in m.__dict__) for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        "processors": [getattr(m, "processor", None) for m in model.modules()],
+    }
+
+
+def test_model_unchanged_after_every_function():
+    model, loss_fn, batch = unet_setup(torch.float32, 3, seed=7)
+    model.down_blocks[0].train()  # mixed training flags must come back as they were
+    model.eval()
+    model.down_blocks[1].attentions[0].train()
+    model.time_embedding.linear_1.bias.requires_grad_(False)
+    marker = torch.full_like(model.conv_in.weight, 7.0)
+    model.conv_in.weight.grad = marker
+    before = _snapshot(model)
+    P = num_trainable(model)
+    d = torch.randn(P)
+    for method in ("jvp", "hooks", "autograd"):
+        per_sample_grad_dot(model, loss_fn, batch, d, method=method)
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    rank1_fisher(model, loss_fn, [batch], progress=False)
+    diag_fisher(model, loss_fn, [batch], progress=False)
+    after = _snapshot(model)
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    assert before["requires_grad"] == after["requires_grad"]
+    assert all(a is b for a, b in zip(before["grads"], after["grads"]))
+    assert model.conv_in.weight.grad is marker and torch.equal(marker, torch.full_like(marker, 7.0))
+    assert before["training"] == after["training"]
+    assert before["forward_attrs"] == after["forward_attrs"]
+    assert before["hooks"] == after["hooks"]
+    assert sum(p is not None for p in before["processors"]) == 4  # the tiny UNet's attention layers
+    assert all(a is b for a, b in zip(before["processors"], after["processors"]))
+
+
+def test_jvp_eager_attention_retry(unet64, monkeypatch):
+    """Without the math SDPA backend the CPU fused attention has no forward-AD rule: the JVP path
+    retries with diffusers' eager AttnProcessor and puts the original processors back."""
+    import contextlib
+
+    import cdgfast.fisher.jvp as jvp_mod
+
+    model, loss_fn, batch, G = unet64
+    procs = [getattr(m, "processor", None) for m in model.modules()]
+    calls = []
+    real = jvp_mod._eager_attention
+
+    def spy(m):
+        calls.append(1)
+        return real(m)
+
+    monkeypatch.setattr(jvp_mod, "_math_sdpa", contextlib.nullcontext)
+    monkeypatch.setattr(jvp_mod, "_eager_attention", spy)
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    out = per_sample_grad_dot(model, loss_fn, batch, d, method="jvp")
+    # diffusers' eager processor runs the softmax in float32 (upcast_softmax casts with .float()), so
+    # a float64 model agrees only to float32 precision on this path
+    assert rel_err(out, G @ d) < RTOL[torch.float32]
+    assert all(a is b for a, b in zip(procs, [getattr(m, "processor", None) for m in model.modules()]))
+    assert calls  # the retry really ran (fused CPU attention has no forward-AD rule in this torch)
+
+
+def test_model_unchanged_when_loss_fn_raises():
+    model, _, batch = unet_setup(torch.float32, 2, seed=8)
+    before = _snapshot(model)
+
+    def bad_loss(m, b):
+        m(b["x"], b["t"], class_labels=b["y"])
+        raise RuntimeError("boom")
+
+    for method in ("jvp", "hooks"):
+        with pytest.raises(RuntimeError, match="boom"):
+            per_sample_grad_dot(model, bad_loss, batch, torch.zeros(num_trainable(model)), method=method)
+    after = _snapshot(model)
+    assert before["forward_attrs"] == after["forward_attrs"] and before["hooks"] == after["hooks"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_errors():
+    torch.manual_seed(5)
+    model = TokenNet()
+    batch = token_batch(3, torch.float32)
+    P = num_trainable(model)
+    with pytest.raises(ValueError, match=rf"direction.*P={P}"):
+        per_sample_grad_dot(model, token_loss, batch, torch.zeros(P + 1))
+    with pytest.raises(ValueError, match="direction"):
+        per_sample_grad_dot(model, token_loss, batch, [torch.zeros(1)])
+    with pytest.raises(ValueError, match="direction"):
+        per_sample_grad_dot(model, token_loss, batch, torch.zeros(P, dtype=torch.long))
+    with pytest.raises(ValueError, match="method"):
+        per_sample_grad_dot(model, token_loss, batch, torch.zeros(P), method="fast")
+    with pytest.raises(ValueError, match="method"):
+        per_sample_sq_grad_sum(model, token_loss, batch, method="jvp")
+    for bad in (lambda m, b: token_loss(m, b).mean(),  # reduced
+                lambda m, b: token_loss(m, b).unsqueeze(1),  # [B, 1]
+                lambda m, b: token_loss(m, b)[:2],  # wrong count
+                lambda m, b: [1.0, 2.0, 3.0]):  # not a tensor
+        for method in ("hooks", "jvp"):
+            with pytest.raises(ValueError, match="loss_fn"):
+                per_sample_grad_dot(model, bad, batch, torch.zeros(P), method=method)
+        with pytest.raises(ValueError, match="loss_fn"):
+            per_sample_sq_grad_sum(model, bad, batch)
+        with pytest.raises(ValueError, match="loss_fn"):
+            rank1_fisher(model, bad, [batch], progress=False)
+    with pytest.raises(ValueError, match="loss_fn"):
+        per_sample_grad_dot(model, "not callable", batch, torch.zeros(P))
+    empty = token_batch(3, torch.float32)
+    empty = {k: v[:0] for k, v in empty.items()}
+    with pytest.raises(ValueError, match="batch"):
+        per_sample_grad_dot(model, token_loss, empty, torch.zeros(P))
+    with pytest.raises(ValueError, match="batch"):
+        per_sample_sq_grad_sum(model, token_loss, empty)
+    with pytest.raises(ValueError, match="batches"):
+        rank1_fisher(model, token_loss, [], progress=False)
+    with pytest.raises(ValueError, match="batches"):
+        diag_fisher(model, token_loss, [], progress=False)
+    with pytest.raises(ValueError, match="batch"):
+        diag_fisher(model, token_loss, [empty], progress=False)
+    with pytest.raises(ValueError, match="batches.*list.*callable"):
+        rank1_fisher(model, token_loss, (b for b in [batch]), progress=False)
+    with pytest.raises(ValueError, match="batches.*list.*callable"):
+        rank1_fisher(model, token_loss, iter([batch]), progress=False)
+    with pytest.raises(ValueError, match="out"):
+        per_sample_sq_grad_sum(model, token_loss, batch, out=torch.zeros(P + 1))
+    frozen = TokenNet().requires_grad_(False)
+    with pytest.raises(ValueError, match="model"):
+        per_sample_sq_grad_sum(frozen, token_loss, batch)
+
+
+def test_sq_out_accumulates_in_place():
+    torch.manual_seed(6)
+    model = ConvNet().double()
+    b1, b2 = conv_batch(2, torch.float64, 1), conv_batch(3, torch.float64, 2)
+    buf = torch.zeros(num_trainable(model), dtype=torch.float64)
+    r = per_sample_sq_grad_sum(model, conv_loss, b1, out=buf)
+    assert r is buf
+    per_sample_sq_grad_sum(model, conv_loss, b2, out=buf)
+    G = torch.cat([naive_grads(model, conv_loss, b1, 2), naive_grads(model, conv_loss, b2, 3)])
+    assert rel_err(buf, (G * G).sum(0)) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------
+# The CUDA dispatch to the Triton projection kernels, run on the CPU under TRITON_INTERPRET=1
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_kernel_dispatch_matches(dtype, monkeypatch):
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU (set by conftest) or CUDA")
+    projection = pytest.importorskip("cdgfast.kernels.projection")
+    if not (hasattr(projection, "linear_grad_dot") and hasattr(projection, "linear_sq_grad_sum")):
+        pytest.skip("cdgfast.kernels.projection lacks the launchers")
+    import cdgfast.fisher.hooks as hooks_mod
+
+    torch.manual_seed(9)
+    model = TokenNet().to(dtype)
+    batch = token_batch(3, dtype)
+    G = naive_grads(model, token_loss, batch, 3)
+    d = torch.randn(G.shape[1], dtype=dtype)
+    seen = []
+    monkeypatch.setattr(hooks_mod, "use_triton", lambda t: seen.append(1) or True)
+    assert rel_err(per_sample_grad_dot(model, token_loss, batch, d, method="hooks"), G @ d) < RTOL[dtype]
+    assert rel_err(per_sample_sq_grad_sum(model, token_loss, batch), (G * G).sum(0)) < RTOL[dtype]
+    cmodel = ConvNet().to(dtype)
+    cbatch = conv_batch(2, dtype)
+    Gc = naive_grads(cmodel, conv_loss, cbatch, 2)
+    assert rel_err(per_sample_sq_grad_sum(cmodel, conv_loss, cbatch), (Gc * Gc).sum(0)) < RTOL[dtype]
+    assert seen  # the kernels were really dispatched to
