@@ -1,39 +1,20 @@
-"""The ops / fisher / data / sampling / LoRA functions the methods build on, imported on first use so
-that `cdgfast.methods` imports (and `available()` / `create()` work) before every dependency is
-loaded. Methods never re-implement these: they only call them."""
+"""The ops / fisher / data / sampling functions the methods build on, in one place. Methods only
+call these; they never re-implement their math."""
 from __future__ import annotations
 
 import importlib
 
+from cdgfast.data import ClassBalancedBuffer, ReservoirBuffer, generate_replay_pool
+from cdgfast.fisher import diag_fisher, online_update, rank1_fisher
+from cdgfast.ops import (bregman_distill, dc_cross_entropy, dc_errors, dc_scores, diag_penalty,
+                         hutchinson_metric, lora_overlap_penalty, rank1_penalty)
+from cdgfast.sampling import ddim_sample
 
-def _lazy(module: str, name: str):
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-    call.__name__ = name
-    call.__qualname__ = name
-    call.__doc__ = f"Calls {module}.{name} (imported on first use)."
-    return call
-
-
-# cdgfast.ops
-dc_errors = _lazy("cdgfast.ops.dc", "dc_errors")
-dc_scores = _lazy("cdgfast.ops.dc", "dc_scores")
-dc_cross_entropy = _lazy("cdgfast.ops.dc", "dc_cross_entropy")
-bregman_distill = _lazy("cdgfast.ops.bregman", "bregman_distill")
-hutchinson_metric = _lazy("cdgfast.ops.bregman", "hutchinson_metric")
-rank1_penalty = _lazy("cdgfast.ops.penalties", "rank1_penalty")
-diag_penalty = _lazy("cdgfast.ops.penalties", "diag_penalty")
-lora_overlap_penalty = _lazy("cdgfast.ops.lora", "lora_overlap_penalty")
-# cdgfast.fisher
-rank1_fisher = _lazy("cdgfast.fisher", "rank1_fisher")
-diag_fisher = _lazy("cdgfast.fisher", "diag_fisher")
-online_update = _lazy("cdgfast.fisher.accumulator", "online_update")
-# cdgfast.data / sampling
-ReservoirBuffer = _lazy("cdgfast.data", "ReservoirBuffer")
-ClassBalancedBuffer = _lazy("cdgfast.data", "ClassBalancedBuffer")
-generate_replay_pool = _lazy("cdgfast.data", "generate_replay_pool")
-ddim_sample = _lazy("cdgfast.sampling", "ddim_sample")
+__all__ = ["ClassBalancedBuffer", "ReservoirBuffer", "generate_replay_pool", "diag_fisher", "online_update",
+           "rank1_fisher", "bregman_distill", "dc_cross_entropy", "dc_errors", "dc_scores", "diag_penalty",
+           "hutchinson_metric", "lora_overlap_penalty", "rank1_penalty", "ddim_sample", "lora_module"]
 
 
 def lora_module():
+    """cdgfast.models.lora (peft is imported only by the LoRA methods)."""
     return importlib.import_module("cdgfast.models.lora")
