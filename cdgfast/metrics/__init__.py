@@ -1,1 +1,13 @@
-"""cdgfast.metrics"""
+"""cdgfast.metrics: FID (Inception features from a local weights file, or "classifier-FID" on the
+features of a small CNN trained on the same data set) and continual-learning summaries (AFID@k,
+forgetting, MF, IMF, class-distribution KLD)."""
+from .classifier import SmallCNN, get_classifier, predict, train_classifier
+from .continual import (afid_at_k, class_balanced_labels, class_histogram, class_kld, forgetting, imf,
+                        kl_divergence, mf, summarize)
+from .fid import (CLASSIFIER_LABEL, INCEPTION_LABEL, ClassifierFeatures, InceptionFeatures, extract_features,
+                  feature_statistics, fid_from_features, frechet_distance)
+
+__all__ = ["SmallCNN", "get_classifier", "predict", "train_classifier", "afid_at_k", "class_balanced_labels",
+           "class_histogram", "class_kld", "forgetting", "imf", "kl_divergence", "mf", "summarize",
+           "CLASSIFIER_LABEL", "INCEPTION_LABEL", "ClassifierFeatures", "InceptionFeatures", "extract_features",
+           "feature_statistics", "fid_from_features", "frechet_distance"]

@@ -1,0 +1,125 @@
+"""Continual-learning summaries of a per-task FID matrix, and the class-distribution KLD.
+
+Convention: `M[k, i] = FID_i(m_k)`, the FID on task i of the model after training through task k
+(0-based, T tasks); entries with i > k are NaN (a task not yet seen is not evaluated).
+
+    AFID@k = mean_{i <= k} FID_i(m_k)
+    F      = mean_{k < T-1} (FID_k(m_T) - FID_k(m_k))      forgetting (0-based: the last row minus the diagonal)
+    MF     = AFID@T                                          (CCD paper)
+    IMF    = mean_k AFID@k                                   (CCD paper; a reconstruction, see SPEC section 5)
+    KLD    = KL(p_true || p_gen) = sum_c p_true(c) log(p_true(c) / p_gen(c))
+             with p_gen the histogram of a classifier's predictions on generated images, smoothed by
+             `eps` so an absent class gives a large finite value instead of infinity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+def _matrix(fid) -> torch.Tensor:
+    m = torch.as_tensor([[float("nan") if v is None else float(v) for v in row] for row in fid]
+                        if not isinstance(fid, torch.Tensor) else fid, dtype=torch.float64)
+    if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
+        raise ValueError(f"fid: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
+                         f"got shape {tuple(m.shape)}")
+    for k in range(m.shape[0]):
+        if not torch.isfinite(m[k, :k + 1]).all():
+            raise ValueError(f"fid: row {k} needs finite FID_i(m_{k}) for every i <= {k}, got {m[k, :k + 1].tolist()}")
+    return m
+
+
+def afid_at_k(fid) -> List[float]:
+    """[AFID@0, ..., AFID@(T-1)]: mean of the lower-triangle row k (tasks seen so far)."""
+    m = _matrix(fid)
+    return [float(m[k, :k + 1].mean()) for k in range(m.shape[0])]
+
+
+def forgetting(fid) -> float:
+    """mean over tasks k < T-1 of FID_k(m_final) - FID_k(m_k); NaN when T = 1 (nothing to forget)."""
+    m = _matrix(fid)
+    t = m.shape[0]
+    if t == 1:
+        return float("nan")
+    return float((m[t - 1, :t - 1] - torch.diagonal(m)[:t - 1]).mean())
+
+
+def mf(fid) -> float:
+    """MF = AFID after the last task."""
+    return afid_at_k(fid)[-1]
+
+
+def imf(fid) -> float:
+    """IMF = mean over k of AFID@k (reconstruction of the CCD paper's incremental mean FID)."""
+    a = afid_at_k(fid)
+    return sum(a) / len(a)
+
+
+def class_histogram(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Normalised histogram [num_classes] (float64) of integer predictions [N]."""
+    if not isinstance(predictions, torch.Tensor) or predictions.dim() != 1 or predictions.dtype.is_floating_point:
+        raise ValueError(f"predictions: expected an integer tensor [N], got {getattr(predictions, 'shape', type(predictions))}")
+    if predictions.numel() == 0:
+        raise ValueError("predictions: expected at least one prediction")
+    if num_classes < 1 or int(predictions.min()) < 0 or int(predictions.max()) >= num_classes:
+        raise ValueError(f"predictions: expected values in [0, {num_classes - 1}]")
+    h = torch.bincount(predictions.cpu(), minlength=num_classes).to(torch.float64)
+    return h / h.sum()
+
+
+def kl_divergence(p_true: torch.Tensor, p_gen: torch.Tensor, eps: float = 1e-6) -> float:
+    """KL(p_true || p_gen) in nats; terms with p_true = 0 contribute 0; p_gen is smoothed by eps
+    and renormalised."""
+    p = torch.as_tensor(p_true, dtype=torch.float64)
+    q = torch.as_tensor(p_gen, dtype=torch.float64)
+    if p.dim() != 1 or p.shape != q.shape:
+        raise ValueError(f"p_true, p_gen: expected two vectors of equal length, got {tuple(p.shape)} and {tuple(q.shape)}")
+    if (p < 0).any() or (q < 0).any() or abs(float(p.sum()) - 1) > 1e-6 or abs(float(q.sum()) - 1) > 1e-6:
+        raise ValueError("p_true, p_gen: expected probability vectors (non-negative, summing to 1)")
+    q = (q + eps) / (1 + eps * q.numel())
+    mask = p > 0
+    return float((p[mask] * (p[mask] / q[mask]).log()).sum())
+
+
+def class_kld(predictions: torch.Tensor, classes: Sequence[int], num_classes: int,
+              true_probs: Optional[torch.Tensor] = None) -> float:
+    """KLD between the true class distribution (uniform over `classes` unless given) and the
+    histogram of a classifier's `predictions` on generated images."""
+    if len(classes) == 0:
+        raise ValueError("classes: expected at least one class")
+    if true_probs is None:
+        true_probs = torch.zeros(num_classes, dtype=torch.float64)
+        true_probs[list(classes)] = 1.0 / len(classes)
+    return kl_divergence(true_probs, class_histogram(predictions, num_classes))
+
+
+def class_balanced_labels(classes: Sequence[int], total: int) -> torch.Tensor:
+    """`total` labels over `classes`, as balanced as possible (counts differ by at most one; the first
+    classes get the extra ones), grouped by class."""
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError("classes: expected at least one class")
+    if total < len(classes):
+        raise ValueError(f"total: expected at least one sample per class ({len(classes)}), got {total}")
+    base, extra = divmod(int(total), len(classes))
+    return torch.cat([torch.full((base + (1 if j < extra else 0),), c, dtype=torch.long)
+                      for j, c in enumerate(classes)])
+
+
+def summarize(fid, kld: Optional[float] = None) -> Dict[str, object]:
+    """All summaries of one method's FID matrix as plain Python values (JSON-ready; NaN -> None)."""
+    m = _matrix(fid)
+
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return {
+        "fid_matrix": [[clean(float(v)) if i <= k else None for i, v in enumerate(row)] for k, row in enumerate(m.tolist())],
+        "afid_at_k": afid_at_k(m),
+        "forgetting": clean(forgetting(m)),
+        "mf": mf(m),
+        "imf": imf(m),
+        "kld": clean(kld),
+    }

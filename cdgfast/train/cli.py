@@ -1,0 +1,115 @@
+"""Command line of `python -m cdgfast.train` (also `torchrun --nproc_per_node N -m cdgfast.train`).
+
+Exit codes: 0 success; 2 bad input (unknown preset / method / data set, refused output directory,
+missing data or weights); 1 a run that stopped (non-finite loss, injected crash, other errors).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .data import DATASET_ALIASES, DATASET_NAMES
+from .presets import DEFAULT_PRESET, FAMILIES, PRESETS, SCALES
+
+
+def _method_names() -> List[str]:
+    from .loop import all_method_names
+    return all_method_names()
+
+
+def listing() -> str:
+    from .loop import TRAINER_METHODS
+    lines = ["presets:"]
+    for fam, names in FAMILIES.items():
+        for n in names:
+            lines.append(f"  {n:<22} {PRESETS[n].description}")
+    lines.append("methods (cdgfast.methods.available() and the trainer's own):")
+    from cdgfast.methods import available
+    avail = available()
+    for m in _method_names():
+        lines.append(f"  {m:<22} {'' if m in avail else TRAINER_METHODS[m]['help']}".rstrip())
+    lines.append("data sets:")
+    lines.append("  " + ", ".join(DATASET_NAMES) + f"  (aliases: {', '.join(f'{a}={b}' for a, b in DATASET_ALIASES.items())})")
+    lines.append("scales: " + ", ".join(SCALES))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    methods = _method_names()
+    epilog = (
+        f"presets: {', '.join(PRESETS)}\n"
+        f"methods: {', '.join(methods)}\n"
+        f"data sets: {', '.join(DATASET_NAMES)}\n\n"
+        "Without arguments: the embedded default (scikit-learn digits at 16x16, 5 tasks x 2 classes, finetune vs gd "
+        "vs rank1+gd, a few CPU minutes), written to runs/default-cpu.\n"
+        "FID is classifier-FID (a small CNN trained on the same data) unless --inception PATH gives local "
+        "Inception weights.\nDistributed: torchrun --nproc_per_node N -m cdgfast.train [options] (gloo on CPU, NCCL on GPU).")
+    p = argparse.ArgumentParser(prog="python -m cdgfast.train",
+                                description="Continual-learning benchmarks for diffusion models (cdgfast).",
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                   help=f"benchmark preset (default: {DEFAULT_PRESET}); see --list")
+    p.add_argument("--method", dest="methods", action="append", metavar="M", nargs="+",
+                   help="method(s) to run instead of the preset's (repeatable, or several after one flag)")
+    p.add_argument("--dataset", metavar="D", help="data set instead of the preset's; see --list")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="smoke (< 2 min), cpu (minutes to an hour on a CPU; default) or paper (GPU, paper settings)")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the data sets (DIR/mnist, DIR/cifar10, ...)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<preset>-<scale>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete task")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--inception", metavar="PATH",
+                   help="local Inception-v3 weights (TorchScript or torchvision state dict) for standard FID")
+    p.add_argument("--cache-dir", metavar="DIR", help="where the FID classifier is cached (default ~/.cache/cdgfast)")
+    p.add_argument("--steps", type=int, metavar="N", help="override: training steps per task")
+    p.add_argument("--fid-samples", type=int, metavar="N", help="override: generated samples per class for FID/KLD")
+    p.add_argument("--batch-size", type=int, metavar="N", help="override: training batch size")
+    p.add_argument("--num-tasks", type=int, metavar="N", help="override: run only the first N tasks")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--list", action="store_true", help="list presets, methods and data sets, then exit")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        print(listing())
+        return 0
+    from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, all_method_names, run
+    from .data import DataUnavailable
+
+    if args.preset not in PRESETS:
+        parser.error(f"argument --preset: unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
+    methods = [m for group in args.methods for m in group] if args.methods else None
+    valid = all_method_names()
+    for m in methods or []:
+        if m not in valid:
+            parser.error(f"argument --method: unknown method {m!r}; expected one of {', '.join(valid)}")
+    if args.dataset is not None:
+        from .data import canonical_dataset
+        try:
+            canonical_dataset(args.dataset)
+        except ValueError as exc:
+            parser.error(f"argument --dataset: {exc}")
+    cfg = RunConfig(preset=args.preset, methods=methods, dataset=args.dataset, scale=args.scale or "cpu",
+                    data_root=args.data_root, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                    seed=args.seed, device=args.device, inception=args.inception, cache_dir=args.cache_dir,
+                    steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
+                    num_tasks=args.num_tasks, progress=not args.no_progress)
+    try:
+        run(cfg)
+    except (RunError, DataUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (NonFiniteLoss, InjectedCrash) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        from .distributed import cleanup
+        cleanup()
+    return 0

@@ -1,0 +1,212 @@
+"""Finding and loading the benchmark data for the driver, with the cpu/smoke-scale substitution.
+
+Data roots searched, in order: --data-root, $CDGFAST_DATA, `<repo>/../shared/data`, `./data`,
+`../shared/data` (relative to the working directory) and `~/.cache/cdgfast/data`; in each root the data
+set lives in a sub-folder named after it (`mnist/`, `fashion-mnist/`, `cifar10/`, ...). A root that is
+itself the data set's folder (e.g. `--data-root ../shared/data/mnist`) works too.
+
+At the smoke and cpu scales a data set the machine lacks is replaced by the MNIST test set (10,000
+images) split into train and evaluation parts (80/20, stratified, seeded); when even that is missing,
+by scikit-learn digits. Every substitution is printed and recorded in results.json. At the paper
+scale nothing is substituted: a missing data set is an error saying what to download and where.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+# CLI data set names -> (cdgfast.data loader name, folder names to look for)
+DATASET_SOURCES = {
+    "digits": ("digits", []),
+    "mnist": ("mnist", ["mnist", "MNIST"]),
+    "fashion-mnist": ("fashion-mnist", ["fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"]),
+    "cifar10": ("cifar10", ["cifar10", "cifar-10", "CIFAR10"]),
+    "cifar100": ("cifar100", ["cifar100", "cifar-100", "CIFAR100"]),
+    "flowers102": ("imagefolder", ["flowers102", "flowers-102", "Flowers102"]),
+    "cub200": ("imagefolder", ["cub200", "cub-200", "CUB200", "CUB_200_2011"]),
+    "imagenet32": ("imagefolder", ["imagenet32", "ImageNet32", "imagenet-32"]),
+    "imagefolder": ("imagefolder", []),
+}
+DATASET_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
+                   "cifar-100": "cifar100", "flowers": "flowers102", "cub": "cub200"}
+DATASET_NAMES = tuple(DATASET_SOURCES)
+
+DOWNLOAD_HINTS = {
+    "mnist": "the four MNIST IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz) "
+             "from https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "the four Fashion-MNIST IDX files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted (cifar-10-batches-py/)",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted (cifar-100-python/)",
+    "flowers102": "Oxford Flowers-102 (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/) exported as "
+                  "train/<class>/*.jpg and test/<class>/*.jpg",
+    "cub200": "CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) exported as "
+              "train/<class>/*.jpg and test/<class>/*.jpg",
+    "imagenet32": "downsampled ImageNet 32x32 (https://image-net.org/download-images) exported as "
+                  "train/<class>/*.png and val/<class>/*.png",
+    "imagefolder": "a folder with one sub-folder of images per class (pass it with --data-root)",
+}
+
+
+class DataUnavailable(FileNotFoundError):
+    """The requested data set is not on this machine (message says what to download and where)."""
+
+
+@dataclass
+class BenchmarkData:
+    name: str                 # what was actually used
+    requested: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    num_classes: int
+    source: str               # human-readable description of the files used
+    substitutions: List[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+
+def canonical_dataset(name: str) -> str:
+    key = DATASET_ALIASES.get(name, name)
+    if key not in DATASET_SOURCES:
+        raise ValueError(f"dataset: unknown data set {name!r}; expected one of {list(DATASET_NAMES)} "
+                         f"(aliases: {sorted(DATASET_ALIASES)})")
+    return key
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def candidate_roots(data_root: Optional[str]) -> List[Path]:
+    roots = []
+    if data_root:
+        roots.append(Path(data_root))
+    if os.environ.get("CDGFAST_DATA"):
+        roots.append(Path(os.environ["CDGFAST_DATA"]))
+    roots += [_repo_root().parent / "shared" / "data", Path.cwd() / "data", Path.cwd().parent / "shared" / "data",
+              Path.home() / ".cache" / "cdgfast" / "data"]
+    out, seen = [], set()
+    for r in roots:
+        key = str(r.resolve()) if r.exists() else str(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _dataset_dirs(name: str, data_root: Optional[str]) -> List[Path]:
+    folders = DATASET_SOURCES[name][1]
+    dirs = []
+    for root in candidate_roots(data_root):
+        if name == "imagefolder":
+            dirs.append(root)
+            continue
+        if root.name in folders:
+            dirs.append(root)
+        dirs += [root / f for f in folders]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _split(ds, eval_fraction: float, seed: int):
+    from cdgfast.data import train_eval_split
+    return train_eval_split(ds, eval_fraction, seed)
+
+
+def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], seed: int, log) -> BenchmarkData:
+    """Load `name` (train + official test split, or a seeded 80/20 split when it has none)."""
+    from cdgfast.data import load_dataset
+
+    loader = DATASET_SOURCES[name][0]
+    if name == "digits":
+        ds = load_dataset("digits", image_size=image_size)
+        tr, ev = _split(ds, 0.2, seed)
+        return BenchmarkData("digits", name, tr.x, tr.y, ev.x, ev.y, ds.num_classes,
+                             "scikit-learn digits (bundled), seeded 80/20 train/eval split")
+    if name == "imagefolder" and not data_root:
+        raise DataUnavailable("dataset imagefolder: pass the folder with --data-root (root/<class>/*.png, or "
+                              "root/train/<class> and root/test/<class>)")
+    errors = []
+    for d in _dataset_dirs(name, data_root):
+        try:
+            train = load_dataset(loader, root=d, train=True, image_size=image_size, download=False)
+        except (FileNotFoundError, ValueError) as exc:
+            errors.append(f"{d}: {exc}")
+            continue
+        try:
+            test = load_dataset(loader, root=d, train=False, image_size=image_size, download=False)
+            if loader == "imagefolder" and len(test) == len(train):
+                raise FileNotFoundError("no separate test split")
+            return BenchmarkData(name, name, train.x, train.y, test.x, test.y, train.num_classes,
+                                 f"{name} from {d} (official train / test splits)")
+        except (FileNotFoundError, ValueError):
+            tr, ev = _split(train, 0.2, seed)
+            return BenchmarkData(name, name, tr.x, tr.y, ev.x, ev.y, train.num_classes,
+                                 f"{name} from {d} (train split, seeded 80/20 train/eval split)")
+    where = ", ".join(str(r / DATASET_SOURCES[name][1][0]) if DATASET_SOURCES[name][1] else str(r)
+                      for r in candidate_roots(data_root)[:3])
+    msg = (f"dataset {name}: not found. Download {DOWNLOAD_HINTS.get(name, name)} and put it in one of: {where} "
+           f"(or pass --data-root DIR with DIR/{(DATASET_SOURCES[name][1] or [name])[0]}/).")
+    if errors:
+        msg += " Tried: " + " | ".join(errors[:3])
+    raise DataUnavailable(msg)
+
+
+def _mnist_test_set(data_root: Optional[str], image_size: Optional[int], seed: int) -> Optional[BenchmarkData]:
+    from cdgfast.data import load_dataset
+
+    for d in _dataset_dirs("mnist", data_root):
+        try:
+            ds = load_dataset("mnist", root=d, train=False, image_size=image_size, download=False)
+        except (FileNotFoundError, ValueError):
+            continue
+        tr, ev = _split(ds, 0.2, seed)
+        return BenchmarkData("mnist-test", "mnist", tr.x, tr.y, ev.x, ev.y, ds.num_classes,
+                             f"MNIST test set (t10k, 10,000 images) from {d}, seeded 80/20 train/eval split")
+    return None
+
+
+def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Optional[int], scale: str,
+                        seed: int = 0, log=print) -> BenchmarkData:
+    """The data for a run: `name` if present; at smoke/cpu scale otherwise the MNIST test set (then digits)."""
+    name = canonical_dataset(name)
+    try:
+        return _load_exact(name, data_root, image_size, seed, log)
+    except DataUnavailable as exc:
+        if scale == "paper":
+            raise
+        reason = str(exc)
+    sub = _mnist_test_set(data_root, image_size, seed)
+    if sub is None:
+        ds = _load_exact("digits", None, image_size, seed, log)
+        note = (f"{name} is not on this machine and neither is the MNIST test set: using scikit-learn digits "
+                f"instead ({ds.source})")
+        ds.requested, ds.name = name, "digits"
+    else:
+        ds = sub
+        note = f"{name} is not on this machine: using {ds.source} instead"
+        ds.requested = name
+    ds.substitutions.append(note)
+    log(f"DATA SUBSTITUTION: {note}. ({reason.split('. ')[0]}.)")
+    return ds
+
+
+def limit_per_class(x: torch.Tensor, y: torch.Tensor, per_class: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first `per_class` rows of every class (order kept); all rows when per_class is None."""
+    if per_class is None:
+        return x, y
+    keep = torch.zeros_like(y, dtype=torch.bool)
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()[:per_class]
+        keep[idx] = True
+    return x[keep], y[keep]
