@@ -393,7 +393,7 @@ def linear_sq_grad_sum_torch(x: torch.Tensor, gy: torch.Tensor, out: Optional[to
 # --------------------------------------------------------------------------------------------------
 # Conv2d as a Linear layer
 # --------------------------------------------------------------------------------------------------
-def _conv_padded_input(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+def conv_padded_input(inp: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """The input as the convolution sees it after padding (any padding mode, 'same'/'valid')."""
     kh, kw = conv.kernel_size
     dh, dw = conv.dilation
@@ -433,7 +433,7 @@ def conv2d_as_linear(input: torch.Tensor, grad_output: torch.Tensor, conv_module
         raise ValueError(f"input: expected {conv_module.in_channels} channels, got shape {tuple(input.shape)}")
     if grad_output.shape[0] != B or grad_output.shape[1] != cout:
         raise ValueError(f"grad_output: expected shape ({B}, {cout}, Ho, Wo), got {tuple(grad_output.shape)}")
-    padded = _conv_padded_input(input, conv_module)
+    padded = conv_padded_input(input, conv_module)
     cg, og = cin // G, cout // G
     if G > 1:
         padded = padded[:, group * cg:(group + 1) * cg]

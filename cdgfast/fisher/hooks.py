@@ -41,6 +41,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from cdgfast._dispatch import use_triton
+from cdgfast.kernels.projection import conv_padded_input  # plain torch; imports without triton
 
 from ._common import call_loss, per_sample_grads_autograd
 
@@ -140,25 +141,6 @@ class _LinearRule(_Rule):
             out_b.add_(g3.to(acc).sum(1).square().sum(0).to(out_b.dtype))
 
 
-def _conv_padded(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """The input as the convolution sees it after its padding (any padding mode, 'same'/'valid'), so
-    that a convolution with padding 0 reproduces the layer."""
-    kh, kw = conv.kernel_size
-    dh, dw = conv.dilation
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return x
-        th, tw = dh * (kh - 1), dw * (kw - 1)  # 'same': the odd element goes right/bottom, as in torch
-        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    else:
-        ph, pw = conv.padding
-        pad = (pw, pw, ph, ph)
-    if not any(pad):
-        return x
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, pad, mode=mode)
-
-
 class _Conv2dRule(_Rule):
     cls = nn.Conv2d
 
@@ -170,7 +152,7 @@ class _Conv2dRule(_Rule):
         res = torch.zeros(B, dtype=acc, device=x.device)
         g = gy.to(acc)
         if Mw is not None:
-            y = F.conv2d(_conv_padded(x.to(acc), mod), Mw.to(acc), None, mod.stride, 0, mod.dilation, mod.groups)
+            y = F.conv2d(conv_padded_input(x.to(acc), mod), Mw.to(acc), None, mod.stride, 0, mod.dilation, mod.groups)
             res += (y * g).flatten(1).sum(1)
         if Mb is not None:
             res += g.sum(dim=(2, 3)) @ Mb.to(acc)
@@ -193,7 +175,7 @@ class _Conv2dRule(_Rule):
         step = max(1, _MAX_ELEMENTS // max(1, per_sample))
         res = torch.zeros(G, og, cg * kk, dtype=acc, device=x.device)
         for s in range(0, B, step):
-            xp = _conv_padded(x[s:s + step].to(acc), mod)
+            xp = conv_padded_input(x[s:s + step].to(acc), mod)
             c = xp.shape[0]
             cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
             cols = cols.view(c, G, cg * kk, L)  # unfold's row order (channel, kh, kw) matches weight

@@ -283,6 +283,22 @@ def distributed_diag_fisher(model: torch.nn.Module, loss_fn, batches, *, method:
     return (total / count).to(params[0].dtype)
 
 
+
+def gather_round_robin(local: torch.Tensor, total: int, chunk: int) -> torch.Tensor:
+    """Undo round-robin sharding: of `total` rows cut into chunks of `chunk` (the last one shorter),
+    chunk i was made by rank i % world; `local` is this rank's chunks concatenated. Returns all rows
+    in chunk order, on the CPU, on every rank."""
+    world = get_world_size()
+    num_chunks = -(-total // chunk)
+    gathered = gather_cat(local).cpu()  # rank-major
+    chunks, offset = [None] * num_chunks, 0
+    for r in range(world):
+        for i in range(r, num_chunks, world):
+            n = min(chunk, total - i * chunk)
+            chunks[i] = gathered[offset:offset + n]
+            offset += n
+    return torch.cat(chunks)
+
 def distributed_replay_pool(model, classes, per_class, *, schedule, num_steps=50, batch_size=256, seed=0,
                             path=None, device=None, progress=True, eta=0.0, shape=None):
     """cdgfast.data.generate_replay_pool with its chunks spread over the ranks (chunk i on rank
@@ -312,15 +328,7 @@ def distributed_replay_pool(model, classes, per_class, *, schedule, num_steps=50
     c, h, w = (shape if shape is not None else (model.config.in_channels, model.config.sample_size,
                                                  model.config.sample_size))
     mine = torch.cat(local) if local else torch.zeros(0, c, h, w, device=dev)
-    gathered = gather_cat(mine.to(dev)).cpu()
-    # gather_cat returns rank-major order; put chunks back in their original order.
-    chunks, offset = [None] * num_chunks, 0
-    for r in range(world):
-        for i in range(r, num_chunks, world):
-            n = min(batch_size, labels.numel() - i * batch_size)
-            chunks[i] = gathered[offset:offset + n]
-            offset += n
-    return torch.cat(chunks), labels.clone()
+    return gather_round_robin(mine.to(dev), labels.numel(), batch_size), labels.clone()
 
 
 _ORIGINALS: dict = {}

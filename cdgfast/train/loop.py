@@ -276,17 +276,9 @@ class Evaluator:
             xs.append(ddim_sample(model, y.to(self.device), schedule=self.schedule, num_steps=self.sc.ddim_steps,
                                   generator=g))
         if D.get_world_size() > 1:
-            shape = (0,) + tuple(xs[0].shape[1:]) if xs else None
             mine_x = torch.cat(xs) if xs else torch.zeros(
                 (0, model.config.in_channels, model.config.sample_size, model.config.sample_size), device=self.device)
-            gathered = D.gather_cat(mine_x).cpu()
-            chunks, off = [None] * num_chunks, 0
-            for r in range(world):
-                for i in range(r, num_chunks, world):
-                    m = min(chunk, labels.numel() - i * chunk)
-                    chunks[i] = gathered[off:off + m]
-                    off += m
-            return torch.cat(chunks), labels
+            return D.gather_round_robin(mine_x, labels.numel(), chunk), labels
         return torch.cat(xs).cpu(), labels
 
     def evaluate(self, model, k: int, method: str):
