@@ -50,6 +50,16 @@ def _use_tuned(x: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _masked_log_softmax(err, mask_k, inv_tau):
+    """(log p, p) of p = softmax(-err / tau) over the valid lanes; masked lanes get log p = -inf, p = 0."""
+    z = tl.where(mask_k, -err * inv_tau, float("-inf"))
+    m = tl.max(z, axis=0)
+    ez = tl.where(mask_k, tl.exp(z - m), 0.0)
+    se = tl.sum(ez, axis=0)
+    return z - m - tl.log(se), ez / se
+
+
+@triton.jit
 def _dc_partial_kernel(
     pred_ptr, eps_ptr, partial_ptr,
     K, N, T, CHUNK,
@@ -107,20 +117,14 @@ def _dc_reduce_kernel(
     if MODE == 0:
         tl.store(err_ptr + b * K + offs_k, err.to(err_ptr.dtype.element_ty), mask=mask_k)
     else:
-        z = tl.where(mask_k, -err * inv_tau, float("-inf"))
-        m = tl.max(z, axis=0)
-        ez = tl.where(mask_k, tl.exp(z - m), 0.0)
-        se = tl.sum(ez, axis=0)
-        logp = z - m - tl.log(se)
+        logp, prob = _masked_log_softmax(err, mask_k, inv_tau)
         tl.store(logp_ptr + b * K + offs_k, logp.to(logp_ptr.dtype.element_ty), mask=mask_k)
         if MODE == 2:
             q = tl.load(q_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
             # masked lanes hold logp = -inf; zero them so that 0 * -inf does not make a nan
             loss = -tl.sum(q * tl.where(mask_k, logp, 0.0), axis=0)
             tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
-            p = ez / se
-            qsum = tl.sum(q, axis=0)
-            coef = (q - p * qsum) * (2.0 * inv_tau * inv_n)
+            coef = (q - prob * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
             tl.store(coef_ptr + b * K + offs_k, coef, mask=mask_k)
 
 
@@ -186,17 +190,13 @@ def _dc_fused_kernel(
     if MODE == 0:
         tl.store(err_ptr + b * K + offs_k, err.to(err_ptr.dtype.element_ty), mask=mask_k)
     else:
-        z = tl.where(mask_k, -err * inv_tau, float("-inf"))
-        m = tl.max(z, axis=0)
-        ez = tl.where(mask_k, tl.exp(z - m), 0.0)
-        se = tl.sum(ez, axis=0)
-        logp = z - m - tl.log(se)
+        logp, prob = _masked_log_softmax(err, mask_k, inv_tau)
         tl.store(logp_ptr + b * K + offs_k, logp.to(logp_ptr.dtype.element_ty), mask=mask_k)
         if MODE == 2:
             q = tl.load(q_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
             loss = -tl.sum(q * tl.where(mask_k, logp, 0.0), axis=0)
             tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
-            coef = (q - (ez / se) * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
+            coef = (q - prob * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
             # second pass: the gradient, while the sample's data is still hot in L2
             for s0 in range(0, N, BLOCK_S):
                 offs_s = s0 + offs_s0
