@@ -104,7 +104,7 @@ TRITON_AOT = r"""
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from cdgfast.kernels import fisher_update as kf, penalties as kp
+from cdgfast.kernels import dc_scores as kd, fisher_update as kf, penalties as kp
 
 def compile_for(fn, sig, const, arch):
     sig = dict(sig, **{k: "constexpr" for k in const})
@@ -123,6 +123,14 @@ for arch in (80, 90):
                 BLOCK=1024, ACC=tl.float64), arch)
     compile_for(kf._fisher_update_kernel, dict(dst_ptr=f, src_ptr="*bf16", n="i32", gamma_hi="fp32", gamma_lo="fp32",
                 scale_hi="fp32", scale_lo="fp32"), dict(SQUARE=True, DECAY=True, BLOCK=2048, ACC=tl.float32), arch)
+    for acc_f64, fl in ((False, f), (True, "*fp64")):
+        compile_for(kd._dc_reduce_kernel, dict(partial_ptr=fl, q_ptr=fl, err_ptr=f, logp_ptr=f, loss_ptr=f, coef_ptr=fl,
+                    K="i32", T="i32", inv_n_hi="fp32", inv_n_lo="fp32", inv_tau_hi="fp32", inv_tau_lo="fp32"),
+                    dict(MODE=2, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_T=64), arch)
+        compile_for(kd._dc_fused_kernel, dict(pred_ptr="*fp16", eps_ptr="*fp16", q_ptr=fl, err_ptr=f, logp_ptr=f,
+                    loss_ptr=f, gpred_ptr="*fp16", geps_ptr="*fp16", K="i32", N="i32", inv_n_hi="fp32",
+                    inv_n_lo="fp32", inv_tau_hi="fp32", inv_tau_lo="fp32"),
+                    dict(MODE=2, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_S=256), arch)
 print("compiled")
 """
 
