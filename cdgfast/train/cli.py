@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-samples", type=int, metavar="N", help="override: generated samples per class for FID/KLD")
     p.add_argument("--batch-size", type=int, metavar="N", help="override: training batch size")
     p.add_argument("--num-tasks", type=int, metavar="N", help="override: run only the first N tasks")
+    p.add_argument("--set", dest="method_args", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a method hyperparameter after the preset's, e.g. --set rank1.lam=100 (applies to "
+                        "rank1 and to compositions such as rank1+gd; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--list", action="store_true", help="list presets, methods and data sets, then exit")
     return p
@@ -80,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.list:
         print(listing())
         return 0
-    from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, all_method_names, run
+    from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, all_method_names, parse_method_args, run
     from .data import DataUnavailable
 
     if args.preset not in PRESETS:
@@ -96,11 +99,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             canonical_dataset(args.dataset)
         except ValueError as exc:
             parser.error(f"argument --dataset: {exc}")
+    try:
+        method_args = parse_method_args(args.method_args)
+    except ValueError as exc:
+        parser.error(f"argument --{exc}")
     cfg = RunConfig(preset=args.preset, methods=methods, dataset=args.dataset, scale=args.scale or "cpu",
                     data_root=args.data_root, out=args.out, resume=args.resume, overwrite=args.overwrite,
                     seed=args.seed, device=args.device, inception=args.inception, cache_dir=args.cache_dir,
                     steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
-                    num_tasks=args.num_tasks, progress=not args.no_progress)
+                    num_tasks=args.num_tasks, progress=not args.no_progress,
+                    method_args=method_args)
     try:
         run(cfg)
     except (RunError, DataUnavailable) as exc:

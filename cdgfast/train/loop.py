@@ -77,6 +77,32 @@ class RunConfig:
     batch_size: Optional[int] = None     # override
     num_tasks: Optional[int] = None      # override: use only the first N tasks
     progress: bool = True
+    method_args: Dict[str, dict] = field(default_factory=dict)  # --set METHOD.KEY=VALUE: {method: {key: value}}
+
+
+def _method_base(name: str) -> str:
+    """The cdgfast.methods name behind a run method ("joint" -> "finetune", "rank1+gd" -> itself)."""
+    spec = TRAINER_METHODS.get(name)
+    return spec["base"] if spec else name
+
+
+def parse_method_args(items: List[str]) -> Dict[str, dict]:
+    """`["rank1.lam=100", "gd.replay=pool"]` -> `{"rank1": {"lam": 100}, "gd": {"replay": "pool"}}`. Values are
+    Python literals (numbers, True/False/None, quoted strings); anything else is kept as a string."""
+    import ast
+
+    out: Dict[str, dict] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        method, dot, hp = key.strip().partition(".")
+        if not eq or not dot or not method or not hp or "." in hp:
+            raise ValueError(f"set: expected METHOD.KEY=VALUE (e.g. rank1.lam=100), got {item!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out.setdefault(method, {})[hp] = value
+    return out
 
 
 def all_method_names() -> List[str]:
@@ -139,6 +165,11 @@ def resolve(cfg: RunConfig):
             raise RunError(f"method: unknown method {m!r}; expected one of {names}")
     if len(set(methods)) != len(methods):
         raise RunError(f"method: listed twice in {methods}")
+    members = {part for m in methods for part in _method_base(m).split("+")} | {_method_base(m) for m in methods}
+    for m in cfg.method_args:
+        if m not in members:
+            raise RunError(f"set: {m!r} is not a method of this run (nor a member of one); expected one of "
+                           f"{sorted(members)}")
     try:
         dataset = canonical_dataset(cfg.dataset) if cfg.dataset else preset.dataset
     except ValueError as exc:
@@ -156,6 +187,8 @@ def resolve(cfg: RunConfig):
         if cfg.batch_size < 1:
             raise RunError(f"batch-size: expected a positive integer, got {cfg.batch_size}")
         sc.batch_size = cfg.batch_size
+    for m in methods:  # unknown --set keys fail here, before any data loading or training
+        _build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)
     return preset, sc, methods, dataset
 
 
@@ -310,7 +343,7 @@ def _crash_spec():
     return m, int(t), int(s)
 
 
-def _build_method(name: str, preset: Preset, scale: str, seed: int):
+def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args: Optional[Dict[str, dict]] = None):
     from cdgfast.methods import create
 
     spec = TRAINER_METHODS.get(name)
@@ -318,6 +351,12 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int):
     overrides = preset.overrides_for(base, scale)
     if spec:
         overrides.update(spec["overrides"])
+    for member, kw in (method_args or {}).items():  # --set: member-qualified keys inside a composition
+        if member == base:
+            overrides.update(kw)
+        elif "+" in base and member in base.split("+"):
+            # inserted after the preset's bare keys, so Compose.route_overrides lets them win for this member
+            overrides.update({f"{member}.{k}": v for k, v in kw.items()})
     overrides["seed"] = derive_seed(seed, name, "method")
     try:
         return create(base, **overrides), bool(spec and spec["cumulative"])
@@ -434,6 +473,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
         f"{data.channels}x{data.image_size}x{data.image_size}; tasks {[t.classes for t in tasks]}")
 
     fingerprint_src = {"preset": preset.name, "scale": cfg.scale, "dataset": data.name, "seed": cfg.seed,
+                       "method_args": cfg.method_args,
                        "scale_config": asdict(sc), "tasks": [t.classes for t in tasks], "inception": bool(cfg.inception),
                        "world_size": info.world_size}
     fingerprint = hashlib.sha256(json.dumps(fingerprint_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -469,7 +509,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
     results: Dict[str, dict] = {}
     for name in methods:
         t_method = time.time()
-        method, cumulative = _build_method(name, preset, cfg.scale, cfg.seed)
+        method, cumulative = _build_method(name, preset, cfg.scale, cfg.seed, cfg.method_args)
         seed_everything(derive_seed(cfg.seed, "init"))  # the same initial weights for every method
         model = build_unet(sc.unet, num_classes=data.num_classes, in_channels=data.channels,
                            sample_size=data.image_size).to(device)
