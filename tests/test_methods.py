@@ -79,6 +79,9 @@ def run_two_tasks(name, steps=2, seed=0, check=None, **extra):
             terms = method.loss(model, {"x": xb, "y": yb})
             history.append((task.index, terms))
             sum(terms.values()).backward()
+            # torchrun's DistributedDataParallel needs a gradient for every trainable parameter
+            unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert not unused, f"{name}: trainable parameters without a gradient: {unused[:3]}"
             method.before_step(model)
             opt.step()
             method.after_step(model)

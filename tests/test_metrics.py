@@ -117,7 +117,7 @@ def test_continual_summaries_match_loops(t):
     rows = [[None if math.isnan(v) else v for v in row] for row in m.tolist()]
     s = summarize(rows, kld=0.5)
     assert s["afid_at_k"] == pytest.approx(a_ref) and s["kld"] == 0.5
-    assert all(s["fid_matrix"][k][i] is None for k in range(t) for i in range(k + 1, t))
+    assert all(s["fid"][k][i] is None for k in range(t) for i in range(k + 1, t))
 
 
 def test_continual_bad_input():

@@ -1,6 +1,7 @@
 """python -m cdgfast.train: CLI names and errors, smoke runs of every preset family (shrunk with --steps /
 --fid-samples / --num-tasks), resume after an injected crash reproducing an uninterrupted run, refusal
 of an existing output directory, and the non-finite-loss stop."""
+import contextlib
 import json
 import math
 import os
@@ -76,11 +77,11 @@ def test_smoke_preset_families(tmp_path, cache_dir, preset, methods, dataset):
     assert list(res["methods"]) == methods
     for name, r in res["methods"].items():
         t = len(r["afid_at_k"])
-        assert t == 2 and len(r["fid_matrix"]) == 2 and r["fid_matrix"][0][1] is None
+        assert t == 2 and len(r["fid"]) == 2 and r["fid"][0][1] is None
         assert all(math.isfinite(v) for v in r["afid_at_k"]) and math.isfinite(r["forgetting"])
         assert r["mf"] == pytest.approx(r["afid_at_k"][-1])
         assert r["imf"] == pytest.approx(sum(r["afid_at_k"]) / 2)
-        assert r["forgetting"] == pytest.approx(r["fid_matrix"][1][0] - r["fid_matrix"][0][0])
+        assert r["forgetting"] == pytest.approx(r["fid"][1][0] - r["fid"][0][0])
         assert r["kld"] >= 0
         for k in (1, 2):
             assert (out / "samples" / f"{name}_task{k}.png").is_file()
@@ -115,7 +116,7 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, mo
         run(tiny_cfg(out, cache_dir, **kw))
     resumed = run(tiny_cfg(out, cache_dir, resume=True, **kw))
     a, b = full["methods"]["rank1+gd"], resumed["methods"]["rank1+gd"]
-    for ra, rb in zip(a["fid_matrix"], b["fid_matrix"]):
+    for ra, rb in zip(a["fid"], b["fid"]):
         assert [x if x is None else pytest.approx(x, rel=1e-6) for x in ra] == rb
     assert b["kld_at_k"] == pytest.approx(a["kld_at_k"], rel=1e-6)
     assert b["loss_means"] == [pytest.approx(d, rel=1e-6) for d in a["loss_means"]]
@@ -203,3 +204,33 @@ def test_every_preset_builds_its_methods_at_every_scale():
     assert get_preset("ccd-mnist-5120").overrides_for("er", "cpu")["buffer_size"] == 5120
     assert get_preset("ccd-mnist-5120").scale("paper").fid_samples_per_class * 10 == 2040  # ~2048 class-balanced
     assert get_preset("gd-fmnist").overrides_for("gd", "paper")["lam_gd"] == 3.0
+
+
+def test_set_overrides_method_hyperparameters(tmp_path, capsys):
+    from cdgfast.train.loop import _build_method, parse_method_args
+    from cdgfast.train.presets import get_preset
+
+    assert parse_method_args(["rank1.lam=100", "gd.replay=pool", "ewc.online=False"]) == {
+        "rank1": {"lam": 100}, "gd": {"replay": "pool"}, "ewc": {"online": False}}
+    for bad in ("rank1lam=3", "rank1.lam", ".lam=3", "rank1.=3", "a.b.c=1"):
+        with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
+            parse_method_args([bad])
+    preset = get_preset("rank1-mnist")
+    # a member's value reaches that member of a composition and no other; the preset's value otherwise
+    m, _ = _build_method("rank1+gd", preset, "cpu", 0, {"rank1": {"lam": 100.0}, "gd": {"lam_gd": 2.5}})
+    assert [x.config.get("lam", x.config.get("lam_gd")) for x in m.members] == [100.0, 2.5]
+    m, _ = _build_method("rank1+gd", preset, "cpu", 0, {})
+    assert m.members[0].config["lam"] == 15000.0
+    m, _ = _build_method("diag", preset, "cpu", 0, {"diag": {"lam": 7.0}})
+    assert m.config["lam"] == 7.0
+    # bad keys and methods outside the run fail before any work, with exit code 2
+    out = tmp_path / "o"
+    for argv, msg in ((["--method", "rank1+gd", "--set", "rank1.lamm=3"], "lamm"),
+                      (["--method", "gd", "--set", "rank1.lam=3"], "not a method of this run"),
+                      (["--set", "rank1lam=3"], "METHOD.KEY=VALUE")):
+        with pytest.raises(SystemExit) if "KEY" in msg else contextlib.nullcontext():
+            code = main(["--scale", "smoke", "--out", str(out), "--no-progress"] + argv)
+            assert code == 2
+        assert msg in capsys.readouterr().err
+        assert not out.exists()
+

@@ -56,10 +56,10 @@ def _worker(rank, world, port, out_dir):
     mine = D.shard_batches(batches)
     r1 = D.distributed_rank1_fisher(model, loss_fn, mine, progress=False)
     dg = D.distributed_diag_fisher(model, loss_fn, mine, progress=False)
-    # the context manager routes the public names to the sharded versions
+    # the context manager routes the public names to sharded versions that take the GLOBAL stream
     import cdgfast.fisher as F
     with D.sharded_estimators():
-        r1b = F.rank1_fisher(model, loss_fn, mine)
+        r1b = F.rank1_fisher(model, loss_fn, batches)
     assert F.rank1_fisher is not D.distributed_rank1_fisher
     # gather of uneven pieces, gradient averaging
     piece = torch.full((rank + 1, 2), float(rank))
@@ -144,3 +144,141 @@ def test_single_process_helpers_are_identity():
         D.all_reduce_flat(t, op="max")
     info = D.init_from_env("cpu")
     assert info.world_size in (1, int(os.environ.get("WORLD_SIZE", "1"))) and info.is_main
+
+
+# --------------------------------------------------------------------------------------------------
+# DistributedDataParallel training step and the methods' end-of-task work under torchrun
+def _ddp_worker(rank, world, port, out_dir):
+    """Two forwards through the DDP view, a parameter-space penalty, one backward: the averaged gradient
+    must equal one process's gradient of the same loss over the whole global batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init_from_env("cpu")
+    model, batches = make_model_and_batches()
+    x = torch.cat([b["x"] for b in batches])[:8]   # global batch of 8: 4 rows per rank
+    e = torch.cat([b["eps"] for b in batches])[:8]
+    student = D.data_parallel(model)
+    assert isinstance(student, D.DataParallelView) and student.lin is model.lin  # attributes: the bare module
+    import copy
+    assert type(copy.deepcopy(student)) is TinyNet                                 # teachers: bare copies
+    xl, el = D.local_rows(x, e)
+    anchor = [p.detach() + 0.1 for p in model.parameters()]
+    loss = (student(xl) - el).pow(2).mean() + 0.5 * student(xl * 0.5).pow(2).mean() \
+        + sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.save(grads, os.path.join(out_dir, f"ddp{rank}.pt"))
+    D.barrier()
+    D.cleanup()
+
+
+def test_ddp_step_averages_the_gradient_of_the_global_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    g0, g1 = (torch.load(tmp_path / f"ddp{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(g0, g1, rtol=0, atol=0)  # every rank steps with the same gradient
+    model, batches = make_model_and_batches()
+    x = torch.cat([b["x"] for b in batches])[:8]
+    e = torch.cat([b["eps"] for b in batches])[:8]
+    anchor = [p.detach() + 0.1 for p in model.parameters()]
+    # one process: the mean of the two ranks' per-row means (equal halves) = the global mean
+    halves = [(model(x[r::2]) - e[r::2]).pow(2).mean() + 0.5 * model(x[r::2] * 0.5).pow(2).mean() for r in (0, 1)]
+    loss = sum(halves) / 2 + sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    torch.testing.assert_close(g0, ref, rtol=1e-10, atol=1e-12)
+
+
+def _method_states(world_rank=None):
+    """end_task of rank1 / ewc / ewc_dc / gd (pool) and a DSC phase on the same model and global data; returns
+    the states that must not depend on the number of processes."""
+    from cdgfast.diffusion import NoiseSchedule
+    from cdgfast.methods import create
+    from cdgfast.models.unet import tiny_unet
+
+    torch.manual_seed(3)
+    model = tiny_unet(num_classes=4, sample_size=8).double()
+    g = torch.Generator().manual_seed(11)
+    data = [(torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([2, 3, 2, 3, 2][:n]))
+            for n in (3, 5, 2, 4)]
+    out = {}
+    schedule = NoiseSchedule()
+    for name, kw in (("rank1", {"fisher_max_samples": 11}), ("ewc", {}), ("ewc_dc", {"k": 3}),
+                     ("gd", {"replay": "pool", "pool_per_class": 3, "pool_steps": 2, "pool_batch_size": 2})):
+        m = create(name, seed=5, **kw)
+        m.setup(num_classes=4, schedule=schedule)
+        if name == "ewc_dc":  # earlier classes exist: the DC conditions include one of them
+            m.seen_classes = [0, 1]
+        m.begin_task(model, type("T", (), {"classes": [2, 3], "index": 0})())
+        with D.sharded_estimators(progress=False):
+            m.end_task(model, data)
+        out[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(m).items()
+                     if k in ("directions", "coeffs", "weights", "pool_x", "pool_y")}
+    # DSC: the consolidation phase trains the model; each rank keeps its rows of every (even-sized)
+    # global batch and the gradients are averaged, which is the one-process step
+    even = [(x[:2], y[:2]) for x, y in data] + [(data[1][0][:4], data[1][1][:4])]
+    dsc = create("dsc", seed=5, iterations=3)
+    dsc.setup(num_classes=4, schedule=schedule)
+    for k, classes in enumerate(([0, 1], [2, 3])):
+        dsc.begin_task(model, type("T", (), {"classes": classes, "index": k})())
+        with D.sharded_estimators(progress=False):
+            dsc.end_task(model, even)
+            dsc.post_task_phase(model, even)
+    out["dsc"] = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                  "teachers": list(dsc.teacher_history)}
+    return out
+
+
+def _methods_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init_from_env("cpu")
+    torch.save(_method_states(), os.path.join(out_dir, f"methods{rank}.pt"))
+    D.barrier()
+    D.cleanup()
+
+
+def test_methods_end_task_sharded_equals_single_process(tmp_path):
+    """The methods resolve their estimators through cdgfast.methods._deps at call time, so under
+    sharded_estimators a 2-process end_task (global batch stream, each rank estimating on its share,
+    all-reduced) gives the single-process rank-1 Fisher, diagonal Fisher, DC-score (ewc_dc) Fisher and
+    replay pool."""
+    mp.spawn(_methods_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ref = _method_states()
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"methods{r}.pt", weights_only=False)
+        for name, state in ref.items():
+            assert state, name
+            for k, v in state.items():
+                torch.testing.assert_close(got[name][k], v, rtol=1e-9, atol=1e-12, msg=f"rank {r} {name}.{k}")
+
+
+def test_torchrun_cli_two_processes_with_crash_and_resume(tmp_path):
+    """`torchrun --nproc_per_node 2 -m cdgfast.train`: DDP training of rank1+gd, er (rank-local replay
+    buffers) and dsc; a crash in er's second task, then --resume (each rank reloads its own buffer)."""
+    import json
+    import subprocess
+    import sys
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "cdgfast.train", "--preset", "default", "--scale", "smoke", "--method", "rank1+gd", "er", "dsc",
+           "--steps", "2", "--num-tasks", "2", "--fid-samples", "3", "--out", str(out), "--cache-dir", str(cache),
+           "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CDGFAST_CRASH_AT="er:1:2")
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0 and "injected crash" in first.stderr, first.stderr[-3000:]
+    ck = out / "checkpoints"
+    assert (ck / "er.pt").is_file() and (ck / "er.rank1.task0.pt").is_file()
+    env.pop("CDGFAST_CRASH_AT")
+    second = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2
+    assert set(res["methods"]) == {"rank1+gd", "er", "dsc"}
+    for m in res["methods"].values():
+        assert len(m["fid"]) == 2 and all(v is not None and v == v for v in m["fid"][1])
+    log = (out / "train.log").read_text()
+    assert "er: resuming after task 1" in log and "world size 2" in log
+    # rank 1's state of the last task is kept, the older one removed once rank 0's checkpoint moved on
+    assert (ck / "er.rank1.task1.pt").is_file() and not (ck / "er.rank1.task0.pt").exists()

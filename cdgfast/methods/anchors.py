@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._deps import diag_fisher, diag_penalty, online_update
+from . import _deps
+from ._deps import diag_penalty, online_update
 from .base import Method, flat_grads, flat_params, params_of
 
 
@@ -68,7 +69,7 @@ class EWC(_AnchorPenalty):
 
     def fisher(self, model, data) -> torch.Tensor:
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        return diag_fisher(model, self.loss_fn, batches)
+        return _deps.diag_fisher(model, self.loss_fn, batches)
 
     def end_task(self, model, data):
         super().end_task(model, data)

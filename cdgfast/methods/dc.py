@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..diffusion import predict_eps
+from . import _deps
 from ._deps import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
 from .anchors import EWC
 from .base import Method, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
@@ -81,8 +82,7 @@ class EWCDC(EWC):
                 b["cond"] = self.conditions(b["y"])
                 yield b
 
-        from ._deps import diag_fisher
-        return diag_fisher(model, self.ewc_loss_fn, batches)
+        return _deps.diag_fisher(model, self.ewc_loss_fn, batches)
 
 
 class DSC(Method):
@@ -169,11 +169,17 @@ class DSC(Method):
             classes = torch.tensor(self.task_classes[j] or [self.null_class], dtype=torch.long)
             c_j = classes[torch.randint(0, classes.numel(), (y.shape[0],), generator=self.generator)].to(device)
             batch = self.noisy_batch(x, y)
-            terms = self.dsc_terms(model, teacher_n, teacher_j, batch, c_j)
+            # Under torchrun every process draws the same global batch and noise (so the generator stays
+            # in step) and keeps its own rows: the B x K DC-score forwards are sharded.
+            *rows, c_j = _deps.local_rows(*batch.values(), c_j)
+            batch = dict(zip(batch.keys(), rows))
             opt.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
+            if c_j.shape[0] > 0:
+                terms = self.dsc_terms(model, teacher_n, teacher_j, batch, c_j)
+                sum(terms.values()).backward()
+                self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+            _deps.average_gradients(params)  # a process without rows contributes zero gradients
             opt.step()
-            self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
             done += 1
             bar.update(1)
         bar.close()

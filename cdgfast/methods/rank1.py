@@ -10,7 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ._deps import rank1_fisher, rank1_penalty
+from . import _deps
+from ._deps import rank1_penalty
 from .base import Method, flat_params, params_of
 
 
@@ -34,7 +35,7 @@ class Rank1(Method):
     def end_task(self, model, data):
         super().end_task(model, data)
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        est = rank1_fisher(model, self.loss_fn, batches)
+        est = _deps.rank1_fisher(model, self.loss_fn, batches)
         theta = flat_params(model)
         mu = est.mean_grad.detach().to(theta)
         c = torch.tensor([float(est.coeff)], dtype=theta.dtype, device=theta.device)

@@ -116,7 +116,7 @@ def summarize(fid, kld: Optional[float] = None) -> Dict[str, object]:
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
     return {
-        "fid_matrix": [[clean(float(v)) if i <= k else None for i, v in enumerate(row)] for k, row in enumerate(m.tolist())],
+        "fid": [[clean(float(v)) if i <= k else None for i, v in enumerate(row)] for k, row in enumerate(m.tolist())],
         "afid_at_k": afid_at_k(m),
         "forgetting": clean(forgetting(m)),
         "mf": mf(m),

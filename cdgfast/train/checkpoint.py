@@ -5,6 +5,10 @@ model weights, the method's state_dict (its anchors, Fisher terms, buffers, teac
 metrics so far (FID rows, KLD, timings) and the run fingerprint (config hash). It is written to a
 temporary file in the same directory, flushed and fsynced, then moved over the old one with
 os.replace, so a crash at any moment leaves either the previous complete checkpoint or the new one.
+
+Under torchrun the ranks other than 0 also keep rank-local method state (their replay buffers are
+filled from their own rows): `checkpoints/<method>.rank<r>.task<k>.pt`, written before rank 0's
+checkpoint of task k and removed once the checkpoint of task k + 1 exists.
 """
 from __future__ import annotations
 
@@ -65,3 +69,25 @@ def load_checkpoint(out_dir: os.PathLike, method: str) -> Optional[Dict[str, Any
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rank_state_path(out_dir: os.PathLike, method: str, rank: int, task: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"{method_filename(method)}.rank{int(rank)}.task{int(task)}.pt"
+
+
+def save_rank_state(out_dir: os.PathLike, method: str, rank: int, task: int, state: Dict[str, Any]) -> Path:
+    path = rank_state_path(out_dir, method, rank, task)
+    atomic_save(state, path)
+    return path
+
+
+def load_rank_state(out_dir: os.PathLike, method: str, rank: int, task: int) -> Optional[Dict[str, Any]]:
+    path = rank_state_path(out_dir, method, rank, task)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def drop_rank_state(out_dir: os.PathLike, method: str, rank: int, task: int) -> None:
+    if task >= 0:
+        rank_state_path(out_dir, method, rank, task).unlink(missing_ok=True)

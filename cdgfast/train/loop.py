@@ -28,7 +28,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import distributed as D
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_write_text, drop_rank_state, load_checkpoint, load_rank_state, save_checkpoint,
+                         save_rank_state)
 from .data import BenchmarkData, canonical_dataset, limit_per_class, load_benchmark_data
 from .presets import SCALES, Preset, ScaleConfig, get_preset
 
@@ -373,6 +374,9 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     opt = torch.optim.Adam(params, lr=lr)
     crash = _crash_spec()
     rank, world = D.get_rank(), D.get_world_size()
+    student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
+    # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
+    resync = world > 1 and _overrides_before_step(method)
     sums: Dict[str, float] = {}
     step = 0
     bar = tqdm(total=steps, desc=f"{name} task {k + 1}/{T} train", disable=not progress, leave=False)
@@ -385,7 +389,7 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
             if world > 1:  # every rank sees the same global batch and keeps its slice
                 x, y = x[rank::world], y[rank::world]
             x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
-            terms = method.loss(model, {"x": x, "y": y})
+            terms = method.loss(student, {"x": x, "y": y})
             for tname, v in terms.items():
                 val = float(v.detach())
                 if not math.isfinite(val):
@@ -393,10 +397,11 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
                 sums[tname] = sums.get(tname, 0.0) + val
             total = sum(terms.values())
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            D.all_reduce_grads(params)
+            total.backward()  # under DDP the gradients are averaged over ranks during this backward
+            if world > 1 and step == 1:
+                _check_all_parameters_used(model, name)
             method.before_step(model)
-            if world > 1:  # a projection computed from rank-local state (A-GEM) is averaged too
+            if resync:
                 D.all_reduce_grads(params)
             opt.step()
             method.after_step(model)
@@ -410,6 +415,34 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     bar.close()
     opt.zero_grad(set_to_none=True)
     return {t: v / max(1, steps) for t, v in sums.items()}
+
+
+def _rank_method_state(out: Path, name: str, ck: dict, log) -> dict:
+    """The method state this rank saved with checkpoint `ck` (rank 0's lives in `ck` itself)."""
+    rank = D.get_rank()
+    if rank == 0:
+        return ck["method_state"]
+    mine = load_rank_state(out, name, rank, ck["completed_task"])
+    if mine is None or mine.get("fingerprint") != ck.get("fingerprint"):
+        raise RunError(f"--resume: rank {rank} has no state for {name} after task {ck['completed_task'] + 1} in "
+                       f"{out / 'checkpoints'}; resume with the same number of processes and output directory")
+    return mine["method_state"]
+
+
+def _overrides_before_step(method) -> bool:
+    from cdgfast.methods import Method
+    members = list(getattr(method, "members", [])) or [method]
+    return any(type(m).before_step is not Method.before_step for m in members)
+
+
+def _check_all_parameters_used(model, name: str) -> None:
+    """DistributedDataParallel (without find_unused_parameters) averages a gradient bucket only when all
+    of its parameters received a gradient: refuse to step on a partly reduced gradient."""
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unused:
+        raise RunError(f"method {name}: {len(unused)} trainable parameter(s) got no gradient in the training loss "
+                       f"(e.g. {unused[:3]}); torchrun training needs every trainable parameter in the loss. "
+                       f"Freeze them (requires_grad False) or run in one process.")
 
 
 def _progress_data(factory, desc, progress):
@@ -529,7 +562,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                 model.load_state_dict(ck["model"])
             except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
                 model = ck["model_object"].to(device)
-            method.load_state_dict(ck["method_state"])
+            method.load_state_dict(_rank_method_state(out, name, ck, log))
             fid_rows, klds, accs = ck["fid_rows"], ck["kld"], ck["gen_accuracy"]
             timings, losses = ck["timings"], ck["losses"]
             start = ck["completed_task"] + 1
@@ -551,13 +584,16 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
 
             t0, c0 = time.time(), time.process_time()
             method.begin_task(model, task)
+            D.decorrelate_generators(method)  # each rank its own noise for its rows while training
             loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress, on_step)
             t1 = time.time()
 
             def task_data(task=task):
                 return task_loader(train_ds, task, sc.batch_size, shuffle=False)
 
-            end_data = _progress_data(D.shard_batches(task_data), f"{name} task {k + 1} end_task pass", progress)
+            # the global stream, as in one process: the sharded estimators take each rank's share
+            end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
+            D.sync_generators(method)
             with D.sharded_estimators(progress=progress):
                 method.end_task(model, end_data)
                 method.post_task_phase(model, end_data)
@@ -573,6 +609,10 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             log(f"{name} task {k + 1}/{T}: steps {steps}, loss {loss_means.get('task', float('nan')):.4f}, "
                 f"{fid_label} per task {[round(v, 2) for v in row]}, KLD {kld:.3f}, classifier acc on samples "
                 f"{gen_acc:.2f}, time train {t1 - t0:.1f}s end_task {t2 - t1:.1f}s eval {t3 - t2:.1f}s")
+            if info.world_size > 1 and not main:  # rank-local method state (replay buffers) first
+                save_rank_state(out, name, info.rank, k, {"fingerprint": fingerprint, "completed_task": k,
+                                                           "method_state": method.state_dict()})
+            D.barrier()
             if main:
                 from .report import save_sample_grid
                 save_sample_grid(xs, ys, out / "samples" / f"{name}_task{k + 1}.png", per_class=sc.grid_per_class)
@@ -584,6 +624,8 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                     state["model_object"] = model
                 save_checkpoint(out, name, state)
             D.barrier()
+            if info.world_size > 1 and not main:
+                drop_rank_state(out, name, info.rank, k - 1)
         matrix = [row + [None] * (T - len(row)) for row in fid_rows]
         summary = summarize(matrix, kld=klds[-1])
         summary.update({"kld_at_k": klds, "classifier_accuracy_on_samples": accs, "timings": timings,
@@ -608,7 +650,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                    "fid_samples_per_class": sc.fid_samples_per_class, "ddim_steps": sc.ddim_steps,
                    "classifier_cache": clf_path, "classifier_eval_accuracy": clf_acc,
                    "inception_weights": cfg.inception,
-                   "definitions": {"fid_matrix": "fid_matrix[k][i] = FID_i(m_k), task i after training task k",
+                   "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
                                    "afid_at_k": "mean_{i<=k} FID_i(m_k)",
                                    "forgetting": "mean_{k<T} FID_k(m_T) - FID_k(m_k)",
                                    "mf": "AFID@T", "imf": "mean_k AFID@k",

@@ -80,6 +80,7 @@ def _smoke(**kw) -> ScaleConfig:
                 ddim_steps=3, classifier_epochs=2, max_train_per_class=48, grid_per_class=4,
                 method_overrides={"gd": {"pool_per_class": 8, "pool_steps": 4}, "rank1": {"fisher_max_samples": 64},
                                   "diag": {"fisher_max_samples": 64}, "ewc": {"fisher_max_samples": 64},
+                                  "ewc_dc": {"fisher_max_samples": 32},
                                   "mas": {"mas_max_samples": 32}})
     base.update(kw)
     return ScaleConfig(**base)
@@ -89,7 +90,9 @@ def _cpu(**kw) -> ScaleConfig:
     base = dict(unet="tiny", image_size=16, batch_size=64, lr=1e-3, steps_per_task=400, fid_samples_per_class=100,
                 ddim_steps=25, classifier_epochs=8, grid_per_class=8,
                 method_overrides={"gd": {"pool_per_class": 100, "pool_steps": 25}, "rank1": {"fisher_max_samples": 1024},
-                                  "diag": {"fisher_max_samples": 1024}, "ewc": {"fisher_max_samples": 1024}})
+                                  "diag": {"fisher_max_samples": 1024}, "ewc": {"fisher_max_samples": 1024},
+                                  # its B x K-row DC loss takes the exact per-sample fallback (~16x a step)
+                                  "ewc_dc": {"fisher_max_samples": 256}})
     base.update(kw)
     return ScaleConfig(**base)
 

@@ -137,7 +137,7 @@ def report_markdown(payload: dict) -> str:
     out += ["", "![AFID@k](afid.png)", "", "## FID matrix (row k: after task k; column i: task i)", ""]
     for name, r in payload["methods"].items():
         out += [f"**{name}**", "", "```"]
-        for row in r["fid_matrix"]:
+        for row in r["fid"]:
             out.append("  ".join(f"{_fmt(v):>8}" for v in row))
         out += ["```", ""]
     pt = paper_table(payload)
