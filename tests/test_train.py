@@ -99,15 +99,24 @@ def test_smoke_preset_families(tmp_path, cache_dir, preset, methods, dataset):
         assert saved["data"]["requested"] == "mnist"
 
 
-def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize("how", ["exception", "sigkill"])
+def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, monkeypatch, how):
     kw = dict(methods=["rank1+gd"], num_tasks=2)
     full = run(tiny_cfg(tmp_path / "full", cache_dir, **kw))
 
     out = tmp_path / "crashed"
-    monkeypatch.setenv("CDGFAST_CRASH_AT", "rank1+gd:1:1")  # second task, first step
-    with pytest.raises(InjectedCrash):
-        run(tiny_cfg(out, cache_dir, **kw))
-    monkeypatch.delenv("CDGFAST_CRASH_AT")
+    if how == "exception":
+        monkeypatch.setenv("CDGFAST_CRASH_AT", "rank1+gd:1:1")  # second task, first step
+        with pytest.raises(InjectedCrash):
+            run(tiny_cfg(out, cache_dir, **kw))
+        monkeypatch.delenv("CDGFAST_CRASH_AT")
+    else:  # the process is killed mid-task: no exception handler, no cleanup runs
+        env = dict(os.environ, CDGFAST_KILL_AT="rank1+gd:1:2", OMP_NUM_THREADS=str(torch.get_num_threads()))
+        argv = ["--scale", "smoke", "--steps", "2", "--fid-samples", "3", "--num-tasks", "2", "--method", "rank1+gd",
+                "--out", str(out), "--cache-dir", cache_dir, "--no-progress"]
+        proc = subprocess.run([sys.executable, "-m", "cdgfast.train"] + argv, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == -9, proc.stderr[-2000:]
     ck = torch.load(out / "checkpoints" / "rank1+gd.pt", weights_only=False)
     assert ck["completed_task"] == 0
     assert not (out / "results.json").exists()

@@ -336,8 +336,8 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------------------
-def _crash_spec():
-    spec = os.environ.get("CDGFAST_CRASH_AT")
+def _crash_spec(var: str = "CDGFAST_CRASH_AT"):
+    spec = os.environ.get(var)
     if not spec:
         return None
     m, t, s = spec.rsplit(":", 2)
@@ -373,6 +373,7 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     params = trainable_parameters(model)
     opt = torch.optim.Adam(params, lr=lr)
     crash = _crash_spec()
+    kill = _crash_spec("CDGFAST_KILL_AT")  # test hook: SIGKILL this process, no cleanup, at method:task:step
     rank, world = D.get_rank(), D.get_world_size()
     student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
     # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
@@ -412,6 +413,9 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
                 on_step(name, k, step)
             if crash is not None and crash == (name, k, step):
                 raise InjectedCrash(f"injected crash (CDGFAST_CRASH_AT) at {name}:{k}:{step}")
+            if kill is not None and kill == (name, k, step):
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
     opt.zero_grad(set_to_none=True)
     return {t: v / max(1, steps) for t, v in sums.items()}
