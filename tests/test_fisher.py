@@ -554,3 +554,73 @@ def test_triton_kernel_dispatch_matches(dtype, monkeypatch):
     Gc = naive_grads(cmodel, conv_loss, cbatch, 2)
     assert rel_err(per_sample_sq_grad_sum(cmodel, conv_loss, cbatch), (Gc * Gc).sum(0)) < RTOL[dtype]
     assert seen  # the kernels were really dispatched to
+
+
+# --------------------------------------------------------------------------------------------------
+# rows_per_sample: layers that see r sample-major rows per sample (the DC-score losses' B x K forward)
+class _RowsModel(nn.Module):
+    """Some layers see B rows (lin0), the others B * r rows made by repeat_interleave(r)."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.r = r
+        self.lin0 = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.emb = nn.Embedding(5, 4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, cond):
+        h0 = torch.tanh(self.lin0(x.mean((2, 3)).repeat(1, 3)))                    # [B, 5]
+        c = self.gn(self.conv(x.repeat_interleave(self.r, 0)))                       # [B*r, 4, 3, 3]
+        c = torch.tanh(c + self.emb(cond.reshape(-1))[:, :, None, None])
+        out = self.head(self.ln(c.mean((2, 3))))                                       # [B*r, 3]
+        return out.view(x.shape[0], self.r, 3), h0
+
+
+def _rows_loss(model, batch):
+    out, h0 = model(batch["x"], batch["cond"])
+    return out.pow(2).sum((1, 2)) + (out[:, :, 0] * h0[:, :1]).sum(1) + h0.pow(2).sum(1)
+
+
+@pytest.mark.parametrize("B,r", [(1, 3), (5, 3), (4, 2)])
+def test_rows_per_sample_against_naive_loop(B, r):
+    torch.manual_seed(B * 10 + r)
+    model = _RowsModel(r).double()
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(B, 2, 5, 5, generator=g, dtype=torch.float64),
+             "cond": torch.randint(0, 5, (B, r), generator=g)}
+    params = [p for p in model.parameters()]
+    # naive: one forward per sample, its own gradient
+    rows = []
+    for i in range(B):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(_rows_loss(model, one).sum(), params)]))
+    G = torch.stack(rows)
+    d = torch.randn(G.shape[1], generator=g, dtype=torch.float64)
+    sq = per_sample_sq_grad_sum(model, _rows_loss, batch, rows_per_sample=r)
+    dot = per_sample_grad_dot(model, _rows_loss, batch, d, method="hooks", rows_per_sample=r)
+    torch.testing.assert_close(sq, G.square().sum(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dot, G @ d, rtol=1e-10, atol=1e-12)
+    # a wrong promise about the row count only costs speed: the B*r-row layers fall back, still exact
+    wrong = per_sample_sq_grad_sum(model, _rows_loss, batch, rows_per_sample=r + 1)
+    torch.testing.assert_close(wrong, G.square().sum(0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="rows_per_sample"):
+        per_sample_sq_grad_sum(model, _rows_loss, batch, rows_per_sample=0)
+
+
+def test_rows_per_sample_keeps_the_hook_path(monkeypatch):
+    """With the promise, no parameter takes the per-sample autograd fallback; without it all B*r-row
+    layers do (which is what made ewc_dc's Fisher ~8x slower)."""
+    import cdgfast.fisher.hooks as H
+
+    calls = []
+    real = H.per_sample_grads_autograd
+    monkeypatch.setattr(H, "per_sample_grads_autograd", lambda losses, ps, **kw: calls.append(len(ps)) or real(losses, ps, **kw))
+    model = _RowsModel(3).double()
+    batch = {"x": torch.randn(4, 2, 5, 5, dtype=torch.float64), "cond": torch.randint(0, 5, (4, 3))}
+    per_sample_sq_grad_sum(model, _rows_loss, batch, rows_per_sample=3)
+    assert calls == []
+    per_sample_sq_grad_sum(model, _rows_loss, batch)
+    assert calls == [len(list(model.parameters())) - 2]  # all but lin0's weight and bias

@@ -57,7 +57,7 @@ def _tqdm(iterable, progress: bool, desc: str):
 # Per-batch primitives
 # --------------------------------------------------------------------------------------------------
 def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direction: Union[torch.Tensor, Sequence[torch.Tensor]],
-                        method: str = "auto") -> torch.Tensor:
+                        method: str = "auto", *, rows_per_sample: int = 1) -> torch.Tensor:
     """`direction . g_i` for every sample i of `batch`: a tensor [B], without per-sample gradients.
 
     direction: a flat [P] tensor (SPEC flat order) or a list of tensors shaped like the trainable
@@ -71,8 +71,10 @@ def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direct
         over one-hot cotangents in chunks): slow, exact, a reference;
       * "auto" (default): "hooks" when every trainable parameter is statically covered by the hook
         rules and no layer couples samples (`cdgfast.fisher.hooks.hook_coverage`), else "jvp".
+    rows_per_sample: see `per_sample_sq_grad_sum` (used by the hook path).
     """
     check_choice("method", method, DOT_METHODS)
+    _check_rows(rows_per_sample)
     check_loss_fn(loss_fn)
     names, params = trainable_named(model)
     param_device(params)
@@ -86,11 +88,11 @@ def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direct
         if method == "jvp":
             return jvp_grad_dot(model, loss_fn, batch, names, params, pieces, acc)
         return hooked_contractions(model, loss_fn, batch, params, acc, pieces=pieces,
-                                   force_fallback=(method == "autograd")).detach()
+                                   force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample).detach()
 
 
 def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, method: str = "auto", *,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, rows_per_sample: int = 1) -> torch.Tensor:
     """`sum_i g_i * g_i` over the samples of `batch`: a flat tensor [P]; never a B x P tensor.
 
     Computed layer by layer from activations and output gradients of one batched forward + backward
@@ -101,8 +103,15 @@ def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, met
 
     out: optional flat [P] floating tensor on the parameters' device; the sum is added into it in
     place and it is returned (how `diag_fisher` accumulates over batches). Else a new zero buffer.
+
+    rows_per_sample: r > 1 when `loss_fn` runs the model on r copies of every sample laid out
+    sample-major (`x.repeat_interleave(r, 0)`, as the DC-score losses do with one row per condition).
+    Layers that see B * r rows then keep the hook path, summing each sample's r rows; without it they
+    fall back to exact per-sample autograd (same numbers, about B times the cost). A layer that sees
+    another row count still falls back, but the r-row layout itself is the caller's promise.
     """
     check_choice("method", method, SQ_METHODS)
+    _check_rows(rows_per_sample)
     check_loss_fn(loss_fn)
     _, params = trainable_named(model)
     dev = param_device(params)
@@ -117,8 +126,13 @@ def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, met
     check_batch(batch)
     with preserved_state(model):
         hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(out, params),
-                            force_fallback=(method == "autograd"))
+                            force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample)
     return out
+
+
+def _check_rows(rows_per_sample) -> None:
+    if isinstance(rows_per_sample, bool) or not isinstance(rows_per_sample, int) or rows_per_sample < 1:
+        raise ValueError(f"rows_per_sample: expected a positive integer, got {rows_per_sample!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,12 +234,14 @@ def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: 
 
 
 def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, rows_per_sample: int = 1) -> torch.Tensor:
     """Diagonal empirical Fisher `mean_i g_i * g_i` [P] from true per-sample gradients (not the
     square of a batch gradient), summed batch by batch into one flat buffer with
     `per_sample_sq_grad_sum(..., out=buffer)`. batches: as in `rank1_fisher` (one pass, so a
-    one-shot iterator is accepted here). progress: tqdm bar over batches."""
+    one-shot iterator is accepted here). progress: tqdm bar over batches. rows_per_sample: see
+    `per_sample_sq_grad_sum`."""
     check_choice("method", method, SQ_METHODS)
+    _check_rows(rows_per_sample)
     check_loss_fn(loss_fn)
     get = _passes(batches, two_passes=False)
     _, params = trainable_named(model)
@@ -236,7 +252,7 @@ def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: s
     for batch in _tqdm(get(), progress, "diag Fisher"):
         check_batch(batch)
         before = n
-        n += _batch_size_via_sq(model, loss_fn, batch, method, buf)
+        n += _batch_size_via_sq(model, loss_fn, batch, method, buf, rows_per_sample)
         if n == before:
             raise ValueError("batch: expected at least one sample")
     if n == 0:
@@ -244,13 +260,13 @@ def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: s
     return buf.div_(n)
 
 
-def _batch_size_via_sq(model, loss_fn, batch, method, buf) -> int:
+def _batch_size_via_sq(model, loss_fn, batch, method, buf, rows_per_sample: int = 1) -> int:
     """Add one batch's sum_i g_i^2 into buf and return its number of samples."""
     _, params = trainable_named(model)
     acc = result_dtype(params)
     with preserved_state(model):
         return int(hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(buf, params),
-                                       force_fallback=(method == "autograd")))
+                                       force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample))
 
 
 __all__ = ["Rank1Fisher", "per_sample_grad_dot", "per_sample_sq_grad_sum", "rank1_fisher", "diag_fisher"]

@@ -82,7 +82,9 @@ class EWCDC(EWC):
                 b["cond"] = self.conditions(b["y"])
                 yield b
 
-        return _deps.diag_fisher(model, self.ewc_loss_fn, batches)
+        # every sample's K condition rows are consecutive (repeat_interleave), so the hook path applies
+        rows = 2 + min(int(self.config["k"]) - 2, len(self.previous_classes()))
+        return _deps.diag_fisher(model, self.ewc_loss_fn, batches, rows_per_sample=rows)
 
 
 class DSC(Method):

@@ -270,7 +270,7 @@ def distributed_rank1_fisher(model: torch.nn.Module, loss_fn, batches, *, method
 
 
 def distributed_diag_fisher(model: torch.nn.Module, loss_fn, batches, *, method: str = "auto",
-                            progress: bool = True) -> torch.Tensor:
+                            progress: bool = True, rows_per_sample: int = 1) -> torch.Tensor:
     """cdgfast.fisher.diag_fisher over the union of every rank's `batches`: all-reduced
     sum_i g_i * g_i (cdgfast.fisher.per_sample_sq_grad_sum) / all-reduced count."""
     from cdgfast.fisher import per_sample_sq_grad_sum
@@ -282,7 +282,8 @@ def distributed_diag_fisher(model: torch.nn.Module, loss_fn, batches, *, method:
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=dev)
     count = torch.zeros(1, dtype=torch.float64, device=dev)
     for b in _bar(first(), progress, "diag Fisher (sharded)"):
-        total += per_sample_sq_grad_sum(model, loss_fn, b, method=method).to(torch.float64)
+        total += per_sample_sq_grad_sum(model, loss_fn, b, method=method,
+                                        rows_per_sample=rows_per_sample).to(torch.float64)
         count += (b["x"] if isinstance(b, dict) else b[0]).shape[0]
     all_reduce_flat(total)
     all_reduce_flat(count)

@@ -306,7 +306,7 @@ class Evaluator:
         xs = []
         for i in tqdm(mine, desc=f"sampling {key[0]} task {key[1] + 1}", disable=not self.progress, leave=False):
             y = labels[i * chunk:(i + 1) * chunk]
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "eval", *key, i))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "eval", key[1], i))  # same for every method
             xs.append(ddim_sample(model, y.to(self.device), schedule=self.schedule, num_steps=self.sc.ddim_steps,
                                   generator=g))
         if D.get_world_size() > 1:
@@ -358,7 +358,10 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
         elif "+" in base and member in base.split("+"):
             # inserted after the preset's bare keys, so Compose.route_overrides lets them win for this member
             overrides.update({f"{member}.{k}": v for k, v in kw.items()})
-    overrides["seed"] = derive_seed(seed, name, "method")
+    # Common random numbers: every method gets the same seeds (method noise, data order, evaluation
+    # noise), so on task 1, where the rank-1 paper's methods all reduce to plain training, they train the
+    # same model, and later differences come from the methods rather than from the draws.
+    overrides["seed"] = derive_seed(seed, "method")
     try:
         return create(base, **overrides), bool(spec and spec["cumulative"])
     except ValueError as exc:
@@ -572,7 +575,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             start = ck["completed_task"] + 1
             log(f"{name}: resuming after task {start} of {T} from {out / 'checkpoints'}")
         for k in range(start, T):
-            seed_everything(derive_seed(cfg.seed, name, k))
+            seed_everything(derive_seed(cfg.seed, k))
             task = tasks[k]
             if cumulative:
                 task = Task(index=k, classes=[c for t in tasks[:k + 1] for c in t.classes],
@@ -581,7 +584,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                 steps = sc.first_task_steps if (k == 0 and sc.first_task_steps) else sc.steps_per_task
             else:
                 steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size))
-            data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, name, k, "data"))
+            data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, k, "data"))
 
             def loader_factory(task=task, g=data_gen):
                 return task_loader(train_ds, task, sc.batch_size, shuffle=True, generator=g)

@@ -91,8 +91,7 @@ def _cpu(**kw) -> ScaleConfig:
                 ddim_steps=25, classifier_epochs=8, grid_per_class=8,
                 method_overrides={"gd": {"pool_per_class": 100, "pool_steps": 25}, "rank1": {"fisher_max_samples": 1024},
                                   "diag": {"fisher_max_samples": 1024}, "ewc": {"fisher_max_samples": 1024},
-                                  # its B x K-row DC loss takes the exact per-sample fallback (~16x a step)
-                                  "ewc_dc": {"fisher_max_samples": 256}})
+                                  "ewc_dc": {"fisher_max_samples": 1024}})
     base.update(kw)
     return ScaleConfig(**base)
 
