@@ -66,7 +66,7 @@ def test_run_api_rejects_unknown_names(tmp_path):
 
 
 @pytest.mark.parametrize("preset, methods, dataset", [
-    ("default", ["gd"], None),
+    ("default", ["gd", "finetune"], None),
     ("rank1-mnist", ["joint", "diag"], None),          # MNIST train set missing here -> substitution
     ("ccd-mnist-512", ["ccd"], "digits"),
     ("gd-fmnist", ["gr"], "digits"),
@@ -97,6 +97,12 @@ def test_smoke_preset_families(tmp_path, cache_dir, preset, methods, dataset):
         assert "substitution" in report
     if preset == "rank1-mnist":
         assert saved["data"]["requested"] == "mnist"
+    if methods == ["gd", "finetune"]:
+        # common random numbers: on task 1 both are plain training with the same draws -> the same model;
+        # on task 2 gd's distillation makes them differ
+        a, b = res["methods"]["gd"], res["methods"]["finetune"]
+        assert a["fid"][0] == b["fid"][0] and a["loss_means"][0] == b["loss_means"][0]
+        assert a["fid"][1] != b["fid"][1]
 
 
 @pytest.mark.parametrize("how", ["exception", "sigkill"])
