@@ -193,7 +193,7 @@ def _build() -> Dict[str, Preset]:
                     "(a few CPU minutes)",
         dataset="digits", num_tasks=5, classes_per_task=2, methods=["finetune", "gd", "rank1+gd"],
         # rank1 lam: the paper's 15000 over-constrains this short CPU schedule (70 steps a task): measured
-        # rank1+gd MF 16.96 / 14.31 / 7.91 with lam 15000 / 1000 / 100 (classifier-FID, seed 0); the
+        # rank1+gd MF 16.96 / 14.31 / 7.91 with lam 15000 / 1000 / 100 (classifier-FID, seed 0, per-method seeds); the
         # paper scale keeps 15000.
         method_overrides={"gd": {"replay": "pool", "lam_gd": 1.0}, "rank1": {"lam": 100.0}},
         scales={
