@@ -282,3 +282,36 @@ def test_torchrun_cli_two_processes_with_crash_and_resume(tmp_path):
     assert "er: resuming after task 1" in log and "world size 2" in log
     # rank 1's state of the last task is kept, the older one removed once rank 0's checkpoint moved on
     assert (ck / "er.rank1.task1.pt").is_file() and not (ck / "er.rank1.task0.pt").exists()
+
+
+def _ccd_worker(rank, world, port, out_dir):
+    """CCD trains its label regressor inside `loss` on this rank's rows: averaged gradients keep one regressor."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    D.init_from_env("cpu")
+    from cdgfast.diffusion import NoiseSchedule
+    from cdgfast.methods import create
+    from cdgfast.models.unet import tiny_unet
+
+    torch.manual_seed(0)
+    model = tiny_unet(num_classes=4, sample_size=8)
+    m = create("ccd", seed=1, buffer_size=8)
+    m.setup(num_classes=4, schedule=NoiseSchedule())
+    m.begin_task(model, type("T", (), {"classes": [0, 1], "index": 0})())
+    g = torch.Generator().manual_seed(2)
+    with D.sharded_estimators(progress=False):
+        for _ in range(2):
+            x, y = D.local_rows(torch.randn(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
+            m.loss(model, {"x": x, "y": y})
+    torch.save({k: v.detach().clone() for k, v in m.regressor.state_dict().items()},
+               os.path.join(out_dir, f"ccd{rank}.pt"))
+    D.barrier()
+    D.cleanup()
+
+
+def test_ccd_regressor_stays_one_across_ranks(tmp_path):
+    mp.spawn(_ccd_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"ccd{r}.pt") for r in (0, 1))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -4,7 +4,8 @@ call these; they never re-implement their math.
 The estimators and the replay-pool generator are looked up here at call time (`_deps.rank1_fisher(...)`,
 not a name bound at import), so that `cdgfast.train.distributed.sharded_estimators` can swap in the
 sharded versions for a torchrun run. `local_rows` and `average_gradients` are the two data-parallel
-hooks of a method's own inner optimisation loop (DSC's consolidation phase): identity / no-op in one
+hooks of a method's own optimisation of something besides the model's training step (DSC's
+consolidation phase, CCD's label regressor): identity / no-op in one
 process, "this rank's rows" / "all-reduce mean of the gradients" inside `sharded_estimators`."""
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import NoiseSchedule, predict_eps
+from . import _deps
 from ._deps import ClassBalancedBuffer, bregman_distill, hutchinson_metric
 from .base import Method, frozen_copy, reusable
 
@@ -112,6 +113,7 @@ class CCD(Method):
         with torch.enable_grad():
             ce = F.cross_entropy(self.regressor(feat), y)
             ce.backward()
+        _deps.average_gradients(list(self.regressor.parameters()))  # one regressor for all processes
         self.regressor_opt.step()
         self.regressor_opt.zero_grad(set_to_none=True)
         self.last_regressor_ce = float(ce.detach())

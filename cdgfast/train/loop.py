@@ -592,7 +592,9 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             t0, c0 = time.time(), time.process_time()
             method.begin_task(model, task)
             D.decorrelate_generators(method)  # each rank its own noise for its rows while training
-            loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress, on_step)
+            with D.sharded_estimators(progress=progress):  # the methods' data-parallel hooks (CCD's regressor)
+                loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
+                                         on_step)
             t1 = time.time()
 
             def task_data(task=task):
