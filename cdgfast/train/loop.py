@@ -348,7 +348,7 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
     from cdgfast.methods import create
 
     spec = TRAINER_METHODS.get(name)
-    base = spec["base"] if spec else name
+    base = _method_base(name)
     overrides = preset.overrides_for(base, scale)
     if spec:
         overrides.update(spec["overrides"])
@@ -424,7 +424,7 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     return {t: v / max(1, steps) for t, v in sums.items()}
 
 
-def _rank_method_state(out: Path, name: str, ck: dict, log) -> dict:
+def _rank_method_state(out: Path, name: str, ck: dict) -> dict:
     """The method state this rank saved with checkpoint `ck` (rank 0's lives in `ck` itself)."""
     rank = D.get_rank()
     if rank == 0:
@@ -569,7 +569,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                 model.load_state_dict(ck["model"])
             except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
                 model = ck["model_object"].to(device)
-            method.load_state_dict(_rank_method_state(out, name, ck, log))
+            method.load_state_dict(_rank_method_state(out, name, ck))
             fid_rows, klds, accs = ck["fid_rows"], ck["kld"], ck["gen_accuracy"]
             timings, losses = ck["timings"], ck["losses"]
             start = ck["completed_task"] + 1
