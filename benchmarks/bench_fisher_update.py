@@ -99,45 +99,18 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
         rows.append(C.row(FAMILY, "flat copy", "torch copy_ (yardstick)", time_ms=t_copy,
                           note=f"{bw_copy:.2f} GB/s", **tag))
 
-        # ---- add_squared: F += g*g ----
-        case = "add_squared"
-        impls = []
-        if acc_mod is not None:
-            acc = acc_mod.FisherAccumulator(P, device=cfg.device)
-            impls.append((OURS_LIST, lambda: acc.add_squared(src, 1)))
-        else:
-            rows.append(C.unavailable(FAMILY, case, "cdgfast FisherAccumulator", "accumulator missing", **tag))
-        if fp is not None:
-            acc_t = acc_mod.FisherAccumulator(P, device=cfg.device)
-            impls.append((OURS_TILED, lambda: acc_t.add_squared([p.grad for p in fp.params], 1)))
-            impls.append((OURS_FLAT, lambda: acc_t.add_squared(fp.grad, 1)))
-
-        def loop_sq():
-            for F, t in zip(per_param, src):
-                F += t ** 2
-
-        impls += [("loop (per-parameter F[n] += g[n]**2)", loop_sq),
-                  ("foreach (_foreach_addcmul_ on prebuilt slices)", lambda: torch._foreach_addcmul_(views, src, src))]
-        _measure(rows, targets, cfg, case, impls, P, bw_copy, reps, tag, set_name)
-
-        # ---- add_sq_grads: F += sq ----
-        case = "add_sq_grads"
-        impls = []
-        if acc_mod is not None:
-            acc2 = acc_mod.FisherAccumulator(P, device=cfg.device)
-            impls.append((OURS_LIST, lambda: acc2.add_sq_grads(src, 1)))
-        if fp is not None:
-            acc2t = acc_mod.FisherAccumulator(P, device=cfg.device)
-            impls.append((OURS_TILED, lambda: acc2t.add_sq_grads([p.grad for p in fp.params], 1)))
-            impls.append((OURS_FLAT, lambda: acc2t.add_sq_grads(fp.grad, 1)))
-
-        def loop_add():
-            for F, t in zip(per_param, src):
-                F += t
-
-        impls += [("loop (per-parameter F[n] += sq[n])", loop_add),
-                  ("foreach (_foreach_add_ on prebuilt slices)", lambda: torch._foreach_add_(views, src))]
-        _measure(rows, targets, cfg, case, impls, P, bw_copy, reps, tag, set_name)
+        # ---- add_squared: F += g*g, and add_sq_grads: F += sq ----
+        for case, square, loop_name, foreach_name in (
+                ("add_squared", True, "loop (per-parameter F[n] += g[n]**2)",
+                 "foreach (_foreach_addcmul_ on prebuilt slices)"),
+                ("add_sq_grads", False, "loop (per-parameter F[n] += sq[n])",
+                 "foreach (_foreach_add_ on prebuilt slices)")):
+            impls = _accumulate_impls(acc_mod, fp, case, P, src, cfg.device)
+            if acc_mod is None:
+                rows.append(C.unavailable(FAMILY, case, "cdgfast FisherAccumulator", "accumulator missing", **tag))
+            impls += [(loop_name, _loop_accumulate(per_param, src, square)),
+                      (foreach_name, _foreach_accumulate(views, src, square))]
+            _measure(rows, targets, cfg, case, impls, P, bw_copy, reps, tag, set_name)
 
         # ---- online update: F <- gamma F + F_new ----
         case = "online_update"
@@ -168,6 +141,41 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
         _check_correct(rows, acc_mod, fp is not None, cfg, shapes, tag)
         del fp, grads
     return C.fill_ratios(rows), targets
+
+
+def _accumulate_impls(acc_mod, fp, method, P, src, device):
+    """Our implementations of FisherAccumulator.<method> (add_squared or add_sq_grads): per-parameter
+    tensors, and with a flattened model `fp` its [p.grad ...] list and its flat gradient."""
+    impls = []
+    if acc_mod is None:
+        return impls
+    add = getattr(acc_mod.FisherAccumulator(P, device=device), method)
+    impls.append((OURS_LIST, lambda: add(src, 1)))
+    if fp is not None:
+        add_t = getattr(acc_mod.FisherAccumulator(P, device=device), method)
+        impls.append((OURS_TILED, lambda: add_t([p.grad for p in fp.params], 1)))
+        impls.append((OURS_FLAT, lambda: add_t(fp.grad, 1)))
+    return impls
+
+
+def _loop_accumulate(per_param, src, square):
+    """The usual EWC code: F[n] += g[n]**2 (or F[n] += sq[n]), one parameter at a time (the choice made
+    outside the timed loop)."""
+    if square:
+        def loop():
+            for F, t in zip(per_param, src):
+                F += t ** 2
+    else:
+        def loop():
+            for F, t in zip(per_param, src):
+                F += t
+    return loop
+
+
+def _foreach_accumulate(views, src, square):
+    if square:
+        return lambda: torch._foreach_addcmul_(views, src, src)
+    return lambda: torch._foreach_add_(views, src)
 
 
 def _measure(rows, targets, cfg, case, impls, P, bw_copy, reps, tag, set_name):

@@ -106,22 +106,14 @@ __device__ __forceinline__ void fu_body(Dst* __restrict__ fisher, const i64* __r
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FU_THREADS)
-fisher_update_f32_f32(float* fisher, const i64* table, int num_tensors, double gamma, double scale, int square) {
-    fu_body<float, float>(fisher, table, num_tensors, gamma, scale, square);
-}
+// One extern "C" entry point per (F, g) type pair, named as in the list at the top.
+#define FU_KERNEL(name, Dst, Tag)                                                                            \
+    extern "C" __global__ void __launch_bounds__(FU_THREADS)                                                 \
+    name(Dst* fisher, const i64* table, int num_tensors, double gamma, double scale, int square) {          \
+        fu_body<Dst, Tag>(fisher, table, num_tensors, gamma, scale, square);                                 \
+    }
 
-extern "C" __global__ void __launch_bounds__(FU_THREADS)
-fisher_update_f32_f16(float* fisher, const i64* table, int num_tensors, double gamma, double scale, int square) {
-    fu_body<float, fu_half_tag>(fisher, table, num_tensors, gamma, scale, square);
-}
-
-extern "C" __global__ void __launch_bounds__(FU_THREADS)
-fisher_update_f32_bf16(float* fisher, const i64* table, int num_tensors, double gamma, double scale, int square) {
-    fu_body<float, fu_bf16_tag>(fisher, table, num_tensors, gamma, scale, square);
-}
-
-extern "C" __global__ void __launch_bounds__(FU_THREADS)
-fisher_update_f64_f64(double* fisher, const i64* table, int num_tensors, double gamma, double scale, int square) {
-    fu_body<double, double>(fisher, table, num_tensors, gamma, scale, square);
-}
+FU_KERNEL(fisher_update_f32_f32, float, float)
+FU_KERNEL(fisher_update_f32_f16, float, fu_half_tag)
+FU_KERNEL(fisher_update_f32_bf16, float, fu_bf16_tag)
+FU_KERNEL(fisher_update_f64_f64, double, double)

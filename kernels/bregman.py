@@ -21,24 +21,17 @@ is the fp32 one for every dtype (as in the composite).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype as _acc_dtype
+from ._common import acc_scalar, chunk_grid, next_pow2, split_f32
+from ._common import use_tuned as _use_tuned
+
 __all__ = ["bregman_distill"]
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_tuned(x: torch.Tensor) -> bool:
-    """GPU launch path (autotuned kernels, GPU tile heuristic); tests may patch it to exercise that path."""
-    return x.is_cuda and not _interpreted()
 
 
 @triton.jit
@@ -67,15 +60,11 @@ def _bregman_kernel(
     t = tl.program_id(1)
     if ACC_F64:
         acc_dtype = tl.float64
-        # float scalars reach a GPU kernel as fp32: fp64 gets them as hi + lo fp32 pairs
-        kappa = tl.cast(kappa_hi, tl.float64) + tl.cast(kappa_lo, tl.float64)
-        inv_n = tl.cast(inv_n_hi, tl.float64) + tl.cast(inv_n_lo, tl.float64)
-        grad_scale = tl.cast(gs_hi, tl.float64) + tl.cast(gs_lo, tl.float64)
     else:
         acc_dtype = tl.float32
-        kappa = kappa_hi
-        inv_n = inv_n_hi
-        grad_scale = gs_hi
+    kappa = acc_scalar(kappa_hi, kappa_lo, ACC_F64)
+    inv_n = acc_scalar(inv_n_hi, inv_n_lo, ACC_F64)
+    grad_scale = acc_scalar(gs_hi, gs_lo, ACC_F64)
     if HAS_H:
         hacc = tl.zeros([BLOCK_T], dtype=acc_dtype)
         offs_t0 = tl.arange(0, BLOCK_T)
@@ -110,23 +99,9 @@ _hsum_tuned = triton.autotune(configs=_WARPS, key=["N", "BLOCK_S"])(_hsum_kernel
 _bregman_tuned = triton.autotune(configs=_WARPS, key=["N", "BLOCK_S", "HAS_H"])(_bregman_kernel)
 
 
-def _split(x: float):
-    """x as two fp32 numbers hi + lo (about 48 significant bits): float kernel arguments are fp32."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _tiles(N: int, B: int, on_gpu: bool):
-    block_s = max(16, min(_next_pow2(N), 2048 if on_gpu else 32))  # small CPU tiles: tests cover chunks
-    tiles = triton.cdiv(N, block_s)
-    target_programs = 1024 if on_gpu else 4
-    t = max(1, min(tiles, triton.cdiv(target_programs, B)))
-    chunk = triton.cdiv(tiles, t) * block_s
-    return block_s, chunk, triton.cdiv(N, chunk)
+    block_s = max(16, min(next_pow2(N), 2048 if on_gpu else 32))  # small CPU tiles: tests cover chunks
+    return (block_s, *chunk_grid(N, block_s, B, on_gpu))
 
 
 def bregman_distill(
@@ -139,7 +114,7 @@ def bregman_distill(
     t2 = teacher.to(student.dtype).contiguous().reshape(B, N)
     on_gpu = _use_tuned(student)
     f64 = student.dtype == torch.float64
-    acc_dtype = torch.float64 if f64 else torch.float32
+    acc_dtype = _acc_dtype(student)
     block_s, chunk, T = _tiles(N, B, on_gpu)
     has_h = precond is not None
     if has_h:
@@ -154,9 +129,9 @@ def bregman_distill(
         hpart = torch.empty((1,), device=student.device, dtype=acc_dtype)
     grad = torch.empty_like(s2)
     lpart = torch.empty((B, T), device=student.device, dtype=acc_dtype)
-    args = (s2, t2, h2, hpart, grad, lpart, N, T, chunk, *_split(float(kappa)), *_split(1.0 / N),
-            *_split(2.0 / (B * N)), torch.finfo(torch.float32).tiny)
-    block_t = max(1, min(_next_pow2(T), 1024))
+    args = (s2, t2, h2, hpart, grad, lpart, N, T, chunk, *split_f32(float(kappa)), *split_f32(1.0 / N),
+            *split_f32(2.0 / (B * N)), torch.finfo(torch.float32).tiny)
+    block_t = max(1, min(next_pow2(T), 1024))
     if on_gpu:
         _bregman_tuned[(B, T)](*args, HAS_H=has_h, ACC_F64=f64, BLOCK_S=block_s, BLOCK_T=block_t)
     else:

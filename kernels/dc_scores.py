@@ -28,25 +28,17 @@ fp64 runs receive 1/N and 1/tau as hi + lo fp32 pairs.
 """
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype as _acc_dtype
+from ._common import acc_scalar, chunk_grid, next_pow2, split_f32
+from ._common import use_tuned as _use_tuned
+
 __all__ = ["dc_errors", "dc_scores", "dc_cross_entropy", "dc_apply_coef"]
 
 _MODE_ERRORS, _MODE_SCORES, _MODE_CE = 0, 1, 2
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_tuned(x: torch.Tensor) -> bool:
-    """GPU launch path (autotuned kernels, GPU tile heuristic); tests may patch it to exercise that path."""
-    return x.is_cuda and not _interpreted()
 
 
 @triton.jit
@@ -57,6 +49,27 @@ def _masked_log_softmax(err, mask_k, inv_tau):
     ez = tl.where(mask_k, tl.exp(z - m), 0.0)
     se = tl.sum(ez, axis=0)
     return z - m - tl.log(se), ez / se
+
+
+@triton.jit
+def _dc_outputs(err, b, K, offs_k, mask_k, inv_n, inv_tau, q_ptr, err_ptr, logp_ptr, loss_ptr,
+                MODE: tl.constexpr):
+    """The outputs of sample b from its errors err[k] (accumulation dtype), shared by the reduce and the
+    single-kernel paths: err (MODE 0), logp (MODE 1, 2), the loss (MODE 2). Returns the cross-entropy
+    coefficient coef_k = d loss / d err_k * 2 / N in MODE 2 (err otherwise, unused)."""
+    coef = err
+    if MODE == 0:
+        tl.store(err_ptr + b * K + offs_k, err.to(err_ptr.dtype.element_ty), mask=mask_k)
+    else:
+        logp, prob = _masked_log_softmax(err, mask_k, inv_tau)
+        tl.store(logp_ptr + b * K + offs_k, logp.to(logp_ptr.dtype.element_ty), mask=mask_k)
+        if MODE == 2:
+            q = tl.load(q_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(err.dtype)
+            # masked lanes hold logp = -inf; zero them so that 0 * -inf does not make a nan
+            loss = -tl.sum(q * tl.where(mask_k, logp, 0.0), axis=0)
+            tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
+            coef = (q - prob * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
+    return coef
 
 
 @triton.jit
@@ -102,30 +115,18 @@ def _dc_reduce_kernel(
     offs_t0 = tl.arange(0, BLOCK_T)
     if ACC_F64:
         acc = tl.zeros([BLOCK_K, BLOCK_T], dtype=tl.float64)
-        # float scalars reach a GPU kernel as fp32: fp64 gets them as hi + lo fp32 pairs
-        inv_n = tl.cast(inv_n_hi, tl.float64) + tl.cast(inv_n_lo, tl.float64)
-        inv_tau = tl.cast(inv_tau_hi, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_T], dtype=tl.float32)
-        inv_n = inv_n_hi
-        inv_tau = inv_tau_hi
+    inv_n = acc_scalar(inv_n_hi, inv_n_lo, ACC_F64)
+    inv_tau = acc_scalar(inv_tau_hi, inv_tau_lo, ACC_F64)
     rows = partial_ptr + (b * K + offs_k)[:, None] * T
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + offs_t0
         acc += tl.load(rows + offs_t[None, :], mask=mask_k[:, None] & (offs_t < T)[None, :], other=0.0)
     err = tl.sum(acc, axis=1) * inv_n
-    if MODE == 0:
-        tl.store(err_ptr + b * K + offs_k, err.to(err_ptr.dtype.element_ty), mask=mask_k)
-    else:
-        logp, prob = _masked_log_softmax(err, mask_k, inv_tau)
-        tl.store(logp_ptr + b * K + offs_k, logp.to(logp_ptr.dtype.element_ty), mask=mask_k)
-        if MODE == 2:
-            q = tl.load(q_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(acc.dtype)
-            # masked lanes hold logp = -inf; zero them so that 0 * -inf does not make a nan
-            loss = -tl.sum(q * tl.where(mask_k, logp, 0.0), axis=0)
-            tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
-            coef = (q - prob * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
-            tl.store(coef_ptr + b * K + offs_k, coef, mask=mask_k)
+    coef = _dc_outputs(err, b, K, offs_k, mask_k, inv_n, inv_tau, q_ptr, err_ptr, logp_ptr, loss_ptr, MODE)
+    if MODE == 2:
+        tl.store(coef_ptr + b * K + offs_k, coef, mask=mask_k)
 
 
 @triton.jit
@@ -168,12 +169,10 @@ def _dc_fused_kernel(
     b = tl.program_id(0).to(tl.int64)
     if ACC_F64:
         acc_dtype = tl.float64
-        inv_n = tl.cast(inv_n_hi, tl.float64) + tl.cast(inv_n_lo, tl.float64)
-        inv_tau = tl.cast(inv_tau_hi, tl.float64) + tl.cast(inv_tau_lo, tl.float64)
     else:
         acc_dtype = tl.float32
-        inv_n = inv_n_hi
-        inv_tau = inv_tau_hi
+    inv_n = acc_scalar(inv_n_hi, inv_n_lo, ACC_F64)
+    inv_tau = acc_scalar(inv_tau_hi, inv_tau_lo, ACC_F64)
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     offs_s0 = tl.arange(0, BLOCK_S)
@@ -187,27 +186,19 @@ def _dc_fused_kernel(
         d = p.to(acc_dtype) - e[None, :]
         acc += d * d
     err = tl.sum(acc, axis=1) * inv_n
-    if MODE == 0:
-        tl.store(err_ptr + b * K + offs_k, err.to(err_ptr.dtype.element_ty), mask=mask_k)
-    else:
-        logp, prob = _masked_log_softmax(err, mask_k, inv_tau)
-        tl.store(logp_ptr + b * K + offs_k, logp.to(logp_ptr.dtype.element_ty), mask=mask_k)
-        if MODE == 2:
-            q = tl.load(q_ptr + b * K + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-            loss = -tl.sum(q * tl.where(mask_k, logp, 0.0), axis=0)
-            tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
-            coef = (q - prob * tl.sum(q, axis=0)) * (2.0 * inv_tau * inv_n)
-            # second pass: the gradient, while the sample's data is still hot in L2
-            for s0 in range(0, N, BLOCK_S):
-                offs_s = s0 + offs_s0
-                mask_s = offs_s < N
-                mask = mask_k[:, None] & mask_s[None, :]
-                e = tl.load(eps_ptr + b * N + offs_s, mask=mask_s, other=0.0).to(acc_dtype)
-                p = tl.load(pred_ptr + rows + offs_s[None, :], mask=mask, other=0.0).to(acc_dtype)
-                g = coef[:, None] * (p - e[None, :])
-                tl.store(gpred_ptr + rows + offs_s[None, :], g.to(gpred_ptr.dtype.element_ty), mask=mask)
-                geps = -tl.sum(tl.where(mask, g, 0.0), axis=0)
-                tl.store(geps_ptr + b * N + offs_s, geps.to(geps_ptr.dtype.element_ty), mask=mask_s)
+    coef = _dc_outputs(err, b, K, offs_k, mask_k, inv_n, inv_tau, q_ptr, err_ptr, logp_ptr, loss_ptr, MODE)
+    if MODE == 2:
+        # second pass: the gradient, while the sample's data is still hot in L2
+        for s0 in range(0, N, BLOCK_S):
+            offs_s = s0 + offs_s0
+            mask_s = offs_s < N
+            mask = mask_k[:, None] & mask_s[None, :]
+            e = tl.load(eps_ptr + b * N + offs_s, mask=mask_s, other=0.0).to(acc_dtype)
+            p = tl.load(pred_ptr + rows + offs_s[None, :], mask=mask, other=0.0).to(acc_dtype)
+            g = coef[:, None] * (p - e[None, :])
+            tl.store(gpred_ptr + rows + offs_s[None, :], g.to(gpred_ptr.dtype.element_ty), mask=mask)
+            geps = -tl.sum(tl.where(mask, g, 0.0), axis=0)
+            tl.store(geps_ptr + b * N + offs_s, geps.to(geps_ptr.dtype.element_ty), mask=mask_s)
 
 
 # --- GPU autotuning -----------------------------------------------------------------------------
@@ -229,27 +220,13 @@ _grad_tuned = triton.autotune(
 )(_dc_grad_kernel)
 
 
-def _split(x: float):
-    """x as two fp32 numbers hi + lo (about 48 significant bits): float kernel arguments are fp32."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _tiles(K: int, N: int, B: int, on_gpu: bool):
     """Heuristic tile shape for stage 1: about 2-4K elements per tile, enough programs to fill a GPU."""
-    block_k = min(_next_pow2(K), 16)
+    block_k = min(next_pow2(K), 16)
     elems = 4096 if on_gpu else 64  # small CPU tiles: the interpreter tests cover several chunks
-    block_s = max(16, min(_next_pow2(N), elems // block_k))
+    block_s = max(16, min(next_pow2(N), elems // block_k))
     kc = triton.cdiv(K, block_k)
-    tiles = triton.cdiv(N, block_s)
-    target_programs = 1024 if on_gpu else 4
-    t = max(1, min(tiles, triton.cdiv(target_programs, B * kc)))
-    chunk = triton.cdiv(tiles, t) * block_s
-    t = triton.cdiv(N, chunk)
+    chunk, t = chunk_grid(N, block_s, B * kc, on_gpu)
     return block_k, block_s, chunk, t, kc
 
 
@@ -268,7 +245,7 @@ def _flatten(pred: torch.Tensor, eps: torch.Tensor):
 def _partials(pred3, eps2, B, K, N):
     on_gpu = _use_tuned(pred3)
     block_k, block_s, chunk, t, kc = _tiles(K, N, B, on_gpu)
-    acc_dtype = torch.float64 if _acc_f64(pred3) else torch.float32
+    acc_dtype = _acc_dtype(pred3)
     partial = torch.empty((B, K, t), device=pred3.device, dtype=acc_dtype)
     kern = _partial_tuned if on_gpu else _dc_partial_kernel
     if on_gpu:
@@ -283,8 +260,8 @@ def _partials(pred3, eps2, B, K, N):
 def _reduce(partial, t, B, K, N, tau, mode, out_dtype, q=None):
     dev = partial.device
     acc_dtype = partial.dtype
-    block_k = _next_pow2(K)
-    block_t = max(1, min(_next_pow2(t), max(1, 4096 // block_k)))
+    block_k = next_pow2(K)
+    block_t = max(1, min(next_pow2(t), max(1, 4096 // block_k)))
     err = torch.empty((B, K), device=dev, dtype=out_dtype) if mode == _MODE_ERRORS else None
     logp = torch.empty((B, K), device=dev, dtype=out_dtype) if mode != _MODE_ERRORS else None
     loss = torch.empty((B,), device=dev, dtype=out_dtype) if mode == _MODE_CE else None
@@ -294,7 +271,7 @@ def _reduce(partial, t, B, K, N, tau, mode, out_dtype, q=None):
         partial, q if q is not None else dummy,
         err if err is not None else dummy, logp if logp is not None else dummy,
         loss if loss is not None else dummy, coef if coef is not None else dummy,
-        K, t, *_split(1.0 / N), *_split(1.0 / float(tau)),
+        K, t, *split_f32(1.0 / N), *split_f32(1.0 / float(tau)),
         MODE=mode, ACC_F64=acc_dtype == torch.float64, BLOCK_K=block_k, BLOCK_T=block_t,
         num_warps=4,
     )
@@ -304,13 +281,13 @@ def _reduce(partial, t, B, K, N, tau, mode, out_dtype, q=None):
 def _apply_coef(pred3, eps2, coef, B, K, N):
     gpred = torch.empty_like(pred3)
     geps = torch.empty_like(eps2)
-    block_k = min(_next_pow2(K), 8)
+    block_k = min(next_pow2(K), 8)
     if _use_tuned(pred3):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_S"]), B)  # noqa: E731
         _grad_tuned[grid](pred3, eps2, coef.contiguous(), gpred, geps, K, N,
                           ACC_F64=_acc_f64(pred3), BLOCK_K=block_k)
     else:
-        block_s = max(16, min(_next_pow2(N), 128))
+        block_s = max(16, min(next_pow2(N), 128))
         _dc_grad_kernel[(triton.cdiv(N, block_s), B)](
             pred3, eps2, coef.contiguous(), gpred, geps, K, N,
             ACC_F64=_acc_f64(pred3), BLOCK_K=block_k, BLOCK_S=block_s, num_warps=4)
@@ -335,7 +312,7 @@ def _fused(pred3, eps2, B, K, N, tau, mode, out_dtype, q=None):
     dummy = eps2
     args = [pred3, eps2, q if q is not None else dummy] + [x if x is not None else dummy
                                                            for x in (err, logp, loss, gpred, geps)]
-    args += [K, N, *_split(1.0 / N), *_split(1.0 / float(tau))]
+    args += [K, N, *split_f32(1.0 / N), *split_f32(1.0 / float(tau))]
     meta = dict(MODE=mode, ACC_F64=_acc_f64(pred3), BLOCK_K=block_k, BLOCK_S=block_s)
     if on_gpu:
         _fused_tuned[(B,)](*args, **meta)
@@ -373,7 +350,7 @@ def dc_cross_entropy(pred: torch.Tensor, eps: torch.Tensor, q: torch.Tensor, tau
     sample (not reduced) and have the shapes of ``pred`` and ``eps``.
     """
     pred3, eps2, B, K, N = _flatten(pred, eps)
-    q = q.to(torch.float64 if _acc_f64(pred3) else torch.float32).contiguous()
+    q = q.to(_acc_dtype(pred3)).contiguous()
     out = _fused(pred3, eps2, B, K, N, tau, _MODE_CE, pred.dtype, q=q)
     if out is not None:
         _, logp, loss, gpred, geps = out
@@ -388,6 +365,6 @@ def dc_apply_coef(pred: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor):
     """``gpred = coef[b, k] * (pred - eps)``, ``geps = -sum_k gpred``: the backward of an op whose
     gradient w.r.t. ``err[b, k]`` is ``coef[b, k] * N / 2``."""
     pred3, eps2, B, K, N = _flatten(pred, eps)
-    acc_dtype = torch.float64 if _acc_f64(pred3) else torch.float32
+    acc_dtype = _acc_dtype(pred3)
     gpred, geps = _apply_coef(pred3, eps2, coef.to(acc_dtype), B, K, N)
     return gpred.reshape(pred.shape), geps.reshape(eps.shape)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, block_range, tl_dtype
+
 BLOCK = 1024
 FINAL_BLOCK_NB = 128
 
@@ -38,8 +40,7 @@ FINAL_BLOCK_NB = 128
 def _rank1_fwd_kernel(theta_ptr, anchors_ptr, dirs_ptr, partial_ptr, P, K, stride_a, stride_d,
                       BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
+    offs, mask = block_range(pid, P, BLOCK)
     th = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
     a_ptrs = anchors_ptr + offs
     d_ptrs = dirs_ptr + offs
@@ -74,9 +75,7 @@ def _rank1_bwd_kernel(theta_ptr, anchors_ptr, dirs_ptr, g_ptr, coeffs_ptr, s_ptr
                       gtheta_ptr, ganch_ptr, gdir_ptr, P, K, stride_a, stride_d,
                       HAS_GS: tl.constexpr, NEED_THETA: tl.constexpr, NEED_A: tl.constexpr,
                       NEED_D: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
+    offs, mask = block_range(tl.program_id(0), P, BLOCK)
     g = tl.load(g_ptr).to(ACC)
     th = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -108,8 +107,7 @@ def _rank1_bwd_kernel(theta_ptr, anchors_ptr, dirs_ptr, g_ptr, coeffs_ptr, s_ptr
 def _diag_fwd_kernel(theta_ptr, anchor_ptr, fisher_ptr, partial_ptr, r_ptr, P,
                      WRITE_R: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
+    offs, mask = block_range(pid, P, BLOCK)
     diff = (tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
             - tl.load(anchor_ptr + offs, mask=mask, other=0.0).to(ACC))
     r = tl.load(fisher_ptr + offs, mask=mask, other=0.0).to(ACC) * diff
@@ -122,9 +120,7 @@ def _diag_fwd_kernel(theta_ptr, anchor_ptr, fisher_ptr, partial_ptr, r_ptr, P,
 def _diag_bwd_kernel(theta_ptr, anchor_ptr, fisher_ptr, r_ptr, g_ptr, gtheta_ptr, ganch_ptr, gfish_ptr, P,
                      HAS_R: tl.constexpr, NEED_THETA: tl.constexpr, NEED_A: tl.constexpr,
                      NEED_F: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
+    offs, mask = block_range(tl.program_id(0), P, BLOCK)
     g = tl.load(g_ptr).to(ACC)
     need_diff: tl.constexpr = NEED_F or (not HAS_R and (NEED_THETA or NEED_A))
     if need_diff:
@@ -146,15 +142,6 @@ def _diag_bwd_kernel(theta_ptr, anchor_ptr, fisher_ptr, r_ptr, g_ptr, gtheta_ptr
 # ----------------------------------------------------------------------------------------------------
 # launchers
 
-def acc_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (the accumulation and loss dtype)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _empty0(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
@@ -170,11 +157,11 @@ def rank1_penalty_forward(theta: torch.Tensor, anchors: torch.Tensor, directions
     nb = triton.cdiv(P, block)
     partial = torch.empty((nb, K), device=theta.device, dtype=acc)
     _rank1_fwd_kernel[(nb,)](theta, anchors, directions, partial, P, K, anchors.stride(0), directions.stride(0),
-                             BLOCK=block, ACC=_tl(acc))
+                             BLOCK=block, ACC=tl_dtype(acc))
     s = torch.empty((K,), device=theta.device, dtype=acc)
     loss = torch.empty((), device=theta.device, dtype=acc)
     _rank1_finalize_kernel[(1,)](partial, coeffs, s, loss, nb, K, BLOCK_NB=final_block,
-                                 BLOCK_K=triton.next_power_of_2(K), ACC=_tl(acc))
+                                 BLOCK_K=triton.next_power_of_2(K), ACC=tl_dtype(acc))
     return loss, s
 
 
@@ -200,7 +187,7 @@ def rank1_penalty_backward(grad_loss: torch.Tensor, grad_s: Optional[torch.Tenso
             gt if need_theta else theta, ga if need_anchors else anchors, gd if need_directions else directions,
             P, K, anchors.stride(0), directions.stride(0),
             HAS_GS=has_gs, NEED_THETA=need_theta, NEED_A=need_anchors, NEED_D=need_directions,
-            BLOCK=block, ACC=_tl(acc))
+            BLOCK=block, ACC=tl_dtype(acc))
     return gt, ga, gd
 
 
@@ -215,7 +202,7 @@ def diag_penalty_forward(theta: torch.Tensor, anchor: torch.Tensor, fisher: torc
     partial = torch.empty((nb,), device=theta.device, dtype=acc)
     r = torch.empty_like(theta) if save_grad else _empty0(theta)
     _diag_fwd_kernel[(nb,)](theta, anchor, fisher, partial, r if save_grad else theta, P,
-                            WRITE_R=save_grad, BLOCK=block, ACC=_tl(acc))
+                            WRITE_R=save_grad, BLOCK=block, ACC=tl_dtype(acc))
     return partial.sum(), r
 
 
@@ -238,5 +225,5 @@ def diag_penalty_backward(grad_loss: torch.Tensor, theta: torch.Tensor, anchor: 
         _diag_bwd_kernel[(triton.cdiv(P, block),)](
             theta, anchor, fisher, r, grad_loss, gt if need_theta else theta, ga if need_anchor else anchor,
             gf if need_fisher else fisher, P, HAS_R=has_r, NEED_THETA=need_theta, NEED_A=need_anchor,
-            NEED_F=need_fisher, BLOCK=block, ACC=_tl(acc))
+            NEED_F=need_fisher, BLOCK=block, ACC=tl_dtype(acc))
     return gt, ga, gf

@@ -34,15 +34,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from cdgfast._dispatch import triton_available, triton_interpreted, use_triton
+from cdgfast._dispatch import triton_interpreted, use_triton
 from cdgfast._validation import check_same_device, check_shape, check_tensor
 
-if triton_available():
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - Linux x86_64 always has triton; elsewhere only the *_torch paths exist
-    triton = None
-    tl = None
+# None without Triton (Linux x86_64 always has it); then only the *_torch paths exist
+from ._common import tl, tl_dtype, triton
 
 __all__ = [
     "linear_grad_dot",
@@ -174,9 +170,6 @@ if triton is not None:
     _sq_grad_sum_tuned = triton.autotune(configs=_configs(), key=["T", "CIN", "COUT", "DOT_DTYPE"],
                                          restore_value=["out_ptr"])(_sq_grad_sum_kernel)
 
-    _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                  torch.float32: tl.float32, torch.float64: tl.float64}
-
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
@@ -245,7 +238,7 @@ def linear_grad_dot(x: torch.Tensor, gy: torch.Tensor, M: torch.Tensor, Mb: Opti
     args = (x, gy, M, mb, part, T, CIN, COUT, n_t,
             x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
             M.stride(0), M.stride(1), mb.stride(0))
-    meta = dict(HAS_BIAS=Mb is not None, DOT_DTYPE=_TL_DTYPES[dot_dt], ACC_DTYPE=_TL_DTYPES[acc_dt],
+    meta = dict(HAS_BIAS=Mb is not None, DOT_DTYPE=tl_dtype(dot_dt), ACC_DTYPE=tl_dtype(acc_dt),
                 PRECISION=precision)
     if interp:
         _grad_dot_kernel[(B, n_t)](*args, **meta, BLOCK_T=bt, BLOCK_O=_INTERP_BLOCK, BLOCK_C=_INTERP_BLOCK)
@@ -304,8 +297,8 @@ def linear_sq_grad_sum(x: torch.Tensor, gy: torch.Tensor, out: Optional[torch.Te
     args = (x, gy, out, ws, B, T, CIN, COUT, chunk, scale_t,
             x.stride(0), x.stride(1), x.stride(2), gy.stride(0), gy.stride(1), gy.stride(2),
             out.stride(0), out.stride(1))
-    meta = dict(ACCUMULATE=accumulate, WRITE_PARTIAL=splits > 1, DOT_DTYPE=_TL_DTYPES[dot_dt],
-                ACC_DTYPE=_TL_DTYPES[acc_dt], PRECISION=precision)
+    meta = dict(ACCUMULATE=accumulate, WRITE_PARTIAL=splits > 1, DOT_DTYPE=tl_dtype(dot_dt),
+                ACC_DTYPE=tl_dtype(acc_dt), PRECISION=precision)
     if interp:
         _sq_grad_sum_kernel[(triton.cdiv(COUT, _INTERP_BLOCK), triton.cdiv(CIN, _INTERP_BLOCK), 1)](
             *args, **meta, BLOCK_T=_INTERP_BLOCK, BLOCK_O=_INTERP_BLOCK, BLOCK_C=_INTERP_BLOCK)

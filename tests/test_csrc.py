@@ -1,6 +1,10 @@
-"""The hand-written CUDA sources compile with nvcc for sm_80 and sm_90, and a non-editable install ships
-them in `cdgfast.csrc`, the Triton kernels in `cdgfast.kernels`, and no top-level `kernels` module."""
+"""The hand-written CUDA sources compile with nvcc for sm_80 and sm_90, every one of them is loaded by a
+launcher (no orphan that only a test compiles), the docs name only sources and kernel files that exist,
+and a non-editable install ships them in `cdgfast.csrc`, the Triton kernels in `cdgfast.kernels`, and no
+top-level `kernels` module."""
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,49 @@ def test_there_are_cuda_sources():
     assert SOURCES, f"no .cu files in {CSRC}"
 
 
+def loaded_sources():
+    """source name -> "file:line" of each `get_kernel(<source>, ...)` call in cdgfast/ and kernels/, the
+    source given as a string or as a module-level string constant of the calling module."""
+    found = {}
+    for base in (ROOT / "cdgfast", ROOT / "kernels"):
+        for path in sorted(base.rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            consts = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                      and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                      for t in node.targets if isinstance(t, ast.Name)}
+            for node in ast.walk(tree):
+                func = getattr(node, "func", None)
+                called = getattr(func, "attr", None) or getattr(func, "id", None)
+                if not (isinstance(node, ast.Call) and node.args and called == "get_kernel"):
+                    continue
+                arg = node.args[0]
+                name = arg.value if isinstance(arg, ast.Constant) else consts.get(getattr(arg, "id", None))
+                if isinstance(name, str):
+                    found.setdefault(name, f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_cuda_source_is_loaded_by_a_launcher():
+    loaded = loaded_sources()
+    assert "fisher_update.cu" in loaded  # the scan itself finds the Fisher update's launcher
+    orphans = [s.name for s in SOURCES if s.name not in loaded]
+    assert not orphans, f"csrc sources that no launcher loads (compiled by the tests only): {orphans}"
+    missing = {name: where for name, where in loaded.items() if not (CSRC / name).is_file()}
+    assert not missing, f"launchers load sources that are not in csrc/: {missing}"
+
+
+def test_docs_name_only_files_that_exist():
+    """Every `path` the README, DEVELOPING and BENCHMARKS name under csrc/, kernels/, cdgfast/, tests/,
+    benchmarks/ or examples/ matches a file (globs allowed)."""
+    bad = []
+    for doc in ("README.md", "DEVELOPING.md", "BENCHMARKS.md"):
+        for token in re.findall(r"`([^`\s]+)`", (ROOT / doc).read_text()):
+            if re.fullmatch(r"(csrc|kernels|cdgfast|tests|benchmarks|examples)/[\w./*-]+", token) \
+                    and not any(ROOT.glob(token)):
+                bad.append(f"{doc}: {token}")
+    assert not bad, f"the docs name files that do not exist: {bad}"
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): CUDA sources not compile-checked")
 def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
     jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
@@ -51,6 +98,14 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
     failures = [f"{src.name} [{arch}]: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
                 for (src, arch), cmd, proc, out in results if proc.returncode != 0 or not out.exists()]
     assert not failures, "\n\n".join(failures)
+    # the entry points the Fisher launcher asks for are in the binaries (extern "C": unmangled names)
+    from cdgfast.kernels.fisher_update import CUDA_KERNELS, CUDA_SOURCE
+
+    for (src, arch), _, _, out in results:
+        if src.name == CUDA_SOURCE:
+            binary = out.read_bytes()
+            absent = [name for name in CUDA_KERNELS.values() if b"\0" + name.encode() + b"\0" not in binary]
+            assert not absent, f"{src.name} [{arch}]: no kernel symbol {absent}"
 
 
 def _copy_source_tree(dst: Path) -> Path:
@@ -104,7 +159,7 @@ TRITON_AOT = r"""
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from cdgfast.kernels import dc_scores as kd, fisher_update as kf, penalties as kp
+from cdgfast.kernels import bregman as kb, dc_scores as kd, fisher_update as kf, penalties as kp
 
 def compile_for(fn, sig, const, arch):
     sig = dict(sig, **{k: "constexpr" for k in const})
@@ -121,16 +176,23 @@ for arch in (80, 90):
     compile_for(kp._diag_bwd_kernel, dict(theta_ptr=f, anchor_ptr=f, fisher_ptr=f, r_ptr=f, g_ptr=f, gtheta_ptr=f,
                 ganch_ptr=f, gfish_ptr=f, P="i64"), dict(HAS_R=False, NEED_THETA=True, NEED_A=True, NEED_F=True,
                 BLOCK=1024, ACC=tl.float64), arch)
+    compile_for(kp._diag_fwd_kernel, dict(theta_ptr=f, anchor_ptr="*fp16", fisher_ptr=f, partial_ptr=f, r_ptr=f,
+                P="i64"), dict(WRITE_R=True, BLOCK=1024, ACC=tl.float32), arch)
     compile_for(kf._fisher_update_kernel, dict(dst_ptr=f, src_ptr="*bf16", n="i32", gamma_hi="fp32", gamma_lo="fp32",
                 scale_hi="fp32", scale_lo="fp32"), dict(SQUARE=True, DECAY=True, BLOCK=2048, ACC=tl.float32), arch)
     for acc_f64, fl in ((False, f), (True, "*fp64")):
-        compile_for(kd._dc_reduce_kernel, dict(partial_ptr=fl, q_ptr=fl, err_ptr=f, logp_ptr=f, loss_ptr=f, coef_ptr=fl,
-                    K="i32", T="i32", inv_n_hi="fp32", inv_n_lo="fp32", inv_tau_hi="fp32", inv_tau_lo="fp32"),
-                    dict(MODE=2, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_T=64), arch)
-        compile_for(kd._dc_fused_kernel, dict(pred_ptr="*fp16", eps_ptr="*fp16", q_ptr=fl, err_ptr=f, logp_ptr=f,
-                    loss_ptr=f, gpred_ptr="*fp16", geps_ptr="*fp16", K="i32", N="i32", inv_n_hi="fp32",
-                    inv_n_lo="fp32", inv_tau_hi="fp32", inv_tau_lo="fp32"),
-                    dict(MODE=2, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_S=256), arch)
+        for mode in (0, 1, 2):
+            compile_for(kd._dc_reduce_kernel, dict(partial_ptr=fl, q_ptr=fl, err_ptr=f, logp_ptr=f, loss_ptr=f,
+                        coef_ptr=fl, K="i32", T="i32", inv_n_hi="fp32", inv_n_lo="fp32", inv_tau_hi="fp32",
+                        inv_tau_lo="fp32"), dict(MODE=mode, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_T=64), arch)
+            compile_for(kd._dc_fused_kernel, dict(pred_ptr="*fp16", eps_ptr="*fp16", q_ptr=fl, err_ptr=f, logp_ptr=f,
+                        loss_ptr=f, gpred_ptr="*fp16", geps_ptr="*fp16", K="i32", N="i32", inv_n_hi="fp32",
+                        inv_n_lo="fp32", inv_tau_hi="fp32", inv_tau_lo="fp32"),
+                        dict(MODE=mode, ACC_F64=acc_f64, BLOCK_K=8, BLOCK_S=256), arch)
+        compile_for(kb._bregman_kernel, dict(s_ptr=fl, t_ptr=fl, h_ptr=fl, hpart_ptr=fl, grad_ptr=fl, lpart_ptr=fl,
+                    N="i32", T="i32", CHUNK="i32", kappa_hi="fp32", kappa_lo="fp32", inv_n_hi="fp32",
+                    inv_n_lo="fp32", gs_hi="fp32", gs_lo="fp32", tiny="fp32"),
+                    dict(HAS_H=True, ACC_F64=acc_f64, BLOCK_S=256, BLOCK_T=16), arch)
 print("compiled")
 """
 

@@ -1,5 +1,8 @@
 """FisherAccumulator and online_update against explicit sums of per-sample gradients; the streaming
 kernels (Triton under the interpreter, the multi-tensor fallback of cdgfast._cuda); bad input."""
+import ctypes
+import os
+import re
 import sys
 
 import pytest
@@ -127,73 +130,241 @@ def test_triton_fisher_update_slices():
 
 def test_cuda_loader_fallback_and_sources():
     from cdgfast import _cuda
+    from cdgfast.kernels import fisher_update as kf
 
-    assert "fisher_update.cu" in _cuda.sources()
-    src = _cuda.source("fisher_update.cu")
-    for name in _cuda._FISHER_KERNELS.values():
-        assert f"extern \"C\" __global__ void __launch_bounds__(FU_THREADS)\n{name}(" in src
-    assert f"#define FU_CHUNK {_cuda.FISHER_CHUNK}" in src and f"#define FU_THREADS {_cuda.FISHER_THREADS}" in src
+    assert kf.CUDA_SOURCE == "fisher_update.cu" and kf.CUDA_SOURCE in _cuda.sources()
+    src = _cuda.source(kf.CUDA_SOURCE)
+    # every kernel the launcher names is an extern "C" entry point of the source, for its (F, g) types
+    assert '#define FU_KERNEL(name, Dst, Tag)' in src and 'extern "C" __global__ void __launch_bounds__(FU_THREADS)' in src
+    c_type = {torch.float32: "float", torch.float64: "double", torch.float16: "fu_half_tag",
+              torch.bfloat16: "fu_bf16_tag"}
+    defined = {m[1]: (m[2], m[3]) for m in re.finditer(r"^FU_KERNEL\((\w+), (\w+), (\w+)\)$", src, re.M)}
+    assert defined == {name: (c_type[d], c_type[s]) for (d, s), name in kf.CUDA_KERNELS.items()}
+    assert f"#define FU_CHUNK {kf.CUDA_CHUNK}" in src and f"#define FU_THREADS {kf.CUDA_THREADS}" in src
     with pytest.raises(ValueError, match="name"):
         _cuda.source("nope.cu")
     if not torch.cuda.is_available():
         assert not _cuda.available() and "CUDA" in _cuda.unavailable_reason()
         with pytest.raises(RuntimeError, match="unavailable"):
-            _cuda.get_kernel("fisher_update.cu", "fisher_update_f32_f32")
+            _cuda.get_kernel(kf.CUDA_SOURCE, "fisher_update_f32_f32")
     tensors = [torch.randn(4, 3), torch.randn(2).half(), torch.randn(1).bfloat16()]
     dst = torch.randn(15)
     ref = dst.double() * 0.25 + 3.0 * torch.cat([t.double().reshape(-1) for t in tensors])
-    close(_cuda.multi_tensor_fisher_update(dst, tensors, gamma=0.25, scale=3.0), ref, 1e-6)
-    with pytest.raises(ValueError, match=r"tensors\[1\].*device"):
-        _cuda.multi_tensor_fisher_update(dst, [tensors[0], torch.randn(3, device="meta")])
-    with pytest.raises(ValueError, match="dst_flat"):
-        _cuda.multi_tensor_fisher_update(dst.view(3, 5), tensors)
+    close(fisher_update_(dst, tensors, gamma=0.25, scale=3.0), ref, 1e-6)
+    with pytest.raises(ValueError, match=r"src\[1\].*device"):
+        fisher_update_(dst, [tensors[0], torch.randn(3, device="meta")])
+    for bad in (dst.view(3, 5), torch.randn(30)[::2], dst.long(), dst.tolist()):
+        with pytest.raises(ValueError, match="dst: expected a contiguous 1-D floating"):
+            fisher_update_(bad, tensors)
 
 
-def test_cuda_table_and_block_mapping_emulated_on_cpu():
-    """A line-by-line Python mirror of fu_find_tensor/fu_body in csrc/fisher_update.cu, run over the table
-    that cdgfast._cuda builds: every element is updated exactly once and matches the torch path."""
+def _memory(address: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The n elements of `dtype` at a CPU address, as a tensor over that memory (what a kernel sees)."""
+    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(address), dtype=dtype, count=n)
+
+
+class _EmulatedFisherKernel:
+    """A line-by-line Python mirror of fu_find_tensor/fu_body in csrc/fisher_update.cu, launched like the
+    compiled kernel (grid, block, args: dst, table, T, gamma, scale, square) and, like it, reading and
+    writing through the addresses it is given. Counts how often each element of dst is written."""
+
+    def __init__(self, name: str):
+        from cdgfast.kernels import fisher_update as kf
+
+        self.kf = kf
+        self.dst_dtype, self.src_dtype = {v: k for k, v in kf.CUDA_KERNELS.items()}[name]
+        self.hits = None
+
+    def __call__(self, grid, block, args):
+        kf = self.kf
+        dst, table_dev, T, gamma, scale, square = args
+        assert isinstance(T, int) and isinstance(gamma, float) and isinstance(scale, float) and square in (0, 1)
+        assert dst.dtype == self.dst_dtype and table_dev.dtype == torch.int64 and table_dev.device == dst.device
+        assert tuple(block) == (kf.CUDA_THREADS, 1, 1) and tuple(grid[1:]) == (1, 1)
+        table = table_dev.tolist()
+        assert len(table) == 4 * T + 1 and grid[0] == table[-1]  # grid.x = table[4T]
+        fisher = _memory(dst.data_ptr(), dst.numel(), dst.dtype)
+        if self.hits is None:
+            self.hits = torch.zeros(dst.numel(), dtype=torch.int64)
+        ptrs, sizes, offsets, prefix = table[:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:]
+        chunk = kf.CUDA_CHUNK
+        for blk in range(grid[0]):
+            lo, hi = 0, T - 1
+            while lo < hi:
+                mid = (lo + hi + 1) >> 1
+                if prefix[mid] <= blk:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            n = sizes[lo]
+            begin = (blk - prefix[lo]) * chunk
+            end = min(begin + chunk, n)
+            v = _memory(ptrs[lo], n, self.src_dtype)[begin:end].to(dst.dtype)  # arithmetic in F's type
+            if square:
+                v = v * v
+            out = fisher[offsets[lo] + begin:offsets[lo] + end]
+            out.copy_(gamma * out + scale * v)
+            self.hits[offsets[lo] + begin:offsets[lo] + end] += 1
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """cdgfast._cuda.get_kernel compiles nothing: it hands out _EmulatedFisherKernel (list of those made)."""
     from cdgfast import _cuda
+    from cdgfast.kernels import fisher_update as kf
 
-    chunk = _cuda.FISHER_CHUNK
-    tensors = [torch.randn(1), torch.randn(chunk - 1), torch.randn(0), torch.randn(2, chunk // 2),
-               torch.randn(chunk + 1).half(), torch.randn(9000), torch.randn(3).half()]
-    total = sum(t.numel() for t in tensors)
-    base = torch.randn(total, dtype=torch.float64)
-    for square in (False, True):
-        dst, hits = base.clone(), torch.zeros(total, dtype=torch.int64)
-        for dtype, items in _cuda._fisher_groups(tensors).items():
-            table = _cuda.fisher_table(items)
-            T = len(items)
-            assert len(table) == 4 * T + 1
-            by_address = {t.data_ptr(): t.reshape(-1) for t, _ in items}
-            ptrs, sizes, offsets, prefix = table[:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:]
-            for block in range(prefix[-1]):  # grid.x = table[4T]
-                lo, hi = 0, T - 1
-                while lo < hi:
-                    mid = (lo + hi + 1) >> 1
-                    if prefix[mid] <= block:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                src, n = by_address[ptrs[lo]], sizes[lo]
-                begin = (block - prefix[lo]) * chunk
-                end = min(begin + chunk, n)
-                v = src[begin:end].double()
-                if square:
-                    v = v * v
-                out = dst[offsets[lo] + begin:offsets[lo] + end]
-                out.copy_(0.75 * out + 1.25 * v)
-                hits[offsets[lo] + begin:offsets[lo] + end] += 1
-        assert torch.equal(hits, torch.ones_like(hits))
-        ref = base.clone()
-        foreach_fisher_update(ref, tensors, 0.75, 1.25, square)
-        close(dst, ref, 1e-12)
+    made = []
+
+    def get_kernel(source_name, kernel_name, device=None):
+        assert source_name == kf.CUDA_SOURCE and kernel_name in kf.CUDA_KERNELS.values()
+        made.append(_EmulatedFisherKernel(kernel_name))
+        return made[-1]
+
+    monkeypatch.setattr(_cuda, "get_kernel", get_kernel)
+    return made
+
+
+def test_cuda_launcher_table_and_block_mapping_emulated_on_cpu(emulated_cuda):
+    """The CUDA launcher end to end on the CPU: its groups, table, kernel names and launch configuration,
+    run by the emulated kernel: every element is written exactly once and matches the torch path."""
+    from cdgfast.kernels import fisher_update as kf
+
+    chunk = kf.CUDA_CHUNK
+    cases = [(torch.float32, [torch.randn(1), torch.randn(chunk - 1), torch.randn(0), torch.randn(2, chunk // 2),
+                              torch.randn(chunk + 1).half(), torch.randn(9000), torch.randn(3).half(),
+                              torch.randn(5).bfloat16()], 1e-6),
+             (torch.float64, [torch.randn(7, dtype=torch.float64), torch.randn(chunk + 3, dtype=torch.float64)],
+              1e-12)]
+    for dst_dtype, tensors, rtol in cases:
+        total = sum(t.numel() for t in tensors)
+        base = torch.randn(total, dtype=dst_dtype)
+        for square in (False, True):
+            emulated_cuda.clear()
+            dst = base.clone()
+            assert kf.cuda_fisher_update_(dst, tensors, 0.75, 1.25, square) is dst
+            assert len(emulated_cuda) == len({t.dtype for t in tensors})  # one launch per source dtype
+            hits = sum(k.hits for k in emulated_cuda)
+            assert torch.equal(hits, torch.ones_like(hits))
+            ref = base.clone()
+            foreach_fisher_update(ref, tensors, 0.75, 1.25, square)
+            close(dst, ref, rtol)
+            close(dst, naive_update(base, tensors, 0.75, 1.25, square), rtol)
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: drives the CUDA branches of `_fisher_update` on the CPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_fisher_update_picks_the_implementation_in_one_place(monkeypatch, emulated_cuda):
+    """`_fisher_update`'s choice: flat -> Triton on CUDA, plain torch elsewhere; list -> the CUDA kernel on
+    CUDA when the loader is available, a kernel exists for every dtype pair and it is trusted, in that
+    order, else torch._foreach_*; the numbers are the same on every path."""
+    from cdgfast import _cuda
+    from cdgfast.fisher import accumulator as A
+    from cdgfast.kernels import fisher_update as kf
+
+    calls = []
+
+    def spy(module, attr, label, unwrap=False):
+        real = getattr(module, attr)
+
+        def wrapper(dst, src, *args):
+            calls.append(label)
+            if unwrap:  # the Triton interpreter wants plain CPU tensors; the update lands in dst's storage
+                real(dst.as_subclass(torch.Tensor), src.as_subclass(torch.Tensor), *args)
+                return dst
+            return real(dst, src, *args)
+
+        monkeypatch.setattr(module, attr, wrapper)
+
+    spy(kf, "fisher_update_", "triton", unwrap=True)
+    spy(kf, "cuda_fisher_update_", "cuda")
+    spy(A, "_foreach_fisher_update_", "foreach")
+    state = {"available": True, "trusted": True}
+    asked = []
+    monkeypatch.setattr(_cuda, "available", lambda: state["available"])
+
+    def trusted(source_name, device, check, fallback):
+        asked.append(source_name)
+        assert check is A._check_cuda_kernel and fallback == "torch._foreach_*"
+        return state["trusted"]
+
+    monkeypatch.setattr(_cuda, "trusted", trusted)
+
+    def run(dst, src, expect):
+        calls.clear()
+        ref = naive_update(dst, src if isinstance(src, list) else [src], 0.5, 2.0, True)
+        out = fisher_update_(dst, src, gamma=0.5, scale=2.0, square=True)
+        assert out is dst and calls == [expect], (calls, expect)
+        close(out, ref, 1e-6)
+
+    f32 = [torch.randn(3, 2), torch.randn(5).half(), torch.randn(0), torch.randn(4).bfloat16()]
+    run(torch.rand(15), f32, "foreach")  # a CPU buffer never asks the loader
+    assert asked == []
+    run(torch.rand(15).as_subclass(_OnCuda), f32, "cuda")
+    assert asked == ["fisher_update.cu"]
+    run(torch.rand(15).as_subclass(_OnCuda), torch.randn(15), "triton")
+    calls.clear()
+    fisher_update_(torch.rand(15), torch.randn(15))
+    assert calls == []  # the CPU flat path is plain torch: neither Triton nor a multi-tensor path
+    state["trusted"] = False
+    run(torch.rand(15).as_subclass(_OnCuda), f32, "foreach")
+    state["trusted"], state["available"] = True, False
+    asked.clear()
+    run(torch.rand(15).as_subclass(_OnCuda), f32, "foreach")
+    assert asked == []  # no loader: the check is never run
+    state["available"] = True
+    mixed64 = [torch.randn(3, 2, dtype=torch.float64), torch.randn(9)]  # (float64, float32): no kernel
+    run(torch.rand(15, dtype=torch.float64).as_subclass(_OnCuda), mixed64, "foreach")
+    assert asked == []  # no kernel for a dtype pair: neither is the check
+
+
+def test_cuda_kernel_check_and_trust(monkeypatch, emulated_cuda):
+    """`_check_cuda_kernel` accepts the (emulated) kernel and rejects a wrong one; `_cuda.trusted` runs a
+    check once per (source, device) and turns a failure into a warning and False."""
+    from cdgfast import _cuda
+    from cdgfast.fisher import accumulator as A
+
+    A._check_cuda_kernel(torch.device("cpu"))  # the emulated launch agrees with torch._foreach_*
+    assert emulated_cuda
+    real_call = _EmulatedFisherKernel.__call__
+    monkeypatch.setattr(_EmulatedFisherKernel, "__call__",
+                        lambda self, grid, block, args: real_call(self, grid, block, [*args[:3], args[3] * 1.001,
+                                                                                      *args[4:]]))
+    with pytest.raises(RuntimeError, match="mismatch"):
+        A._check_cuda_kernel(torch.device("cpu"))
+
+    monkeypatch.setattr(_cuda, "_trusted", {})
+    runs = []
+
+    def good(device):
+        runs.append(device)
+
+    def bad(device):
+        runs.append(device)
+        raise RuntimeError("compile error 42")
+
+    assert _cuda.trusted("a.cu", "cuda:1", good, fallback="plain torch")
+    assert _cuda.trusted("a.cu", torch.device("cuda", 1), good, fallback="plain torch")
+    assert runs == [torch.device("cuda", 1)]  # once per device
+    with pytest.warns(UserWarning, match=r"csrc/a\.cu disabled on cuda:0, using plain torch: compile error 42"):
+        assert not _cuda.trusted("a.cu", "cuda:0", bad, fallback="plain torch")
+    assert not _cuda.trusted("a.cu", "cuda:0", good, fallback="plain torch")  # stays off, checked once
+    assert _cuda.trusted("b.cu", "cuda:0", good, fallback="plain torch")  # per source
+    assert runs == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cuda", 0)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernel_matches_foreach():
     from cdgfast import _cuda
+    from cdgfast.fisher import accumulator as A
+    from cdgfast.kernels import fisher_update as kf
 
     if not _cuda.available():
         pytest.skip(_cuda.unavailable_reason())
@@ -205,9 +376,9 @@ def test_cuda_kernel_matches_foreach():
         dst = torch.randn(total, device=dev)
         ref = dst.clone()
         foreach_fisher_update(ref, tensors, 0.9, 0.5, square)
-        _cuda._launch_fisher_update(dst, tensors, 0.9, 0.5, square)
+        kf.cuda_fisher_update_(dst, tensors, 0.9, 0.5, square)
         torch.testing.assert_close(dst, ref, rtol=1e-5, atol=1e-6)
-    assert _cuda._kernel_trusted(dev)
+    assert _cuda.trusted(kf.CUDA_SOURCE, dev, A._check_cuda_kernel, fallback="torch._foreach_*")
 
 
 def test_cuda_loader_is_not_imported_on_cpu_paths(monkeypatch):
@@ -215,21 +386,22 @@ def test_cuda_loader_is_not_imported_on_cpu_paths(monkeypatch):
     import pathlib
 
     import cdgfast
+    import cdgfast.kernels
     from cdgfast.ops.lora import lora_overlap_penalty
     from cdgfast.ops.penalties import diag_penalty
 
-    # import time: no module-level import of cdgfast._cuda anywhere in the package
-    root = pathlib.Path(cdgfast.__file__).parent
-    for path in root.rglob("*.py"):
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.Import):
-                bad = any(a.name.startswith("cdgfast._cuda") for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                bad = (node.module or "").startswith("cdgfast._cuda") or (
-                    node.module == "cdgfast" and any(a.name == "_cuda" for a in node.names))
-            else:
-                continue
-            assert not bad, f"{path} imports the CUDA loader at import time"
+    # import time: no module-level import of cdgfast._cuda anywhere in the package, kernels included
+    for root in {pathlib.Path(cdgfast.__file__).parent, pathlib.Path(cdgfast.kernels.__file__).parent}:
+        for path in root.rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    bad = any(a.name.startswith("cdgfast._cuda") for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    bad = (node.module or "").startswith("cdgfast._cuda") or (
+                        node.module == "cdgfast" and any(a.name == "_cuda" for a in node.names))
+                else:
+                    continue
+                assert not bad, f"{path} imports the CUDA loader at import time"
     # run time: the CPU paths never reach it
     monkeypatch.delitem(sys.modules, "cdgfast._cuda", raising=False)
     monkeypatch.delattr(cdgfast, "_cuda", raising=False)
@@ -240,6 +412,29 @@ def test_cuda_loader_is_not_imported_on_cpu_paths(monkeypatch):
     diag_penalty([torch.ones(2, requires_grad=True), torch.ones(3)], torch.zeros(5), torch.ones(5)).backward()
     lora_overlap_penalty(torch.ones(2, 2), torch.ones(2, 1), torch.ones(1, 2))
     assert "cdgfast._cuda" not in sys.modules and "cupy" not in sys.modules
+
+
+def test_fisher_update_without_triton_installed():
+    """Without Triton (where it has no wheels) the accumulator, the projection helpers and the CUDA launcher
+    module still import and the CPU paths run; nothing imports the loader."""
+    import subprocess
+
+    code = ("import sys\n"
+            "sys.modules['triton'] = None  # `import triton` raises ImportError, as where it is not installed\n"
+            "import torch\n"
+            "from cdgfast.fisher import FisherAccumulator\n"
+            "from cdgfast.kernels import _common, fisher_update as kf, projection\n"
+            "assert _common.triton is None and projection.triton is None and not hasattr(kf, '_fisher_update_kernel')\n"
+            "assert kf.CUDA_SOURCE == 'fisher_update.cu' and len(kf.CUDA_KERNELS) == 4\n"
+            "acc = FisherAccumulator(5)\n"
+            "acc.add_squared([torch.ones(2), 2 * torch.ones(3)])\n"
+            "acc.add_squared(torch.ones(5))\n"
+            "assert acc.diagonal().tolist() == [1.0, 1.0, 2.5, 2.5, 2.5], acc.diagonal()\n"
+            "assert 'cdgfast._cuda' not in sys.modules\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
 def test_bad_input_names_the_argument():

@@ -16,10 +16,14 @@ streamed into consecutive slices of the flat buffer without building a flat copy
 * a list whose tensors tile one storage back to back (`[p.grad for p in model.parameters()]` after
   `flatten_parameters_`): detected without a copy (`cdgfast.ops.penalties._shared_flat_buffer`) and
   remembered per list (same tensor objects at the same data pointers), then the same ONE flat op;
-* any other list: CPU `torch._foreach_*` over views of the buffer's slices, cached per (buffer, shapes), a
-  decay applied group by group of ~_FLAT_CHUNK elements as one flat `mul_` each; CUDA
-  `cdgfast._cuda.multi_tensor_fisher_update` (one launch of csrc/fisher_update.cu per source dtype when a
-  runtime CUDA compiler is there, else `torch._foreach_*`).
+* any other list: CUDA: one launch of csrc/fisher_update.cu per source dtype (when a runtime CUDA
+  compiler is there, see `cdgfast._cuda`); else `torch._foreach_*` over views of the buffer's slices,
+  cached per (buffer, shapes), a decay applied group by group of ~_FLAT_CHUNK elements as one flat `mul_`
+  each.
+
+`_fisher_update` is the one place that picks among these implementations (one signature, chosen from the
+source's layout, the device and what is installed, falling back to plain PyTorch); `fisher_update_`
+validates and resolves the layout in front of it.
 
 `online_update(online, new, gamma)` is online EWC's F <- gamma F + F_new, in place.
 """
@@ -167,32 +171,29 @@ def _tiled_source(dst: Tensor, tensors: List[Tensor]) -> Optional[Tensor]:
     return flat
 
 
-def _flat_update_(dst: Tensor, src: Tensor, gamma: float, scale: float, square: bool) -> Tensor:
-    """dst <- gamma*dst + scale*(src*src if square else src) on flat tensors of P elements, one pass over
-    memory: the Triton kernel on CUDA; on the CPU one op for gamma == 1 and for the online-EWC form
-    (scale 1, not squared: torch.add(src, dst, alpha=gamma, out=dst)), else mul_ and the accumulation per
-    L2-sized chunk, so that the second op reads dst from cache, not memory."""
-    if dst.is_cuda and use_triton(dst):
-        from cdgfast.kernels.fisher_update import fisher_update_ as _triton_update
-        return _triton_update(dst, src, gamma, scale, square)
+def _update_one_(dst: Tensor, src: Tensor, gamma: float, scale: float, square: bool) -> None:
+    """dst <- gamma*dst + scale*(src*src if square else src) as in-place ATen ops on one tensor (src of
+    any floating dtype: the in-place ops promote to dst's)."""
+    if gamma != 1.0:
+        dst.mul_(gamma)
+    if square:
+        dst.addcmul_(src, src, value=scale)
+    else:
+        dst.add_(src, alpha=scale)
+
+
+def _single_fisher_update_(dst: Tensor, src: Tensor, gamma: float, scale: float, square: bool) -> Tensor:
+    """The plain-PyTorch flat path, on flat tensors of P elements in one pass over memory: one op for
+    gamma == 1 and for the online-EWC form (scale 1, not squared: torch.add(src, dst, alpha=gamma, out=dst)),
+    else mul_ and the accumulation per L2-sized chunk, so that the second op reads dst from cache."""
     if gamma != 1.0 and not square and scale == 1.0:  # online EWC: src + gamma*dst is one op (out= aliases dst)
         return torch.add(src, dst, alpha=gamma, out=dst)
     n = dst.numel()
     if gamma == 1.0 or n <= _FLAT_CHUNK:
-        if gamma != 1.0:
-            dst.mul_(gamma)
-        if square:
-            dst.addcmul_(src, src, value=scale)
-        else:
-            dst.add_(src, alpha=scale)
+        _update_one_(dst, src, gamma, scale, square)
         return dst
     for lo in range(0, n, _FLAT_CHUNK):
-        d, s = dst[lo:lo + _FLAT_CHUNK], src[lo:lo + _FLAT_CHUNK]
-        d.mul_(gamma)
-        if square:
-            d.addcmul_(s, s, value=scale)
-        else:
-            d.add_(s, alpha=scale)
+        _update_one_(dst[lo:lo + _FLAT_CHUNK], src[lo:lo + _FLAT_CHUNK], gamma, scale, square)
     return dst
 
 
@@ -220,10 +221,23 @@ def _foreach_update_(views: List[Tensor], srcs: List[Tensor], gamma: float, scal
             torch._foreach_add_(views, srcs, alpha=scale)
     else:  # mixed dtypes: per-tensor in-place ops promote to the buffer's dtype
         for v, s in zip(views, srcs):
-            if square:
-                v.addcmul_(s, s, value=scale)
-            else:
-                v.add_(s, alpha=scale)
+            _update_one_(v, s, 1.0, scale, square)
+
+
+def _foreach_fisher_update_(dst: Tensor, tensors: List[Tensor], gamma: float, scale: float, square: bool,
+                            entry=None, dtypes=None) -> Tensor:
+    """The plain-PyTorch multi-tensor path: torch._foreach_* over the cached views of dst's slices
+    (`entry` = `_slice_views(dst, tensors)` and `dtypes` = the set of the tensors' dtypes, when the caller
+    has them already)."""
+    views, keep, groups = _slice_views(dst, tensors) if entry is None else entry
+    if keep is not None:
+        tensors = [tensors[i] for i in keep]
+        dtypes = None  # the dtypes of the empty tensors, which were dropped, do not count
+    if views:
+        if dtypes is None:
+            dtypes = {t.dtype for t in tensors}
+        _foreach_update_(views, tensors, gamma, scale, square, len(dtypes) == 1 and dst.dtype in dtypes, groups)
+    return dst
 
 
 @torch.no_grad()
@@ -233,17 +247,71 @@ def foreach_fisher_update(dst_flat: Tensor, tensors: Sequence[Tensor], gamma: fl
     loop in C++ on the CPU): `_foreach_mul_` by gamma (when gamma != 1), then `_foreach_addcmul_` /
     `_foreach_add_`. The views are cached per (dst_flat, shapes). No validation (callers check sizes): the
     reference for every multi-tensor path."""
-    tensors = list(tensors)
-    views, keep, groups = _slice_views(dst_flat, tensors)
-    if keep is not None:
-        tensors = [tensors[i] for i in keep]
-    if not tensors:
-        return
-    _foreach_update_(views, tensors, gamma, scale, square,
-                     len({t.dtype for t in tensors} | {dst_flat.dtype}) == 1, groups)
+    _foreach_fisher_update_(dst_flat, list(tensors), float(gamma), float(scale), bool(square))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The choice of implementation, in one place. Every path takes (dst, src, gamma, scale, square) on
+# validated inputs (dst: a contiguous 1-D buffer of P elements; src: a flat [P] tensor, or a list of
+# tensors whose sizes add up to P, on dst's device) and updates dst in place.
+
+def _fisher_update(dst: Tensor, src: TensorOrList, gamma: float, scale: float, square: bool, *,
+                   entry=None, dtypes=None) -> Tensor:
+    """dst <- gamma*dst + scale*(src*src if square else src):
+
+    * flat src: the Triton kernel on CUDA (`cdgfast.kernels.fisher_update.fisher_update_`) when Triton is
+      usable, else the plain-PyTorch single-tensor path;
+    * a list: on CUDA the single-launch kernel of csrc/fisher_update.cu when a runtime compiler is there,
+      it has a kernel for every (dst, source) dtype pair and it passed its check on this device; else
+      torch._foreach_* (`entry`, `dtypes`: see `_foreach_fisher_update_`).
+    """
+    if isinstance(src, Tensor):
+        if dst.is_cuda and use_triton(dst):
+            from cdgfast.kernels.fisher_update import fisher_update_ as triton_fisher_update_
+            return triton_fisher_update_(dst, src, gamma, scale, square)
+        return _single_fisher_update_(dst, src, gamma, scale, square)
+    if dst.is_cuda:
+        if dtypes is None:
+            dtypes = {t.dtype for t in src}
+        if _cuda_kernel_usable(dst, dtypes):
+            from cdgfast.kernels.fisher_update import cuda_fisher_update_
+            return cuda_fisher_update_(dst, src, gamma, scale, square)
+    return _foreach_fisher_update_(dst, src, gamma, scale, square, entry, dtypes)
+
+
+def _cuda_kernel_usable(dst: Tensor, dtypes) -> bool:
+    from cdgfast import _cuda  # the runtime loader: reached only from this CUDA branch
+    from cdgfast.kernels import fisher_update as kf
+
+    return (_cuda.available() and all((dst.dtype, dt) in kf.CUDA_KERNELS for dt in dtypes)
+            and _cuda.trusted(kf.CUDA_SOURCE, dst.device, _check_cuda_kernel, fallback="torch._foreach_*"))
+
+
+def _check_cuda_kernel(device: torch.device) -> None:
+    """csrc/fisher_update.cu against the torch._foreach_* path on a small problem (chunk edges, a float16
+    source), both forms; raises on a mismatch."""
+    from cdgfast.kernels.fisher_update import cuda_fisher_update_
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    srcs = [torch.randn(n, generator=gen).to(device) for n in (1, 4095, 4097, 9000)]
+    srcs.append(torch.randn(37, generator=gen).to(device=device, dtype=torch.float16))
+    total = sum(s.numel() for s in srcs)
+    base = torch.randn(total, generator=gen).to(device)
+    for square in (False, True):
+        a, b = base.clone(), base.clone()
+        cuda_fisher_update_(a, srcs, 0.5, 1.5, square)
+        _foreach_fisher_update_(b, srcs, 0.5, 1.5, square)
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise RuntimeError("mismatch against torch._foreach_* on a test problem")
 
 
 _is_cpu = operator.attrgetter("is_cpu")
+
+
+def _describe(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    return f"{t.dtype} tensor of shape {tuple(t.shape)}{'' if t.is_contiguous() else ', not contiguous'}"
 
 
 def _validate_list(dst: Tensor, tensors: List[Tensor], name: str) -> None:
@@ -277,8 +345,12 @@ def fisher_update_(dst: Tensor, src: TensorOrList, *, gamma: float = 1.0, scale:
     * any other list: torch._foreach_* over cached views of dst's slices (on CUDA the single-launch
       multi-tensor kernel of cdgfast._cuda).
 
-    Returns dst. Raises ValueError naming `name` on a size, dtype or device mismatch.
+    Returns dst. Raises ValueError naming `name` on a size, dtype or device mismatch, and naming `dst`
+    unless dst is a contiguous 1-D floating tensor.
     """
+    if not isinstance(dst, Tensor) or dst.dim() != 1 or not dst.is_contiguous() or dst.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dst: expected a contiguous 1-D floating tensor (the flat buffer, updated in place), "
+                         f"got {_describe(dst)}")
     # running sums are data: a source that requires grad must not pull dst into a graph (set_grad_enabled
     # as a call, not the no_grad decorator: this is on the per-batch hot path, a few microseconds count)
     prev = torch.is_grad_enabled()
@@ -297,7 +369,7 @@ def _fisher_update_impl(dst: Tensor, src: TensorOrList, gamma: float, scale: flo
             raise ValueError(f"{name}: expected {dst.numel()} elements (P), got shape {tuple(src.shape)}")
         if src.device != dst.device:
             raise ValueError(f"{name}: expected device {dst.device} (the accumulator's), got {src.device}")
-        return _flat_update_(dst, src.reshape(-1), gamma, scale, square)
+        return _fisher_update(dst, src.reshape(-1), gamma, scale, square)
     try:
         tensors = src if type(src) is list else list(src)
     except TypeError:
@@ -307,7 +379,7 @@ def _fisher_update_impl(dst: Tensor, src: TensorOrList, gamma: float, scale: flo
         raise ValueError(f"{name}: expected a non-empty list of per-parameter tensors")
     flat = _tiled_hit(_plans(dst), tensors)  # a list validated and found tiled before: nothing to check
     if flat is not None and flat.numel() == dst.numel():
-        return _flat_update_(dst, flat, gamma, scale, square)
+        return _fisher_update(dst, flat, gamma, scale, square)
     # fast check: every element a tensor, one (dtype, device) pair or a few floating dtypes on dst's device
     if not all(issubclass(c, Tensor) for c in set(map(type, tensors))):
         _validate_list(dst, tensors, name)
@@ -317,19 +389,11 @@ def _fisher_update_impl(dst: Tensor, src: TensorOrList, gamma: float, scale: flo
         _validate_list(dst, tensors, name)
     flat = _tiled_source(dst, tensors) if len(dtypes) == 1 else None
     if flat is not None:
-        return _flat_update_(dst, flat, gamma, scale, square)
+        return _fisher_update(dst, flat, gamma, scale, square)
     entry = _slice_views(dst, tensors)
     if entry is None:
         _validate_list(dst, tensors, name)  # the sizes do not add up to P: raises with the count
-    if dst.is_cuda:
-        from cdgfast import _cuda  # lazy: never imported on CPU-only paths
-        return _cuda.multi_tensor_fisher_update(dst, tensors, gamma, scale, square)
-    views, keep, groups = entry
-    if keep is not None:
-        tensors = [tensors[i] for i in keep]
-    if views:
-        _foreach_update_(views, tensors, gamma, scale, square, len(dtypes) == 1 and dst.dtype in dtypes, groups)
-    return dst
+    return _fisher_update(dst, tensors, gamma, scale, square, entry=entry, dtypes=dtypes)
 
 
 class FisherAccumulator:
