@@ -8,7 +8,9 @@ TRITON_INTERPRET=1 (see tests/conftest.py): they are far slower than ATen there.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+from typing import Callable
 
 import torch
 
@@ -35,6 +37,25 @@ def use_triton(tensor) -> bool:
     if tensor.is_cuda:
         return True
     return False
+
+
+def _first_tensor(args):
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def triton_or_composite(module: str, name: str, composite: Callable) -> Callable:
+    """The CUDA implementation of a registered op: the Triton launcher `cdgfast.kernels.<module>.<name>`
+    (imported on first use, so that importing cdgfast never imports triton) when `use_triton` holds for
+    the first tensor argument, else `composite`. The launcher and the composite take the op's arguments.
+    """
+    def impl(*args):
+        if use_triton(_first_tensor(args)):
+            return getattr(importlib.import_module(f"cdgfast.kernels.{module}"), name)(*args)
+        return composite(*args)
+
+    impl.__name__ = f"{name}_cuda"
+    impl.__qualname__ = impl.__name__
+    return impl
 
 
 def transform_active() -> bool:

@@ -1,8 +1,11 @@
 """Argument checks shared by every op: a ValueError that names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,10 +49,54 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], what: s
         raise ValueError(f"{name}: expected shape {tuple(expected)}{extra}, got {tuple(value.shape)}")
 
 
-def check_positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+# --- numbers --------------------------------------------------------------------------------------
+# A bool is not accepted as a number (True > 0 would pass as 1); NaN never passes.
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_real(name: str, value, *, finite: bool = True) -> float:
+    """A real number (int/float, not bool, not NaN; finite unless `finite=False`), as a float."""
+    if not _is_real(value) or math.isnan(value) or (finite and math.isinf(value)):
+        what = "a finite number" if finite else "a number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
     return float(value)
+
+
+def check_positive(name: str, value, *, finite: bool = False) -> float:
+    """A number > 0 (inf allowed unless `finite=True`), as a float."""
+    if not _is_real(value) or not value > 0 or (finite and math.isinf(value)):
+        what = "a finite positive number" if finite else "a positive number"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value, *, finite: bool = True) -> float:
+    """A number >= 0 (finite unless `finite=False`), as a float."""
+    if not _is_real(value) or not value >= 0 or (finite and math.isinf(value)):
+        what = "a finite number >= 0" if finite else "a number >= 0"
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def check_probability(name: str, value) -> float:
+    """A number in [0, 1], as a float."""
+    if not _is_real(value) or not 0 <= value <= 1:
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_callable(name: str, value, what: str = "a callable"):
+    if not callable(value):
+        raise ValueError(f"{name}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def check_generator(name: str, value) -> Optional[torch.Generator]:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ValueError(f"{name}: expected a torch.Generator or None, got {type(value).__name__}")
+    return value
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

@@ -19,7 +19,8 @@ images still fills the GPU:
    ``geps = -sum_k gpred``; used by the fused cross-entropy forward and by the backward of
    dc_errors / dc_scores (whose coefficients are computed from grad_output).
 
-All accumulation is fp32 (fp64 for fp64 inputs); outputs are in the input dtype. Launchers accept
+All accumulation is fp32 (fp64 for fp64 inputs); outputs are in the input dtype (the cross-entropy
+gradients in fp32 for fp16 inputs: they are scaled by grad_output later). Launchers accept
 tensors on any device (CPU tensors run under ``TRITON_INTERPRET=1``). On a GPU the single-kernel,
 stage-1 and stage-3 kernels are autotuned over warps (stage 3 also over its tile width; the other
 tile shapes come from ``_tiles`` because buffer sizes and the path choice depend on them); in the
@@ -278,9 +279,9 @@ def _reduce(partial, t, B, K, N, tau, mode, out_dtype, q=None):
     return err, logp, loss, coef
 
 
-def _apply_coef(pred3, eps2, coef, B, K, N):
-    gpred = torch.empty_like(pred3)
-    geps = torch.empty_like(eps2)
+def _apply_coef(pred3, eps2, coef, B, K, N, out_dtype=None):
+    gpred = torch.empty_like(pred3, dtype=out_dtype)
+    geps = torch.empty_like(eps2, dtype=out_dtype)
     block_k = min(next_pow2(K), 8)
     if _use_tuned(pred3):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_S"]), B)  # noqa: E731
@@ -292,6 +293,12 @@ def _apply_coef(pred3, eps2, coef, B, K, N):
             pred3, eps2, coef.contiguous(), gpred, geps, K, N,
             ACC_F64=_acc_f64(pred3), BLOCK_K=block_k, BLOCK_S=block_s, num_warps=4)
     return gpred, geps
+
+
+def _saved_grad_dtype(x: torch.Tensor) -> torch.dtype:
+    """The cross-entropy forward's gradients are scaled by grad_output only in the backward: fp16 ones
+    are written as fp32, whose range holds them before that scaling (cdgfast.ops._common)."""
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -307,8 +314,8 @@ def _fused(pred3, eps2, B, K, N, tau, mode, out_dtype, q=None):
     err = torch.empty((B, K), device=dev, dtype=out_dtype) if mode == _MODE_ERRORS else None
     logp = torch.empty((B, K), device=dev, dtype=out_dtype) if mode != _MODE_ERRORS else None
     loss = torch.empty((B,), device=dev, dtype=out_dtype) if mode == _MODE_CE else None
-    gpred = torch.empty_like(pred3) if mode == _MODE_CE else None
-    geps = torch.empty_like(eps2) if mode == _MODE_CE else None
+    gpred = torch.empty_like(pred3, dtype=_saved_grad_dtype(pred3)) if mode == _MODE_CE else None
+    geps = torch.empty_like(eps2, dtype=_saved_grad_dtype(pred3)) if mode == _MODE_CE else None
     dummy = eps2
     args = [pred3, eps2, q if q is not None else dummy] + [x if x is not None else dummy
                                                            for x in (err, logp, loss, gpred, geps)]
@@ -347,7 +354,7 @@ def dc_cross_entropy(pred: torch.Tensor, eps: torch.Tensor, q: torch.Tensor, tau
     """Fused forward of the per-sample DC cross-entropy ``loss[b] = -sum_k q[b, k] logp[b, k]``.
 
     Returns ``(loss[B], d loss[b] / d pred, d loss[b] / d eps, logp[B, K])``; the gradients are per
-    sample (not reduced) and have the shapes of ``pred`` and ``eps``.
+    sample (not reduced), have the shapes of ``pred`` and ``eps`` and its dtype (fp32 for fp16).
     """
     pred3, eps2, B, K, N = _flatten(pred, eps)
     q = q.to(_acc_dtype(pred3)).contiguous()
@@ -357,7 +364,7 @@ def dc_cross_entropy(pred: torch.Tensor, eps: torch.Tensor, q: torch.Tensor, tau
     else:
         partial, t = _partials(pred3, eps2, B, K, N)
         _, logp, loss, coef = _reduce(partial, t, B, K, N, tau, _MODE_CE, pred.dtype, q=q)
-        gpred, geps = _apply_coef(pred3, eps2, coef, B, K, N)
+        gpred, geps = _apply_coef(pred3, eps2, coef, B, K, N, _saved_grad_dtype(pred3))
     return loss, gpred.reshape(pred.shape), geps.reshape(eps.shape), logp
 
 

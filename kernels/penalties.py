@@ -194,13 +194,16 @@ def rank1_penalty_backward(grad_loss: torch.Tensor, grad_s: Optional[torch.Tenso
 def diag_penalty_forward(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor,
                          save_grad: bool = True, *, block: int = BLOCK) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss, r): loss = 0.5 sum f (theta - a)^2 in the accumulation dtype, r = f (theta - a) in theta's
-    dtype when `save_grad` (the theta gradient for grad_loss = 1), else an empty (0,) tensor."""
+    dtype (float32 for float16 theta: r is scaled by grad_loss only later, and float16's range would
+    flush or overflow it first) when `save_grad` (the theta gradient for grad_loss = 1), else an
+    empty (0,) tensor."""
     theta, anchor, fisher = (t.contiguous() for t in (theta, anchor, fisher))
     P = theta.numel()
     acc = acc_dtype(theta, anchor, fisher)
     nb = triton.cdiv(P, block)
     partial = torch.empty((nb,), device=theta.device, dtype=acc)
-    r = torch.empty_like(theta) if save_grad else _empty0(theta)
+    r_dtype = torch.float32 if theta.dtype == torch.float16 else theta.dtype
+    r = torch.empty_like(theta, dtype=r_dtype) if save_grad else _empty0(theta)
     _diag_fwd_kernel[(nb,)](theta, anchor, fisher, partial, r if save_grad else theta, P,
                             WRITE_R=save_grad, BLOCK=block, ACC=tl_dtype(acc))
     return partial.sum(), r

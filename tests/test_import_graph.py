@@ -34,7 +34,8 @@ def _known(name: str, mods) -> str:
 
 def import_graph() -> Dict[str, Dict[str, str]]:
     """module -> {imported module: "file:line" of the first import statement}, over every import statement
-    anywhere in the module (top level, functions, classes, branches), absolute and relative."""
+    anywhere in the module (top level, functions, classes, branches), absolute and relative, and every
+    `triton_or_composite("<kernel module>", ...)` (cdgfast._dispatch imports that module lazily)."""
     mods = _modules()
     graph: Dict[str, Dict[str, str]] = {}
     for name, (path, is_pkg) in mods.items():
@@ -53,6 +54,10 @@ def import_graph() -> Dict[str, Dict[str, str]]:
                 # `from pkg import sub` imports the submodule pkg.sub; `from mod import name` imports mod
                 targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in mods else _known(module, mods)
                            for a in node.names]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "triton_or_composite"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                # the ops' dispatch helper imports cdgfast.kernels.<first argument> on first use
+                targets = [f"cdgfast.kernels.{node.args[0].value}"]
             for target in targets:
                 if target and target != name:
                     edges.setdefault(target, f"{path.relative_to(ROOT)}:{node.lineno}")
@@ -121,7 +126,8 @@ def test_the_graph_sees_relative_lazy_and_package_imports():
             "cdgfast.kernels.dc_scores", "cdgfast._cuda"} <= set(graph)
     assert "cdgfast.fisher.accumulator" in graph["cdgfast.fisher"]  # relative: from .accumulator import ...
     assert "cdgfast._params" in graph["cdgfast.fisher"]  # absolute from-import of a module
-    assert "cdgfast.kernels.dc_scores" in graph["cdgfast.ops.dc"]  # lazy, inside a function: from pkg import sub
+    assert "cdgfast.kernels.dc_scores" in graph["cdgfast.ops.dc"]  # lazy, through the dispatch helper
+    assert "cdgfast.kernels.fisher_update" in graph["cdgfast.fisher.accumulator"]  # lazy, inside a function
     fake = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:2"}, "c": {"a": "c.py:3", "d": "c.py:4"}, "d": {}}
     assert cycles(fake) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b": "x"}, "b": {}}) == []

@@ -6,6 +6,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import cdgfast._dispatch  # noqa: E402
 import cdgfast.ops.bregman as bregman_ops  # noqa: E402
 import cdgfast.ops.dc as dc_ops  # noqa: E402
 from cdgfast.kernels import bregman as kb  # noqa: E402
@@ -89,11 +90,61 @@ def test_bregman_launcher_matches_composite(B, S, dtype):
             _close(g, e, dtype)
 
 
+@pytest.mark.parametrize("student_dtype,precond_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
+                                                         (torch.bfloat16, torch.float16)])
+def test_bregman_launcher_precond_in_its_own_dtype_at_any_scale(student_dtype, precond_dtype):
+    """The kernel reads h in its own dtype and scales by the per-sample max before the mean: huge,
+    tiny and denormal h give the weights of h rescaled (as the composite); a negative h gives NaN."""
+    B, S = 3, (5, 13)  # N = 65: several chunks and tiles per sample in the interpreter
+    s = torch.randn(B, *S, dtype=torch.float64).to(student_dtype)
+    t = torch.randn(B, *S, dtype=torch.float64).to(student_dtype)
+    base = torch.rand(B, *S, dtype=torch.float64) + 0.1
+    ref = torch.ops.cdgfast.bregman_distill(s.double(), t.double(), base, 1.5)
+    finfo = torch.finfo(precond_dtype)
+    scales = [1.0, finfo.max / 4, finfo.tiny * 1e-2]  # near the max; denormal
+    for scale in scales:
+        h = (base * scale).to(precond_dtype)
+        got = kb.bregman_distill(s, t, h, 1.5)
+        exp = torch.ops.cdgfast.bregman_distill(s, t, h, 1.5)
+        assert got[1].dtype == exp[1].dtype == (torch.float32 if student_dtype == torch.float16 else student_dtype)
+        for g, e in zip(got, exp):
+            assert torch.isfinite(g).all()
+            _close(g, e, student_dtype)
+        # the denormal fp16 h (1e-7 * base) keeps only a few bits
+        rtol = 3e-2 if precond_dtype == torch.float16 and scale < 1 else 5e-3
+        torch.testing.assert_close(got[0].double(), ref[0], rtol=rtol, atol=0)
+    h = base.to(precond_dtype)
+    h[1, 2, 3] = -1.0
+    loss, grad = kb.bregman_distill(s, t, h, 1.5)
+    assert torch.isnan(loss) and torch.isnan(grad[1, 2, 3]) and torch.isfinite(grad[0]).all()
+
+
+def test_dc_cross_entropy_launcher_saves_fp16_gradients_as_fp32():
+    cases = [(4, 3, (5, 7)), (2, 3, (3, 19, 21))]
+    assert [_single_kernel_path(B, K, S) for B, K, S in cases] == [True, False]
+    for B, K, S in cases:
+        pred, eps, q = _dc_inputs(B, K, S, torch.float16)
+        got = kd.dc_cross_entropy(pred, eps, q, 0.5)
+        exp = torch.ops.cdgfast.dc_cross_entropy(pred, eps, q, 0.5)
+        assert got[1].dtype == got[2].dtype == torch.float32
+        for g, e in zip(got, exp):
+            assert g.dtype == e.dtype
+            _close(g, e, torch.float16)
+
+
 # --- the CUDA registrations, wired to the Triton launchers, on CPU tensors ---------------------
 
 def test_cuda_registrations_call_triton_and_agree(monkeypatch):
-    monkeypatch.setattr(dc_ops, "use_triton", lambda x: True)
-    monkeypatch.setattr(bregman_ops, "use_triton", lambda x: True)
+    # the one dispatch helper (cdgfast._dispatch.triton_or_composite) decides for every op
+    monkeypatch.setattr(cdgfast._dispatch, "use_triton", lambda x: True)
+    called = set()
+    for mod, names in ((kd, ("dc_errors", "dc_scores", "dc_cross_entropy", "dc_apply_coef")),
+                       (kb, ("bregman_distill",))):
+        for name in names:
+            def spy(*args, _real=getattr(mod, name), _name=name):
+                called.add(_name)
+                return _real(*args)
+            monkeypatch.setattr(mod, name, spy)
     pred, eps, q = _dc_inputs(2, 5, (3, 7), torch.float64)
     ops = torch.ops.cdgfast
     _close(dc_ops._dc_errors_cuda(pred, eps), ops.dc_errors(pred, eps), torch.float64)
@@ -117,6 +168,7 @@ def test_cuda_registrations_call_triton_and_agree(monkeypatch):
         exp = torch.autograd.grad((ref(p, e) * w).sum(), (p, e))
         for a, b in zip(got, exp):
             _close(a, b, torch.float64)
+    assert called == {"dc_errors", "dc_scores", "dc_cross_entropy", "dc_apply_coef", "bregman_distill"}
 
 
 # --- the GPU launch path (autotuned kernels, GPU tile heuristic) in the interpreter ------------

@@ -70,11 +70,13 @@ def test_zero_precond_sample_falls_back_to_weight_one():
     torch.testing.assert_close(g[1], 2 * d[1] / s.numel())  # w = 1 in sample 1
 
 
+# second derivatives: a create_graph backward differentiates the reference formula (ops/_common.py)
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
 @pytest.mark.parametrize("B,S", [(1, (3,)), (3, (2, 3)), (2, ())])
-def test_gradcheck(B, S):
+def test_gradcheck(B, S, check):
     s, t, h = _inputs(B, S, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: bregman_distill(a, b, h, 0.8), (s, t))
-    assert torch.autograd.gradcheck(lambda a, b: bregman_distill(a, b), (s, t))
+    assert check(lambda a, b: bregman_distill(a, b, h, 0.8), (s, t))
+    assert check(lambda a, b: bregman_distill(a, b), (s, t))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -203,3 +205,135 @@ def test_forward_mode_ad_and_vmap():
     per_sample = torch.func.vmap(lambda a, b, c: bregman_distill(a[None], b[None], c[None], 0.9))(s, t, h)
     torch.testing.assert_close(per_sample, torch.stack([naive_bregman(s[i:i + 1], t[i:i + 1], h[i:i + 1], 0.9)
                                                         for i in range(3)]))
+
+
+# --- second derivatives through a gradient penalty ----------------------------------------------
+
+def test_gradient_penalty_through_the_loss_matches_naive():
+    s, t, h = _inputs(3, (2, 5), requires_grad=True)
+
+    def penalty(f):
+        gs, gt = torch.autograd.grad(f(s, t), (s, t), create_graph=True)
+        return (gs.square().sum() + 3 * (gs * gt).sum()) * 1e3
+
+    for precond in (h, None):
+        got = torch.autograd.grad(penalty(lambda a, b: bregman_distill(a, b, precond, 1.7)), (s, t))
+        exp = torch.autograd.grad(penalty(lambda a, b: naive_bregman(a, b, precond, 1.7)), (s, t))
+        for g, e in zip(got, exp):
+            assert float(e.abs().max()) > 0
+            torch.testing.assert_close(g, e)
+
+
+# --- dtypes: precond is normalised in fp32 or wider, scaled before dividing --------------------------
+
+@pytest.mark.parametrize("scale", [1e6, 1e30, 1e-9, 1e-40, 1e-42])
+def test_precond_of_any_scale_gives_the_weights_of_rescaled_h(scale):
+    """fp16 student + fp32 precond: no overflow to inf / NaN for a large h, no collapse to plain KD
+    for a tiny (even denormal) h; the weights equal those of h rescaled to O(1)."""
+    s, t, _ = _inputs(3, (4, 5), torch.float16)
+    base = torch.rand(3, 4, 5, dtype=torch.float64) + 0.1
+    h = (base * scale).float()
+    expected = naive_bregman(s, t, h.double() / scale, 2.0)
+    assert abs(float(expected) - float(naive_bregman(s, t, None, 2.0))) > 0.01  # not plain KD
+    for student in (s, s.float()):
+        out = bregman_distill(student, t, h, 2.0)
+        assert torch.isfinite(out)
+        # the loss is fp16 for the fp16 student; denormal h carries fewer significant bits
+        torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=0)
+
+
+def test_fp16_saved_gradient_survives_a_large_grad_output():
+    """2 w d / (B N) with d ~ 1e-3 is fp16-subnormal; grad_output 2^14 (a loss scaler) brings it back."""
+    s = (torch.randn(4, 3, 17, 11, dtype=torch.float64) * 1e-3).half().requires_grad_()
+    t = (torch.randn(4, 3, 17, 11, dtype=torch.float64) * 1e-3).half().requires_grad_()
+    h = torch.rand(4, 3, 17, 11)
+    g = torch.tensor(2.0 ** 14, dtype=torch.float16)
+    for precond in (h, None):
+        gs, gt = torch.autograd.grad(bregman_distill(s, t, precond, 1.0), (s, t), g)
+        rs, rt = (x.detach().double().requires_grad_() for x in (s, t))
+        es, et = torch.autograd.grad(naive_bregman(rs, rt, precond, 1.0), (rs, rt), g.double())
+        assert gs.dtype == torch.float16 and float(es.abs().max()) > 1e-2
+        for a, e in ((gs, es), (gt, et)):
+            torch.testing.assert_close(a.double(), e, rtol=4e-3, atol=2e-3 * float(e.abs().max()))
+
+
+# --- values that are not checked (a device sync): NaN, never a silently finite loss ------------------
+
+def test_negative_or_non_finite_precond_poisons_the_loss():
+    s, t, h = _inputs(2, (3, 4))
+    for bad in (-1e-3, float("inf"), float("nan")):
+        hb = h.clone()
+        hb[1, 2, 3] = bad
+        assert torch.isnan(bregman_distill(s, t, hb, 1.0))
+        assert torch.isnan(torch.func.vmap(lambda a, b, c: bregman_distill(a[None], b[None], c[None]))(s, t, hb)[1])
+        fn = torch.compile(lambda a, b, c: bregman_distill(a, b, c, 1.0), backend="eager")
+        assert torch.isnan(fn(s, t, hb))
+
+
+# --- modes: inference mode / no_grad -----------------------------------------------------------------
+
+class _Teacher(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6).double()
+
+    def forward(self, x):  # [B, 2, 3] -> [B, 2, 3]
+        return torch.tanh(self.lin(x.reshape(x.shape[0], -1))).reshape(x.shape) * x
+
+
+def test_hutchinson_under_inference_mode_and_no_grad_matches_grad_mode():
+    teacher = _Teacher()
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    ref = hutchinson_metric(teacher, x, generator=torch.Generator().manual_seed(5))
+    assert float(ref.abs().min()) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(hutchinson_metric(teacher, x, generator=torch.Generator().manual_seed(5)), ref)
+    with torch.inference_mode():
+        x_inf = x.clone()  # an inference tensor, e.g. x_t made under inference mode
+        h = hutchinson_metric(teacher, x_inf, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(h, ref)
+        # CCD's term with a teacher run under inference mode: Bregman weights, not plain KD
+        teacher_out = teacher(x_inf)
+    s = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    loss = bregman_distill(s, teacher_out, h, 1.0)
+    torch.testing.assert_close(loss, naive_bregman(s, teacher(x).detach(), ref, 1.0))
+    assert abs(float(loss.detach()) - float(bregman_distill(s, teacher_out).detach())) > 1e-3
+    torch.testing.assert_close(hutchinson_metric(teacher, x_inf, generator=torch.Generator().manual_seed(5)), ref)
+    gs = torch.autograd.grad(loss, s, create_graph=True)[0]  # the inference-tensor teacher is a constant
+    torch.testing.assert_close(gs, torch.autograd.grad(naive_bregman(s, teacher(x).detach(), ref, 1.0), s,
+                                                       create_graph=True)[0])
+
+
+def test_hutchinson_refuses_inference_tensors_it_cannot_differentiate_through():
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        frozen = _Teacher()  # parameters made under inference mode
+    with pytest.raises(ValueError, match=r"fn.*lin\.weight.*inference_mode"):
+        hutchinson_metric(frozen, x)
+    with pytest.raises(ValueError, match=r"fn.*inference_mode"):
+        hutchinson_metric(lambda z: frozen(z), x)
+    teacher = _Teacher()
+    with pytest.raises(ValueError, match=r"fn.*inference tensor"):
+        hutchinson_metric(torch.inference_mode()(teacher), x)
+
+
+def test_hutchinson_half_precision_input_gives_fp32_metric():
+    """(J^T v)^2 above 65504 is inf in fp16: h is returned in fp32 for half inputs."""
+    x = torch.randn(2, 8).half()
+    h = hutchinson_metric(lambda z: 300.0 * z.float(), x)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, torch.full((2, 8), 9e4))
+
+
+def test_hutchinson_inside_function_transforms():
+    """autograd.grad is refused inside torch.func transforms; there the metric is torch.func.vjp.
+    fn(x) = 1.5 x^2 has J = diag(3 x): h = 9 x^2 for every probe."""
+    fn = lambda z: 1.5 * z ** 2  # noqa: E731
+    xs = torch.randn(3, 2, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lambda z: hutchinson_metric(fn, z), randomness="different")(xs),
+                               9 * xs ** 2)
+    # h is a constant for an outer transform: d/dx sum(h * x) = h, the jvp of h is zero
+    torch.testing.assert_close(torch.func.grad(lambda z: (hutchinson_metric(fn, z) * z).sum())(xs[0]), 9 * xs[0] ** 2)
+    h, tangent = torch.func.jvp(lambda z: hutchinson_metric(fn, z), (xs[0],), (xs[1],))
+    torch.testing.assert_close(h, 9 * xs[0] ** 2)
+    assert torch.count_nonzero(tangent) == 0

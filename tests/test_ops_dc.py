@@ -139,16 +139,18 @@ def test_meta_tensors_give_shapes():
 
 # --- gradients ---------------------------------------------------------------------------------
 
+# second derivatives: a create_graph backward differentiates the reference formula (ops/_common.py)
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
 @pytest.mark.parametrize("B,K,S", [(1, 1, (3,)), (2, 5, (1, 3, 2)), (3, 2, ())])
-def test_gradcheck(B, K, S):
+def test_gradcheck(B, K, S, check):
     pred, eps = _inputs(B, K, S, requires_grad=True)
     q = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1).requires_grad_()
     idx = torch.randint(0, K, (B,))
-    assert torch.autograd.gradcheck(lambda a, b: dc_errors(a, b), (pred, eps))
-    assert torch.autograd.gradcheck(lambda a, b: dc_scores(a, b, tau=0.3), (pred, eps))
+    assert check(lambda a, b: dc_errors(a, b), (pred, eps))
+    assert check(lambda a, b: dc_scores(a, b, tau=0.3), (pred, eps))
     for red in ("mean", "sum", "none"):
-        assert torch.autograd.gradcheck(lambda a, b, c: dc_cross_entropy(a, b, c, 0.7, red), (pred, eps, q))
-        assert torch.autograd.gradcheck(lambda a, b: dc_cross_entropy(a, b, idx, 0.7, red), (pred, eps))
+        assert check(lambda a, b, c: dc_cross_entropy(a, b, c, 0.7, red), (pred, eps, q))
+        assert check(lambda a, b: dc_cross_entropy(a, b, idx, 0.7, red), (pred, eps))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -279,3 +281,110 @@ def test_forward_mode_ad_and_vmap_of_grad():
     per_sample = torch.func.vmap(per_sample_grad)(pred, eps, idx)
     p = pred.clone().requires_grad_()
     torch.testing.assert_close(per_sample, torch.autograd.grad(naive_ce(p, eps, idx, 1.0, "sum"), p)[0])
+
+
+# --- second derivatives through a gradient penalty ----------------------------------------------
+
+def test_gradient_penalty_through_the_loss_matches_naive():
+    """The usual pattern: g = grad(loss, x, create_graph=True), then backward through |g|^2."""
+    pred, eps = _inputs(3, 4, (2, 3), requires_grad=True)
+    q = torch.softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    cases = [(lambda a, b: (dc_errors(a, b) * w).sum(), lambda a, b: (naive_errors(a, b) * w).sum()),
+             (lambda a, b: (dc_scores(a, b, 0.4) * w).sum(), lambda a, b: (naive_scores(a, b, 0.4) * w).sum()),
+             (lambda a, b: dc_cross_entropy(a, b, q, 0.4), lambda a, b: naive_ce(a, b, q, 0.4))]
+    for ours, ref in cases:
+        def penalty(f):
+            gp, ge = torch.autograd.grad(f(pred, eps), (pred, eps), create_graph=True)
+            return gp.square().sum() + ge.square().sum()
+
+        got = torch.autograd.grad(penalty(ours), (pred, eps))
+        exp = torch.autograd.grad(penalty(ref), (pred, eps))
+        for g, e in zip(got, exp):
+            assert float(e.abs().max()) > 0
+            torch.testing.assert_close(g, e)
+
+
+# --- values that cannot be checked inside torch.compile / torch.func: NaN, never a finite loss ------
+
+def test_out_of_range_index_poisons_the_loss_under_compile_and_vmap():
+    pred, eps = _inputs(2, 3, (4,))
+    bad = torch.tensor([1, 3])  # K = 3
+    for target in (bad, torch.tensor([1, -1])):
+        fn = torch.compile(lambda a, b, t: dc_cross_entropy(a, b, t, reduction="none"), backend="eager")
+        out = fn(pred, eps, target)
+        assert torch.isnan(out[1]) and torch.isfinite(out[0])
+        torch.testing.assert_close(out[0], naive_ce(pred[:1], eps[:1], target[:1], 1.0))
+        per_sample = torch.func.vmap(lambda a, b, t: dc_cross_entropy(a[None], b[None], t[None]))(pred, eps, target)
+        assert torch.isnan(per_sample[1]) and torch.isfinite(per_sample[0])
+    # meta tensors cannot be checked either: the result is still a [B] loss (no error)
+    m = torch.empty(2, 3, 4, device="meta")
+    assert dc_cross_entropy(m, m[:, 0], torch.empty(2, dtype=torch.long, device="meta"), reduction="none").shape == (2,)
+
+
+def test_negative_probability_weight_poisons_its_sample():
+    pred, eps = _inputs(3, 4, (5,), requires_grad=True)
+    q = torch.rand(3, 4, dtype=torch.float64)
+    q[1, 2] = -0.5
+    out = dc_cross_entropy(pred, eps, q, reduction="none")
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    assert torch.isnan(dc_cross_entropy(pred, eps, q))
+    assert torch.isnan(torch.func.vmap(lambda a, b, c: dc_cross_entropy(a[None], b[None], c[None]))(pred, eps, q)[1])
+
+
+# --- dtypes: no rounding to a half dtype before a scale is applied -----------------------------------
+
+def test_float_target_is_not_rounded_to_half_precision():
+    """Weights are not renormalised; in fp16 a weight of 1e5 is inf. Condition 0 fits the noise
+    (log p_0 ~ -2e-3), so the loss itself, about 1e5 * 2e-3, fits fp16."""
+    eps = torch.randn(2, 4, dtype=torch.float64).half()
+    pred = torch.stack([eps, eps + 2.6, eps - 2.7], 1)
+    q = torch.tensor([[1e5, 0.0, 0.0], [7e4, 1e-3, 0.0]], dtype=torch.float32, requires_grad=True)
+    out = dc_cross_entropy(pred, eps, q, reduction="none")
+    ref = naive_ce(pred, eps, q.double(), 1.0, "none")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=4e-3, atol=0)
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    assert gq.dtype == torch.float32
+    torch.testing.assert_close(gq.double(), -naive_scores(pred, eps, 1.0), rtol=4e-3, atol=1e-5)
+
+
+def test_fp16_saved_gradient_survives_a_large_grad_output():
+    """GradScaler-style: grad_output 2^14 times a per-element gradient of ~1e-6 (fp16 subnormal:
+    a few significant bits) must keep fp16's precision for the scaled result."""
+    B, K, S = 2, 3, (40, 25)
+    pred = (torch.randn(B, K, *S, dtype=torch.float64) * 1e-3).half().requires_grad_()
+    eps = (torch.randn(B, *S, dtype=torch.float64) * 1e-3).half().requires_grad_()
+    q = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1)
+    scale = torch.full((B,), 2.0 ** 14, dtype=torch.float16)
+    gp, ge = torch.autograd.grad(dc_cross_entropy(pred, eps, q, reduction="none"), (pred, eps), scale)
+    rp = pred.detach().double().requires_grad_()
+    re_ = eps.detach().double().requires_grad_()
+    ep, ee = torch.autograd.grad(naive_ce(rp, re_, q, 1.0, "none"), (rp, re_), scale.double())
+    assert gp.dtype == torch.float16 and ge.dtype == torch.float16
+    for g, e in ((gp, ep), (ge, ee)):
+        assert float(e.abs().max()) > 1e-2
+        torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=2e-3 * float(e.abs().max()))
+
+
+# --- modes: inference tensors and inference / no-grad contexts ------------------------------------------
+
+def test_inference_tensors_and_modes():
+    pred, eps = _inputs(2, 3, (4,))
+    idx = torch.tensor([2, 0])
+    with torch.inference_mode():
+        eps_inf, q_inf = eps.clone(), torch.softmax(torch.randn(2, 3, dtype=torch.float64), -1)
+        torch.testing.assert_close(dc_errors(pred, eps), naive_errors(pred, eps))
+        torch.testing.assert_close(dc_cross_entropy(pred, eps, idx), naive_ce(pred, eps, idx, 1.0))
+    with torch.no_grad():
+        torch.testing.assert_close(dc_scores(pred, eps), naive_scores(pred, eps, 1.0))
+    # a constant made under inference_mode (the noise, a teacher's probabilities) next to a trained input
+    p = pred.clone().requires_grad_()
+    for ours, ref in [(lambda a: dc_errors(a, eps_inf).sum(), lambda a: naive_errors(a, eps).sum()),
+                      (lambda a: dc_scores(a, eps_inf)[:, 0].sum(), lambda a: naive_scores(a, eps, 1.0)[:, 0].sum()),
+                      (lambda a: dc_cross_entropy(a, eps_inf, q_inf), lambda a: naive_ce(a, eps, q_inf.clone(), 1.0))]:
+        got = torch.autograd.grad(ours(p), p, create_graph=True)[0]
+        exp = torch.autograd.grad(ref(p), p, create_graph=True)[0]
+        torch.testing.assert_close(got, exp)
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), p)[0],
+                                   torch.autograd.grad(exp.square().sum(), p)[0])

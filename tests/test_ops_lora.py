@@ -102,3 +102,39 @@ def test_bad_input_names_the_argument():
         lora_overlap_penalty(D.long(), A, B)
     with pytest.raises(ValueError, match="A.*empty"):
         lora_overlap_penalty(D, torch.randn(4, 0), torch.randn(0, 5))
+
+
+def test_gradgradcheck_and_gradient_penalty():
+    D = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lora_overlap_penalty, (D, A, B))
+    D0 = D.detach().clone()
+    D0[1] = 0.0  # previous tasks never touched row 1: d^2 L / d prev_delta^2 = 2 (A B)^2 there, not 0
+    assert torch.autograd.gradgradcheck(lora_overlap_penalty, (D0.requires_grad_(), A, B))
+    H = torch.func.hessian(lambda d: lora_overlap_penalty(d, A.detach(), B.detach()))(D0.detach())  # plain path
+    close(H.reshape(12, 12).diagonal()[4:8], 2 * (A @ B).detach()[1] ** 2, 1e-12)
+    assert torch.autograd.gradgradcheck(lambda a, b: lora_overlap_penalty(D.detach(), a, b), (A, B))
+    assert torch.autograd.gradgradcheck(lambda a: lora_overlap_penalty(D, a, B.detach()), (A,))
+
+    def penalty(f):
+        return sum(g.square().sum() for g in torch.autograd.grad(f(D, A, B), (A, B), create_graph=True))
+
+    for g, e in zip(torch.autograd.grad(penalty(lora_overlap_penalty), (D, A, B)),
+                    torch.autograd.grad(penalty(naive), (D, A, B))):
+        close(g, e, 1e-12)
+
+
+def test_inference_prev_delta():
+    """prev_delta summed from the previous tasks' factors under torch.inference_mode."""
+    D, A = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    B = torch.randn(2, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        D_inf = D.clone()
+        close(lora_overlap_penalty(D_inf, A, B), naive(D, A, B), 1e-12)
+    A.requires_grad_(True)
+    got = torch.autograd.grad(lora_overlap_penalty(D_inf, A, B), A, create_graph=True)[0]
+    exp = torch.autograd.grad(naive(D, A, B), A, create_graph=True)[0]
+    close(got, exp, 1e-12)
+    close(torch.autograd.grad(got.square().sum(), A)[0], torch.autograd.grad(exp.square().sum(), A)[0], 1e-12)
+    close(torch.func.grad(lambda a: lora_overlap_penalty(D_inf, a, B))(A.detach()), exp, 1e-12)

@@ -217,20 +217,25 @@ def test_gradient_only_for_what_requires_it_and_no_grad_mode():
     close(torch.autograd.grad(la, a)[0], -fisher * (theta.detach() - anchor), 1e-13)
 
 
-def test_gradcheck_float64():
+# second derivatives: a create_graph backward differentiates the reference formula (ops/_common.py)
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
+def test_gradcheck_float64(check):
     torch.manual_seed(3)
     K, P = 2, 6
     th = torch.randn(P, dtype=torch.float64, requires_grad=True)
     A = torch.randn(K, P, dtype=torch.float64, requires_grad=True)
     D = torch.randn(K, P, dtype=torch.float64, requires_grad=True)
     c = torch.rand(K, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(torch.ops.cdgfast.rank1_penalty_fwd, (th, A, D, c))  # loss and s
+    assert check(torch.ops.cdgfast.rank1_penalty_fwd, (th, A, D, c))  # loss and s
+    assert check(rank1_penalty, (th, A, D, c))
     a = torch.randn(P, dtype=torch.float64, requires_grad=True)
     f = torch.rand(P, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(torch.ops.cdgfast.diag_penalty, (th, a, f))
+    assert check(torch.ops.cdgfast.diag_penalty, (th, a, f))
     p1 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     p2 = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y, d: rank1_penalty([x, y], A.detach(), d, c.detach()), (p1, p2, D))
+    # a parameter list goes through flat_parameters' own autograd function
+    assert check(lambda x, y, d: rank1_penalty([x, y], A.detach(), d, c.detach()), (p1, p2, D))
+    assert check(lambda x, y: diag_penalty([x, y], a.detach(), f.detach()), (p1, p2))
 
 
 def test_opcheck():
@@ -368,3 +373,79 @@ def test_diag_bad_input_names_the_argument():
         diag_penalty(th, torch.randn(6), torch.ones(6, dtype=torch.int32))
     with pytest.raises(ValueError, match="anchor.*Tensor"):
         diag_penalty(th, [0.0] * 6, torch.rand(6))
+
+
+# ---------------------------------------------------------------------------------------------------- gradient penalty
+
+def test_gradient_penalty_through_the_penalty_matches_naive():
+    params = shapes_params(SHAPES)
+    P = sum(p.numel() for p in params)
+    anchors, directions = torch.randn(3, P, dtype=torch.float64), torch.randn(3, P, dtype=torch.float64)
+    coeffs = torch.rand(3, dtype=torch.float64)
+    anchor, fisher = torch.randn(P, dtype=torch.float64), torch.rand(P, dtype=torch.float64)
+    for ours, ref in ((lambda ps: rank1_penalty(ps, anchors, directions, coeffs),
+                       lambda ps: naive_rank1(ps, anchors, directions, coeffs)),
+                      (lambda ps: diag_penalty(ps, anchor, fisher), lambda ps: naive_diag(ps, anchor, fisher))):
+        def penalty(f):
+            return sum(g.square().sum() for g in torch.autograd.grad(f(params), params, create_graph=True))
+
+        for g, e in zip(torch.autograd.grad(penalty(ours), params), torch.autograd.grad(penalty(ref), params)):
+            close(g, e, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- dtypes
+
+def test_coefficients_as_numbers_are_not_rounded_to_half_anchors():
+    """coeffs of 1e6 (rank-1 EWC coefficients are sums over samples) are inf in float16."""
+    theta = torch.randn(9).half().requires_grad_(True)
+    anchors = (theta.detach().float() + 1e-2 * torch.randn(2, 9)).half()
+    directions = torch.randn(2, 9).half()
+    loss = rank1_penalty(theta, anchors, directions, [1e6, 3e5])
+    ref = naive_rank1([theta.detach().double()], anchors.double(), directions.double(),
+                      torch.tensor([1e6, 3e5], dtype=torch.float64))
+    assert torch.isfinite(loss)
+    close(loss, ref, 1e-5)
+
+
+def test_fp16_saved_diag_gradient_survives_a_large_grad_output():
+    """r = F (theta - a) with a Fisher of 1e-8 is below float16's range; lam = 2e7 brings it back."""
+    theta = torch.randn(33).half().requires_grad_(True)
+    anchor = (theta.detach().float() + 0.05 * torch.randn(33)).half()
+    fisher = torch.rand(33) * 1e-8 + 1e-9  # float32 state beside float16 parameters
+    g = torch.tensor(2e7)
+    (gt,) = torch.autograd.grad(diag_penalty(theta, anchor, fisher), theta, g)
+    expected = 2e7 * fisher.double() * (theta.detach().double() - anchor.double())
+    assert gt.dtype == torch.float16 and float(expected.abs().max()) > 1e-3
+    close(gt, expected, 2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- modes
+
+def test_inference_tensors_as_anchors_and_fisher():
+    """Consolidation state computed under torch.inference_mode at the end of a task, then used while
+    training the next task (first and second derivatives)."""
+    params = shapes_params(SHAPES)
+    P = sum(p.numel() for p in params)
+    A, D = torch.randn(2, P, dtype=torch.float64), torch.randn(2, P, dtype=torch.float64)
+    c = torch.rand(2, dtype=torch.float64)
+    a, f = torch.randn(P, dtype=torch.float64), torch.rand(P, dtype=torch.float64)
+    with torch.inference_mode():
+        Ai, Di, ci, ai, fi = (x.clone() for x in (A, D, c, a, f))
+        close(rank1_penalty(params, Ai, Di, ci), naive_rank1(params, A, D, c), 1e-12)  # no graph in there
+    for ours, ref in ((lambda ps: rank1_penalty(ps, Ai, Di, ci), lambda ps: naive_rank1(ps, A, D, c)),
+                      (lambda ps: rank1_penalty(ps, Ai, Di, [0.3, 0.7]),
+                       lambda ps: naive_rank1(ps, A, D, torch.tensor([0.3, 0.7], dtype=torch.float64))),
+                      (lambda ps: diag_penalty(ps, ai, fi), lambda ps: naive_diag(ps, a, f))):
+        got = torch.autograd.grad(ours(params), params, create_graph=True)
+        exp = torch.autograd.grad(ref(params), params, create_graph=True)
+        for x, y in zip(got, exp):
+            close(x, y, 1e-12)
+        g2 = torch.autograd.grad(sum(x.square().sum() for x in got), params)
+        e2 = torch.autograd.grad(sum(y.square().sum() for y in exp), params)
+        for x, y in zip(g2, e2):
+            close(x, y, 1e-12)
+    # under torch.func transforms too (the plain-PyTorch path)
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    g = torch.func.grad(lambda th: rank1_penalty(th, Ai, Di, ci) + diag_penalty(th, ai, fi))(theta)
+    t64 = theta.clone().requires_grad_(True)
+    close(g, torch.autograd.grad(naive_rank1([t64], A, D, c) + naive_diag([t64], a, f), t64)[0], 1e-12)

@@ -20,43 +20,65 @@ Inside ``torch.func`` transforms or a forward-AD dual level, :func:`bregman_dist
 math in plain differentiable PyTorch (the registered op has a reverse-mode formula only).
 
 The forward computes the gradient in the same pass (the teacher's is its negative) and backward
-scales it by ``grad_output``. ``precond`` is a detached metric: it never receives a gradient.
+scales it by ``grad_output``; a backward with ``create_graph=True`` differentiates the reference
+formula instead, so double backward is exact (``_common``). ``precond`` is a detached metric: it never
+receives a gradient.
+
+Dtypes: ``student`` and ``teacher`` are promoted to a common dtype, the loss's. ``precond`` keeps its
+own dtype: the weights are formed in fp32, or fp64 if any input is fp64 (never in a half dtype,
+where a large ``h`` overflows and a small one flushes to zero). ``h`` is divided by its per-sample
+maximum before the mean, so the weights do not depend on the scale of ``h`` (denormal or near the
+dtype's maximum: the same weights as ``h`` scaled to 1).
+
+Values: a negative or non-finite ``h`` is not checked (a device sync): it makes the loss NaN.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from cdgfast._validation import check_same_device, check_shape, check_tensor
-from cdgfast._dispatch import transform_active as _transform_active, use_triton
+from cdgfast._dispatch import transform_active as _transform_active, triton_or_composite
+from cdgfast._validation import (check_callable, check_generator, check_nonnegative, check_same_device,
+                                 check_shape, check_tensor)
+
+from ._common import acc_dtype as _acc, recorded_vjp, save, saved, saved_grad_dtype
 
 __all__ = ["bregman_distill", "hutchinson_metric"]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _weights(precond: Tensor, kappa: float, acc: torch.dtype) -> Tensor:
-    """w = 1 + kappa * h / max(mean_S h, tiny) per sample, as [B, N] in `acc`."""
+    """w = 1 + kappa * h / mean_S h per sample, as [B, N] in `acc`; w = 1 for an all-zero sample,
+    NaN where h < 0."""
     h = precond.to(acc).reshape(precond.shape[0], -1)
-    # a sample whose precond is all zero has mean 0; the clamp (fp32 tiny, as in the kernel) gives
-    # 0 / tiny = 0 there, i.e. w = 1 (plain KD for that sample) instead of nan
-    hmean = h.mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return 1.0 + kappa * h / hmean
+    # scale by the sample's max first: the mean of h / max lies in [1 / N, 1] whatever h's scale,
+    # where the mean of h itself would overflow near the dtype's max or flush to 0 for denormals
+    hmax = h.amax(-1, keepdim=True)
+    hs = h / torch.where(hmax > 0, hmax, 1.0)
+    hmean = hs.mean(-1, keepdim=True)
+    # an all-zero sample has hs = 0: w = 1 (plain KD for that sample) instead of 0 / 0
+    w = 1.0 + (kappa / torch.where(hmean > 0, hmean, 1.0)) * hs
+    return torch.where(h < 0, float("nan"), w)
+
+
+def _bregman_ref(student: Tensor, teacher: Tensor, precond: Optional[Tensor], kappa: float) -> Tensor:
+    """The loss in plain differentiable PyTorch (transforms, create_graph backward)."""
+    acc = _acc(student, teacher, precond)
+    B = student.shape[0]
+    d = student.to(acc).reshape(B, -1) - teacher.to(acc).reshape(B, -1)
+    wd = d if precond is None else _weights(precond, kappa, acc) * d
+    return (wd * d).mean().to(student.dtype)
 
 
 def _bregman_composite(student: Tensor, teacher: Tensor, precond: Optional[Tensor], kappa: float):
-    acc = _acc_dtype(student.dtype)
+    acc = _acc(student, teacher, precond)
     B = student.shape[0]
     d = student.to(acc).reshape(B, -1) - teacher.to(acc).reshape(B, -1)
     wd = d if precond is None else _weights(precond, kappa, acc) * d
     loss = (wd * d).mean()
     grad = wd * (2.0 / d.numel())
-    return loss.to(student.dtype), grad.to(student.dtype).reshape(student.shape)
+    return loss.to(student.dtype), grad.to(saved_grad_dtype(student.dtype)).reshape(student.shape)
 
 
 @torch.library.custom_op("cdgfast::bregman_distill", mutates_args=())
@@ -64,40 +86,42 @@ def _bregman_op(student: Tensor, teacher: Tensor, precond: Optional[Tensor], kap
     return _bregman_composite(student, teacher, precond, kappa)
 
 
-@_bregman_op.register_kernel("cuda")
-def _bregman_cuda(student: Tensor, teacher: Tensor, precond: Optional[Tensor], kappa: float) -> Tuple[Tensor, Tensor]:
-    if use_triton(student):
-        from cdgfast.kernels import bregman as _k
-
-        return _k.bregman_distill(student, teacher, precond, kappa)
-    return _bregman_composite(student, teacher, precond, kappa)
+_bregman_cuda = _bregman_op.register_kernel("cuda")(
+    triton_or_composite("bregman", "bregman_distill", _bregman_composite))
 
 
 @_bregman_op.register_fake
 def _(student, teacher, precond, kappa):
-    return student.new_empty(()), torch.empty_like(student)
+    return student.new_empty(()), torch.empty_like(student, dtype=saved_grad_dtype(student.dtype))
 
 
 @torch.library.custom_op("cdgfast::bregman_distill_backward", mutates_args=())
 def _bregman_backward_op(grad: Tensor, grad_student: Tensor) -> Tuple[Tensor, Tensor]:
-    # Elementwise scaling: ATen's kernels are bandwidth-bound already, on every device.
-    gs = (grad.to(_acc_dtype(grad_student.dtype)) * grad_student).to(grad_student.dtype)
+    # Elementwise scaling: ATen's kernels are bandwidth-bound already, on every device. The result
+    # has the loss's dtype (grad's), also where the saved gradient is wider (saved_grad_dtype).
+    gs = (grad.to(_acc(grad_student)) * grad_student).to(grad.dtype)
     return gs, -gs
 
 
 @_bregman_backward_op.register_fake
 def _(grad, grad_student):
-    return torch.empty_like(grad_student), torch.empty_like(grad_student)
+    return torch.empty_like(grad_student, dtype=grad.dtype), torch.empty_like(grad_student, dtype=grad.dtype)
 
 
 def _setup(ctx, inputs, output):
+    student, teacher, precond, kappa = inputs
     _, grad_student = output
     ctx.mark_non_differentiable(grad_student)
-    ctx.save_for_backward(grad_student)
+    ctx.kappa = kappa
+    save(ctx, student, teacher, precond, grad_student)
 
 
 def _backward(ctx, grad, _unused):
-    (grad_student,) = ctx.saved_tensors
+    student, teacher, precond, grad_student = saved(ctx)
+    if torch.is_grad_enabled():
+        gs, gt = recorded_vjp(lambda a, b: _bregman_ref(a, b, precond, ctx.kappa), (student, teacher),
+                              ctx.needs_input_grad[:2], (grad,))
+        return gs, gt, None, None
     gs, gt = torch.ops.cdgfast.bregman_distill_backward(grad, grad_student)
     return gs, gt, None, None
 
@@ -113,33 +137,55 @@ def bregman_distill(student: Tensor, teacher: Tensor, precond: Optional[Tensor] 
 
     Args:
         student, teacher: ``[B, *S]`` predictions of the same shape; both receive gradients (detach
-            the teacher yourself when it is frozen, as usual).
-        precond: optional ``[B, *S]`` non-negative metric (e.g. :func:`hutchinson_metric`); it is
-            detached (treated as a constant, no gradient). Non-negativity is not checked (that would
-            cost a device sync). A sample whose ``h`` is all zero has ``mean_S(h)`` clamped to the
-            fp32 ``tiny``, so its weights are 1 (plain KD) rather than nan.
+            the teacher yourself when it is frozen, as usual), to any order.
+        precond: optional ``[B, *S]`` non-negative metric (e.g. :func:`hutchinson_metric`) in any
+            floating dtype; it is detached (treated as a constant, no gradient) and never rounded to
+            the student's dtype: the weights are formed in fp32 (fp64 if any input is fp64), after
+            dividing ``h`` by its per-sample max, so a tiny (even denormal) or huge ``h`` gives the
+            same weights as ``h`` rescaled. A sample whose ``h`` is all zero gets weights 1 (plain
+            KD). Non-negativity is not checked (that would cost a device sync): a negative or
+            non-finite ``h`` makes the loss NaN.
         kappa: non-negative finite strength; ``kappa = 0`` is plain KD.
     Returns:
-        0-dim tensor in the common (promoted) dtype of the inputs.
+        0-dim tensor in the common (promoted) dtype of ``student`` and ``teacher``.
     """
     check_tensor("student", student, min_ndim=1)
     check_tensor("teacher", teacher, min_ndim=1)
     check_same_device(student=student, teacher=teacher, precond=precond)
     check_shape("teacher", teacher, student.shape, "same as student")
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa < 0:
-        raise ValueError(f"kappa: expected a finite number >= 0, got {kappa!r}")
+    kappa = check_nonnegative("kappa", kappa)
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     if precond is not None:
         check_tensor("precond", precond)
         check_shape("precond", precond, student.shape, "same as student")
-        precond = precond.detach().to(dtype)
+        precond = precond.detach()
     student, teacher = student.to(dtype), teacher.to(dtype)
     if _transform_active():
-        acc = _acc_dtype(dtype)
-        d = student.to(acc) - teacher.to(acc)
-        w = 1.0 if precond is None else _weights(precond, float(kappa), acc).reshape(d.shape)
-        return (w * d * d).mean().to(dtype)
-    return torch.ops.cdgfast.bregman_distill(student, teacher, precond, float(kappa))[0]
+        return _bregman_ref(student, teacher, precond, kappa)
+    return torch.ops.cdgfast.bregman_distill(student, teacher, precond, kappa)[0]
+
+
+def _inference_tensors(fn) -> list:
+    """Names of the parameters and buffers of `fn` (a module, or a bound method of one) made under
+    torch.inference_mode."""
+    module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return []
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, t in named if t.is_inference()]
+
+
+def _check_output(y) -> None:
+    if not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:
+        raise ValueError(f"fn: expected fn(x) to return a floating tensor, got "
+                         f"{getattr(y, 'dtype', type(y).__name__)}")
+
+
+def _rademacher(y: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """+1 / -1 with probability 1/2, shaped like y, drawn on the generator's device."""
+    dev = generator.device if generator is not None else y.device
+    v = torch.randint(0, 2, y.shape, generator=generator, device=dev).to(device=y.device, dtype=y.dtype)
+    return v * 2 - 1
 
 
 def hutchinson_metric(fn: Callable[[Tensor], Tensor], x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -151,30 +197,58 @@ def hutchinson_metric(fn: Callable[[Tensor], Tensor], x: Tensor, generator: Opti
     exactly and no Jacobian is formed. Part of the CCD reconstruction (SPEC 2.1): with ``fn`` the
     frozen teacher's noise prediction as a function of ``x_t``, ``h`` is its data-space metric.
 
+    The vector-Jacobian product runs with grad enabled and outside inference mode whatever the
+    caller's mode (``torch.no_grad()``, ``torch.inference_mode()``), so a frozen teacher run there gets
+    its metric, not zeros. ``x`` may be an inference tensor (it is copied). Tensors that ``fn`` uses and
+    autograd must save (the teacher's parameters, say) cannot be inference tensors: that raises a
+    ValueError naming ``fn`` (and the parameters, for a module), as does an ``fn`` that runs its own
+    body under inference mode. Inside ``torch.func`` transforms the product is ``torch.func.vjp``
+    (under ``vmap`` the probe needs ``randomness="different"`` or ``"same"``); ``h`` is a constant there
+    too.
+
     Args:
         fn: maps ``x`` (``[B, *S]``) to a floating tensor (``[B, *S]`` for CCD; any shape works).
         x: floating input; it is detached first, so the caller's graph is untouched.
         generator: optional ``torch.Generator`` for reproducible probes.
     Returns:
-        ``h``, detached, same shape and dtype as ``x``. Zeros where ``fn(x)`` does not depend on ``x``.
+        ``h``, detached, same shape as ``x``, dtype of ``x`` promoted to at least fp32 (the square
+        of a half-precision ``J^T v`` overflows fp16 above 256). Zeros where ``fn(x)`` does not
+        depend on ``x``.
     """
-    if not callable(fn):
-        raise ValueError(f"fn: expected a callable mapping x to a tensor, got {type(fn).__name__}")
+    check_callable("fn", fn, "a callable mapping x to a tensor")
     check_tensor("x", x)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        y = fn(xg)
-        if not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:
-            raise ValueError(f"fn: expected fn(x) to return a floating tensor, got "
-                             f"{getattr(y, 'dtype', type(y).__name__)}")
-        dev = generator.device if generator is not None else y.device
-        v = torch.randint(0, 2, y.shape, generator=generator, device=dev).to(device=y.device, dtype=y.dtype)
-        v = v * 2 - 1
+    check_generator("generator", generator)
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    if _transform_active():
+        # autograd.grad / requires_grad_ are refused inside torch.func transforms: the same vjp as
+        # a transform (vmap needs randomness="different" or "same" for the probe)
+        y, vjp_fn = torch.func.vjp(fn, x.detach())
+        _check_output(y)
+        (jtv,) = vjp_fn(_rademacher(y, generator))
+        return jtv.detach().to(out_dtype).square()
+    with torch.inference_mode(False), torch.enable_grad():
+        # an inference tensor cannot require grad outside inference mode: copy it
+        xg = (x.clone() if x.is_inference() else x).detach().requires_grad_(True)
+        try:
+            y = fn(xg)
+        except RuntimeError as err:
+            if "Inference tensors cannot be saved for backward" not in str(err):
+                raise
+            names = _inference_tensors(fn)
+            which = f" ({', '.join(names)})" if names else ""
+            raise ValueError(
+                f"fn: a tensor that fn uses{which} was created under torch.inference_mode(), so autograd "
+                "cannot differentiate fn(x) w.r.t. x; create or load it outside inference_mode "
+                "(torch.no_grad() is fine) or use a .clone() of it") from err
+        _check_output(y)
+        if y.is_inference():
+            raise ValueError("fn: fn(x) returned an inference tensor (fn runs under torch.inference_mode()), "
+                             "which records no graph, so the metric would be zero; call the model without "
+                             "inference_mode inside fn (hutchinson_metric enables grad itself)")
+        v = _rademacher(y, generator)
         if not y.requires_grad:
-            return torch.zeros_like(x)
+            return torch.zeros(x.shape, dtype=out_dtype, device=x.device)
         (jtv,) = torch.autograd.grad(y, xg, grad_outputs=v, allow_unused=True)
-    if jtv is None:
-        return torch.zeros_like(x)
-    return jtv.detach().square().to(x.dtype)
+        if jtv is None:
+            return torch.zeros(x.shape, dtype=out_dtype, device=x.device)
+        return jtv.detach().to(out_dtype).square()

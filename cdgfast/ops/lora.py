@@ -12,6 +12,8 @@ d/dprev_delta = 2 g prev_delta M^2 (|x|^2 = x^2, so the absolute value costs not
 a detached prev_delta and then no prev_delta gradient is formed. The backward is the registered op
 `cdgfast::lora_overlap_penalty_backward`; it recomputes M (one rank-r matmul, d1 d2 r multiply-adds)
 instead of saving a d1 x d2 tensor from the forward, which would cost as much memory as prev_delta.
+A backward with create_graph=True differentiates the plain-PyTorch reference `_lora_ref` instead, so
+double backward is exact (see `_common`). prev_delta may be an inference tensor.
 
 Dtypes: A and B share a dtype (A @ B is formed in it); prev_delta may have another floating dtype. The
 elementwise products and the sum are float32 (float64 if any input is float64) and the loss has that dtype.
@@ -26,11 +28,16 @@ from torch import Tensor
 from cdgfast._dispatch import transform_active
 from cdgfast._validation import check_same_device, check_tensor
 
+from ._common import acc_dtype as _acc_dtype, empty_unless, recorded_vjp, save, saved, usable
+
 __all__ = ["lora_overlap_penalty"]
 
 
-def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _lora_ref(prev_delta: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """The loss in plain differentiable PyTorch (transforms, create_graph backward). |x|^2 is written
+    x^2: abs has derivative 0 at 0, which would make the second derivative at prev_delta = 0 wrong."""
+    acc = _acc_dtype(prev_delta, A, B)
+    return (prev_delta.to(acc).square() * (A @ B).to(acc).square()).sum()
 
 
 @torch.library.custom_op("cdgfast::lora_overlap_penalty", mutates_args=())
@@ -65,20 +72,20 @@ def _lora_overlap_bwd(grad: Tensor, prev_delta: Tensor, A: Tensor, B: Tensor, ne
 
 @_lora_overlap_bwd.register_fake
 def _lora_overlap_bwd_fake(grad, prev_delta, A, B, need_delta, need_A, need_B):
-    return (torch.empty_like(prev_delta) if need_delta else prev_delta.new_empty((0,)),
-            torch.empty_like(A) if need_A else A.new_empty((0,)),
-            torch.empty_like(B) if need_B else B.new_empty((0,)))
+    return empty_unless(need_delta, prev_delta), empty_unless(need_A, A), empty_unless(need_B, B)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    save(ctx, *inputs)
 
 
 def _backward(ctx, grad):
-    prev_delta, A, B = ctx.saved_tensors
+    prev_delta, A, B = saved(ctx)
     need = ctx.needs_input_grad
     if not any(need):
         return None, None, None
+    if torch.is_grad_enabled():
+        return tuple(recorded_vjp(_lora_ref, (prev_delta, A, B), need, (grad,)))
     gd, ga, gb = torch.ops.cdgfast.lora_overlap_penalty_backward(grad, prev_delta, A, B, need[0], need[1], need[2])
     return (gd if need[0] else None, ga if need[1] else None, gb if need[2] else None)
 
@@ -109,6 +116,5 @@ def lora_overlap_penalty(prev_delta: Tensor, A: Tensor, B: Tensor) -> Tensor:
         raise ValueError(f"B: expected the dtype of A ({A.dtype}), got {B.dtype}")
     check_same_device(prev_delta=prev_delta, A=A, B=B)
     if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
-        acc = _acc_dtype(prev_delta, A, B)
-        return (prev_delta.to(acc).abs() * (A @ B).to(acc)).pow(2).sum()
+        return _lora_ref(usable(prev_delta), A, B)
     return torch.ops.cdgfast.lora_overlap_penalty(prev_delta, A, B)

@@ -23,9 +23,17 @@ torch.library ops (namespace `cdgfast`):
 Every op has a plain-PyTorch composite (all devices), a fake (meta) implementation and, on CUDA, the
 Triton kernels of `cdgfast.kernels.penalties` when `cdgfast._dispatch.use_triton(theta)`.
 
+Higher-order derivatives: a backward with create_graph=True differentiates the plain-PyTorch reference
+(`_rank1_ref`, `_diag_ref`, also used under torch.func transforms) instead of calling the first-order
+backward ops, so double backward is exact (see `_common`).
+
 Dtypes: inputs may mix floating dtypes (say bfloat16 parameters and float32 Fisher/anchors). Sums are
 accumulated in float32, or float64 when any input is float64, and the loss has that dtype; each
-gradient has the dtype of its input.
+gradient has the dtype of its input. `coeffs` given as numbers become float32 (float64 beside float64
+anchors). The saved r is float32 for float16 theta (`_common.saved_grad_dtype`: a Fisher of 1e-8
+times a small difference is below float16's range, and the backward's scale, lam, can be 1e4).
+
+Inference tensors (anchors, directions or a Fisher computed under torch.inference_mode) are accepted.
 """
 from __future__ import annotations
 
@@ -34,15 +42,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from cdgfast._dispatch import transform_active, use_triton
+from cdgfast._dispatch import transform_active, triton_or_composite
 from cdgfast._params import as_param_list
-from cdgfast._validation import FLOAT_DTYPES, check_same_device, check_tensor
+from cdgfast._validation import check_same_device, check_tensor
+
+from ._common import acc_dtype as _acc_dtype, empty_unless, recorded_vjp, save, saved, saved_grad_dtype, usable
 
 __all__ = ["rank1_penalty", "diag_penalty", "flat_parameters"]
-
-
-def _acc_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,8 +118,7 @@ def flat_parameters(params: Union[Tensor, Sequence[Tensor], torch.nn.Module], na
         return params if params.dim() == 1 else params.reshape(-1)
     plist = as_param_list(params, name)
     for i, p in enumerate(plist):
-        if p.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name}[{i}]: expected a floating dtype (float16/bfloat16/float32/float64), got {p.dtype}")
+        check_tensor(f"{name}[{i}]", p, nonempty=False)
     check_same_device(**{f"{name}[{i}]": p for i, p in enumerate(plist)})
     if sum(p.numel() for p in plist) == 0:
         raise ValueError(f"{name}: expected at least one parameter element, got none")
@@ -155,6 +160,13 @@ def _rank1_bwd_composite(grad_loss, grad_s, theta, anchors, directions, coeffs, 
     return gt, ga, gd
 
 
+def _rank1_ref(theta: Tensor, anchors: Tensor, directions: Tensor, coeffs: Tensor) -> Tuple[Tensor, Tensor]:
+    """(loss, s) in plain differentiable PyTorch (transforms, create_graph backward); a [K, P] temporary."""
+    acc = _acc_dtype(theta, anchors, directions, coeffs)
+    s = ((theta.to(acc) - anchors.to(acc)) * directions.to(acc)).sum(1)
+    return 0.5 * (coeffs.to(acc) * s * s).sum(), s
+
+
 # ----------------------------------------------------------------------------------------------------
 # rank-1: ops
 
@@ -163,12 +175,7 @@ def _rank1_fwd(theta: Tensor, anchors: Tensor, directions: Tensor, coeffs: Tenso
     return _rank1_fwd_composite(theta, anchors, directions, coeffs)
 
 
-@_rank1_fwd.register_kernel("cuda")
-def _rank1_fwd_cuda(theta, anchors, directions, coeffs):
-    if use_triton(theta):
-        from cdgfast.kernels.penalties import rank1_penalty_forward
-        return rank1_penalty_forward(theta, anchors, directions, coeffs)
-    return _rank1_fwd_composite(theta, anchors, directions, coeffs)
+_rank1_fwd.register_kernel("cuda")(triton_or_composite("penalties", "rank1_penalty_forward", _rank1_fwd_composite))
 
 
 @_rank1_fwd.register_fake
@@ -185,34 +192,27 @@ def _rank1_bwd(grad_loss: Tensor, grad_s: Optional[Tensor], theta: Tensor, ancho
                                 need_theta, need_anchors, need_directions)
 
 
-@_rank1_bwd.register_kernel("cuda")
-def _rank1_bwd_cuda(grad_loss, grad_s, theta, anchors, directions, coeffs, s, need_theta, need_anchors,
-                    need_directions):
-    if use_triton(theta):
-        from cdgfast.kernels.penalties import rank1_penalty_backward
-        return rank1_penalty_backward(grad_loss, grad_s, theta, anchors, directions, coeffs, s,
-                                      need_theta, need_anchors, need_directions)
-    return _rank1_bwd_composite(grad_loss, grad_s, theta, anchors, directions, coeffs, s,
-                                need_theta, need_anchors, need_directions)
+_rank1_bwd.register_kernel("cuda")(triton_or_composite("penalties", "rank1_penalty_backward", _rank1_bwd_composite))
 
 
 @_rank1_bwd.register_fake
 def _rank1_bwd_fake(grad_loss, grad_s, theta, anchors, directions, coeffs, s, need_theta, need_anchors,
                     need_directions):
-    return (torch.empty_like(theta) if need_theta else theta.new_empty((0,)),
-            torch.empty_like(anchors) if need_anchors else anchors.new_empty((0,)),
-            torch.empty_like(directions) if need_directions else directions.new_empty((0,)))
+    return (empty_unless(need_theta, theta), empty_unless(need_anchors, anchors),
+            empty_unless(need_directions, directions))
 
 
 def _rank1_setup_context(ctx, inputs, output):
     theta, anchors, directions, coeffs = inputs
-    ctx.save_for_backward(theta, anchors, directions, coeffs, output[1])
+    save(ctx, theta, anchors, directions, coeffs, output[1])
     ctx.set_materialize_grads(False)
 
 
 def _rank1_backward(ctx, grad_loss, grad_s):
-    theta, anchors, directions, coeffs, s = ctx.saved_tensors
+    theta, anchors, directions, coeffs, s = saved(ctx)
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        return tuple(recorded_vjp(_rank1_ref, (theta, anchors, directions, coeffs), need, (grad_loss, grad_s)))
     if grad_loss is None:
         grad_loss = s.new_zeros(())
     gt = ga = gd = gc = None
@@ -235,7 +235,7 @@ def _diag_fwd_composite(theta: Tensor, anchor: Tensor, fisher: Tensor, save_grad
     diff = theta.to(acc) - anchor.to(acc)
     r = fisher.to(acc) * diff
     loss = 0.5 * torch.dot(r, diff)
-    return loss, (r.to(theta.dtype) if save_grad else theta.new_empty((0,)))
+    return loss, (r.to(saved_grad_dtype(theta.dtype)) if save_grad else theta.new_empty((0,)))
 
 
 def _diag_bwd_composite(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher):
@@ -261,23 +261,26 @@ def _diag_bwd_composite(grad_loss, theta, anchor, fisher, r, need_theta, need_an
     return gt, ga, gf
 
 
+def _diag_ref(theta: Tensor, anchor: Tensor, fisher: Tensor) -> Tensor:
+    """The loss in plain differentiable PyTorch (transforms, create_graph backward)."""
+    acc = _acc_dtype(theta, anchor, fisher)
+    r = theta.to(acc) - anchor.to(acc)
+    return 0.5 * (fisher.to(acc) * r * r).sum()
+
+
 @torch.library.custom_op("cdgfast::diag_penalty_fwd", mutates_args=())
 def _diag_fwd(theta: Tensor, anchor: Tensor, fisher: Tensor, save_grad: bool) -> Tuple[Tensor, Tensor]:
     return _diag_fwd_composite(theta, anchor, fisher, save_grad)
 
 
-@_diag_fwd.register_kernel("cuda")
-def _diag_fwd_cuda(theta, anchor, fisher, save_grad):
-    if use_triton(theta):
-        from cdgfast.kernels.penalties import diag_penalty_forward
-        return diag_penalty_forward(theta, anchor, fisher, save_grad)
-    return _diag_fwd_composite(theta, anchor, fisher, save_grad)
+_diag_fwd.register_kernel("cuda")(triton_or_composite("penalties", "diag_penalty_forward", _diag_fwd_composite))
 
 
 @_diag_fwd.register_fake
 def _diag_fwd_fake(theta, anchor, fisher, save_grad):
     acc = _acc_dtype(theta, anchor, fisher)
-    return theta.new_empty((), dtype=acc), (torch.empty_like(theta) if save_grad else theta.new_empty((0,)))
+    r = torch.empty_like(theta, dtype=saved_grad_dtype(theta.dtype)) if save_grad else theta.new_empty((0,))
+    return theta.new_empty((), dtype=acc), r
 
 
 @torch.library.custom_op("cdgfast::diag_penalty_backward", mutates_args=())
@@ -286,34 +289,29 @@ def _diag_bwd(grad_loss: Tensor, theta: Tensor, anchor: Tensor, fisher: Tensor, 
     return _diag_bwd_composite(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher)
 
 
-@_diag_bwd.register_kernel("cuda")
-def _diag_bwd_cuda(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher):
-    if use_triton(theta):
-        from cdgfast.kernels.penalties import diag_penalty_backward
-        return diag_penalty_backward(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher)
-    return _diag_bwd_composite(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher)
+_diag_bwd.register_kernel("cuda")(triton_or_composite("penalties", "diag_penalty_backward", _diag_bwd_composite))
 
 
 @_diag_bwd.register_fake
 def _diag_bwd_fake(grad_loss, theta, anchor, fisher, r, need_theta, need_anchor, need_fisher):
-    return (torch.empty_like(theta) if need_theta else theta.new_empty((0,)),
-            torch.empty_like(anchor) if need_anchor else anchor.new_empty((0,)),
-            torch.empty_like(fisher) if need_fisher else fisher.new_empty((0,)))
+    return empty_unless(need_theta, theta), empty_unless(need_anchor, anchor), empty_unless(need_fisher, fisher)
 
 
 def _diag_setup_context(ctx, inputs, output):
     theta, anchor, fisher, _ = inputs
     r = output[1]
     ctx.mark_non_differentiable(r)  # r is the saved gradient, not a value to differentiate
-    ctx.save_for_backward(theta, anchor, fisher, r)
+    save(ctx, theta, anchor, fisher, r)
     ctx.set_materialize_grads(False)
 
 
 def _diag_backward(ctx, grad_loss, grad_r):
-    theta, anchor, fisher, r = ctx.saved_tensors
+    theta, anchor, fisher, r = saved(ctx)
     need = ctx.needs_input_grad
     if grad_loss is None or not (need[0] or need[1] or need[2]):
         return None, None, None, None
+    if torch.is_grad_enabled():
+        return tuple(recorded_vjp(_diag_ref, (theta, anchor, fisher), need[:3], (grad_loss,))) + (None,)
     gt, ga, gf = torch.ops.cdgfast.diag_penalty_backward(grad_loss, theta, anchor, fisher,
                                                          r if r.numel() else None, need[0], need[1], need[2])
     return (gt if need[0] else None, ga if need[1] else None, gf if need[2] else None, None)
@@ -376,8 +374,10 @@ def rank1_penalty(params, anchors: Tensor, directions: Tensor, coeffs) -> Tensor
         raise ValueError(f"directions: expected shape (K, P) = ({K}, {P}) to match anchors, "
                          f"got {tuple(directions.shape)}")
     if not isinstance(coeffs, Tensor):
+        # numbers become float32 (float64 beside float64 anchors), not the anchors' dtype: a large
+        # coefficient would be inf in float16
         try:
-            coeffs = torch.as_tensor(coeffs, dtype=anchors.dtype, device=anchors.device)
+            coeffs = torch.as_tensor(coeffs, dtype=_acc_dtype(anchors), device=anchors.device)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"coeffs: expected a tensor or a sequence of {K} numbers, got {type(coeffs).__name__}")
     check_tensor("coeffs", coeffs, ndim=1)
@@ -385,9 +385,7 @@ def rank1_penalty(params, anchors: Tensor, directions: Tensor, coeffs) -> Tensor
         raise ValueError(f"coeffs: expected shape ({K},) (K = anchors.shape[0]), got {tuple(coeffs.shape)}")
     check_same_device(params=theta, anchors=anchors, directions=directions, coeffs=coeffs)
     if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
-        acc = _acc_dtype(theta, anchors, directions, coeffs)
-        s = ((theta.to(acc) - anchors.to(acc)) * directions.to(acc)).sum(1)
-        return 0.5 * (coeffs.to(acc) * s * s).sum()
+        return _rank1_ref(theta, *(usable(t) for t in (anchors, directions, coeffs)))[0]
     return torch.ops.cdgfast.rank1_penalty(theta, anchors, directions, coeffs)
 
 
@@ -410,7 +408,5 @@ def diag_penalty(params, anchor: Tensor, fisher: Tensor) -> Tensor:
                              f"got {tuple(t.shape)}")
     check_same_device(params=theta, anchor=anchor, fisher=fisher)
     if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
-        acc = _acc_dtype(theta, anchor, fisher)
-        r = theta.to(acc) - anchor.to(acc)
-        return 0.5 * (fisher.to(acc) * r * r).sum()
+        return _diag_ref(theta, usable(anchor), usable(fisher))
     return torch.ops.cdgfast.diag_penalty(theta, anchor, fisher)
