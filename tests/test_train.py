@@ -409,3 +409,13 @@ def test_data_root_that_does_not_exist_is_said(tmp_path):
     assert any(f"--data-root {missing} does not exist" in s for s in data.substitutions)
     with pytest.raises(DataUnavailable, match="does not exist.*nothing is substituted"):
         load_benchmark_data("mnist", data_root=missing, image_size=16, scale="paper", log=lines.append)
+
+
+def test_overwrite_refused_on_bad_input_deletes_nothing(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    argv = SMOKE_ARGV + ["--method", "finetune", "--out", str(out), "--cache-dir", cache_dir, "--dataset", "digits"]
+    assert main(argv) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(argv + ["--overwrite", "--inception", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before  # the finished run is still there
