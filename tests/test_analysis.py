@@ -330,3 +330,72 @@ def test_library_bad_input(tmp_path):
         run_fisher_analysis(timesteps=[10], samples=1, out_dir=str(tmp_path), train_steps=0)
     with pytest.raises(ValueError, match="dataset"):
         run_fisher_analysis(dataset="svhn", timesteps=[10], samples=4, out_dir=str(tmp_path))
+
+
+def _cli_code(argv, capsys):
+    from cdgfast.analyze import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fisher", "--train-steps", "0", "--samples", "2", "--timesteps", "10", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("case", ["device_foo", "cuda_missing", "out_is_file", "no_data_root", "missing_data",
+                                  "corrupt_checkpoint", "not_an_analysis"])
+def test_cli_refuses_bad_options_before_any_work(tmp_path, case, capsys):
+    out = tmp_path / "out"
+    argv, expect = ["--out", str(out)], None
+    if case == "device_foo":
+        argv += ["--device", "foo"]
+        expect = "device: expected 'cpu', 'cuda' or 'cuda:N', got 'foo'"
+    elif case == "cuda_missing":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        argv += ["--device", "cuda"]
+        expect = "CUDA is not available"
+    elif case == "out_is_file":
+        out.write_text("mine")
+        expect = "exists and is not a folder"
+    elif case == "no_data_root":
+        argv += ["--dataset", "mnist", "--data-root", str(tmp_path / "nowhere")]
+        expect = "does not exist"
+    elif case == "missing_data":
+        (tmp_path / "empty").mkdir()
+        argv += ["--dataset", "cifar10", "--data-root", str(tmp_path / "empty")]
+        expect = "cifar-10-python.tar.gz"
+    elif case == "corrupt_checkpoint":
+        bad = tmp_path / "model.pt"
+        torch.save({"model": torch.nn.Linear(3, 3).state_dict()}, bad)
+        bad.write_bytes(bad.read_bytes()[:100])  # truncated
+        argv += ["--checkpoint", str(bad)]
+        expect = f"checkpoint: {bad} cannot be read"
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expect = "not empty and holds no Fisher analysis"
+    before = sorted(os.listdir(tmp_path))
+    code, err = _cli_code(argv, capsys)
+    assert code == 2 and expect in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing removed
+    if out.is_dir():
+        assert os.listdir(out) == ["notes.txt"]
+
+
+def test_cli_refuses_to_overwrite_an_analysis_unless_asked(tmp_path, capsys):
+    from cdgfast.analyze import main
+
+    out = tmp_path / "geo"
+    argv = ["fisher", "--timesteps", "100", "--samples", "4", "--train-steps", "1", "--batch-size", "4",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    first = (out / "geometry.json").read_text()
+    code, err = _cli_code(["--out", str(out)], capsys)
+    assert code == 2 and "already holds a Fisher analysis" in err and "--overwrite" in err
+    assert (out / "geometry.json").read_text() == first and (out / "fig1_mse.png").is_file()
+    # --overwrite on the folder's own model: the model stays, the stale figures go
+    assert main(["fisher", "--timesteps", "900", "--samples", "4", "--checkpoint", str(out / "model.pt"),
+                 "--no-progress", "--no-figures", "--overwrite", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["geometry.json", "model.pt"]
+    assert [r["t"] for r in json.loads((out / "geometry.json").read_text())["timesteps"]] == [900]

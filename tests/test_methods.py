@@ -6,6 +6,7 @@ there, the method's own terms appear once there is something to consolidate, the
 trainable parameters and never a frozen teacher, and the state kept after each task has the right shape.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -229,3 +230,72 @@ def test_label_dropout_uses_null_class():
     frac = (nb["y"] == NUM_CLASSES).float().mean().item()
     assert set(nb["y"].unique().tolist()) == {0, NUM_CLASSES} and 0.4 < frac < 0.6
     assert torch.all(m.noisy_batch(torch.zeros(5, 1, 2, 2), torch.zeros(5, dtype=torch.long))["y"] == 0)
+
+
+# ------------------------------------------------------------------ declared hyperparameters
+def test_every_hyperparameter_of_every_method_has_a_spec():
+    from cdgfast.methods._hparams import HP, merged_specs
+
+    for name, cls in M._SINGLE.items():
+        defaults, specs = M._defaults(cls), merged_specs(cls)
+        assert set(defaults) == set(specs), (name, sorted(set(defaults) ^ set(specs)))
+        assert all(isinstance(s, HP) for s in specs.values()), name
+        for key, value in defaults.items():  # the defaults themselves are valid, and kept as they are
+            assert specs[key].check(key, value, name) == (tuple(value) if isinstance(value, tuple) else value), key
+    for name in M.available():  # compositions are made of the single methods, so they are covered too
+        assert isinstance(M.create(name), M.Method)
+
+
+def _bad_values(spec):
+    """Values `spec` must refuse: the wrong type, and each side of its range."""
+    bad = {"bool": ["maybe", 1, None], "choice": ["nope", 1, None], "names": [3, [], [""], None],
+           "str": ["", 3, None]}.get(spec.kind)
+    if bad is not None:
+        return bad
+    bad = ["abc", True, float("nan")] + ([2.5] if spec.kind == "int" else [float("inf")])
+    if not spec.none:
+        bad.append(None)
+    if spec.lo is not None:
+        bad.append(spec.lo if spec.lo_open else spec.lo - 1)
+    if spec.hi is not None:
+        bad.append(spec.hi if spec.hi_open else spec.hi + 1)
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(M._SINGLE))
+def test_every_hyperparameter_refuses_wrong_type_and_range(name):
+    from cdgfast.methods._hparams import merged_specs
+
+    for key, spec in merged_specs(M._SINGLE[name]).items():
+        for value in _bad_values(spec):
+            with pytest.raises(ValueError) as e:
+                M.create(name, **{key: value})
+            msg = str(e.value)
+            assert msg.startswith(f"{key}:") and spec.describe() in msg and repr(value) in msg, (name, key, msg)
+
+
+@pytest.mark.parametrize("name, overrides, valid", [
+    # the values of issue 10: accepted before, and then crashing (or silently wrong) mid-run
+    ("rank1", {"lam": "abc"}, "a number >= 0"), ("rank1", {"lam": -1}, "a number >= 0"),
+    ("ewc", {"gamma": -2}, "a number >= 0"), ("rank1", {"fisher_max_samples": 0}, "an integer >= 1 or None"),
+    ("ewc", {"online": "maybe"}, "True or False"), ("gd", {"pool_per_class": 2.5}, "an integer >= 1"),
+    ("rank1+gd", {"lam": -1}, "a number >= 0"), ("rank1+gd", {"gd.pool_per_class": 2.5}, "an integer >= 1"),
+    ("agem", {"replay_batch": None}, "an integer >= 1"), ("finetune", {"label_dropout": 1.0}, "[0, 1)"),
+])
+def test_bad_hyperparameters_refused_naming_key_and_range(name, overrides, valid):
+    key = next(iter(overrides)).split(".")[-1]
+    with pytest.raises(ValueError, match=rf"^{key}: expected .*{re.escape(valid)}"):
+        M.create(name, **overrides)
+    cls = M._SINGLE.get(name)
+    if cls is not None:  # the constructors check too, not only create()
+        with pytest.raises(ValueError, match=rf"^{key}:"):
+            cls(**overrides)
+
+
+def test_hyperparameters_are_normalised():
+    m = M.create("rank1+gd", lam=100, pool_per_class=3)
+    assert m.config["rank1.lam"] == 100.0 and isinstance(m.config["rank1.lam"], float)
+    assert isinstance(m.config["gd.pool_per_class"], int)
+    assert M.create("clora", target_modules="to_q").config["target_modules"] == ("to_q",)
+    assert M.create("clora", target_modules=["to_q", "to_k"]).config["target_modules"] == ("to_q", "to_k")
+    assert M.create("ewc", fisher_max_samples=None).config["fisher_max_samples"] is None

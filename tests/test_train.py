@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,172 @@ def test_set_overrides_method_hyperparameters(tmp_path, capsys):
         assert msg in capsys.readouterr().err
         assert not out.exists()
 
+
+
+# ------------------------------------------------------------------ a run never loses finished work
+SMOKE_ARGV = ["--scale", "smoke", "--steps", "1", "--fid-samples", "3", "--num-tasks", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("item, key, valid", [
+    ("rank1.lam=abc", "lam", "a number >= 0"), ("rank1.lam=-1", "lam", "a number >= 0"),
+    ("ewc.gamma=-2", "gamma", "a number >= 0"), ("rank1.fisher_max_samples=0", "fisher_max_samples", "an integer >= 1"),
+    ("ewc.online=maybe", "online", "True or False"), ("gd.pool_per_class=2.5", "pool_per_class", "an integer >= 1"),
+])
+def test_set_value_of_wrong_type_or_range_exits_2_before_any_work(tmp_path, cache_dir, capsys, item, key, valid):
+    out = tmp_path / "o"
+    methods = ["finetune", "rank1+gd", "ewc"]  # the bad value's method last but one: others would run first
+    code = main(SMOKE_ARGV + ["--method", *methods, "--set", item, "--out", str(out), "--cache-dir", cache_dir])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert item.split("=")[0] in err and f"{key}: expected" in err and valid in err, err
+    assert not out.exists()
+
+
+def _log(out):
+    return (out / "train.log").read_text()
+
+
+def test_resume_with_a_corrected_value_reruns_only_that_method(tmp_path, cache_dir, monkeypatch):
+    out = tmp_path / "run"
+    kw = dict(methods=["finetune", "l2"], num_tasks=2)
+    monkeypatch.setenv("CDGFAST_CRASH_AT", "l2:1:1")  # l2 fails in task 2 (as a bad value would)
+    with pytest.raises(InjectedCrash):
+        run(tiny_cfg(out, cache_dir, method_args={"l2": {"lam": 1e9}}, **kw))
+    monkeypatch.delenv("CDGFAST_CRASH_AT")
+    steps = []
+    resumed = run(tiny_cfg(out, cache_dir, resume=True, method_args={"l2": {"lam": 0.5}}, **kw),
+                  on_step=lambda m, k, s: steps.append((m, k)))
+    assert {m for m, _ in steps} == {"l2"} and (("l2", 0) in steps)  # finetune kept, l2 from task 1
+    log = _log(out)
+    assert "finetune: finished in an earlier session" in log
+    assert "l2: its checkpoint (after task 1) was made with other settings (lam 1000000000.0 -> 0.5)" in log
+    assert "running l2 again from task 1" in log
+    fresh = run(tiny_cfg(tmp_path / "fresh", cache_dir, methods=["l2"], num_tasks=2, method_args={"l2": {"lam": 0.5}}))
+    assert resumed["methods"]["l2"]["fid"] == fresh["methods"]["l2"]["fid"]
+    assert resumed["methods"]["l2"]["method_config"]["lam"] == 0.5
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["finetune", "l2"]
+
+
+def test_resume_with_fewer_methods_keeps_the_others_results(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = run(tiny_cfg(out, cache_dir, methods=["finetune", "l2"], num_tasks=1))
+    again = run(tiny_cfg(out, cache_dir, methods=["l2"], num_tasks=1, resume=True))
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == list(again["methods"]) == ["finetune", "l2"]
+    assert saved["methods"]["finetune"]["fid"] == first["methods"]["finetune"]["fid"]
+    assert saved["kept_from_earlier_sessions"] == ["finetune"]
+    csv_text = (out / "results.csv").read_text()
+    report = (out / "report.md").read_text()
+    for name in ("finetune", "l2"):
+        assert f"\n{name}," in csv_text and f"| {name} |" in report
+    assert "results kept from earlier sessions of this run (not run in this one): finetune" in report
+
+
+def test_out_that_is_not_a_run_is_refused(tmp_path, cache_dir, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.csv").write_text("my own numbers\n")
+    (out / "notes.txt").write_text("keep me\n")
+    argv = SMOKE_ARGV + ["--method", "finetune", "--cache-dir", cache_dir, "--dataset", "digits"]
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "no cdgfast.train run" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.csv"]
+    assert (out / "results.csv").read_text() == "my own numbers\n"
+    (tmp_path / "a_file").write_text("x")
+    assert main(argv + ["--out", str(tmp_path / "a_file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_default_out_dir_skips_folders_that_hold_anything(tmp_path, monkeypatch):
+    from cdgfast.train.loop import default_out_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "default-smoke").mkdir(parents=True)
+    assert default_out_dir("default", "smoke", False) == Path("runs/default-smoke")  # empty: usable
+    (tmp_path / "runs" / "default-smoke" / "mine.txt").write_text("x")
+    assert default_out_dir("default", "smoke", False) == Path("runs/default-smoke-2")
+
+
+def test_unreadable_checkpoint_on_resume_names_it_and_the_others_go_on(tmp_path, cache_dir, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("CDGFAST_CRASH_AT", "l2:1:1")
+    argv = SMOKE_ARGV[:-3] + ["--num-tasks", "2", "--no-progress", "--method", "finetune", "l2", "--out", str(out),
+                              "--cache-dir", cache_dir, "--dataset", "digits"]
+    assert main(argv) == 1
+    monkeypatch.delenv("CDGFAST_CRASH_AT")
+    bad = out / "checkpoints" / "finetune.pt"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "cannot be read" in err and "Delete it to rerun finetune" in err
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == ["l2"] and len(saved["methods"]["l2"]["afid_at_k"]) == 2
+    assert "ERROR: the checkpoint of finetune" in _log(out)
+
+
+def test_ctrl_c_prints_where_and_the_resume_command(tmp_path, cache_dir):
+    import shlex
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CDGFAST_INTERRUPT_AT="finetune:1:1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    argv = SMOKE_ARGV[:-3] + ["--num-tasks", "2", "--no-progress", "--method", "finetune", "--out", str(out),
+                              "--cache-dir", cache_dir, "--dataset", "digits"]
+    proc = subprocess.run([sys.executable, "-m", "cdgfast.train"] + argv, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "interrupted (Ctrl-C) in finetune, task 2 of 2 (training, step 1 of 1)" in proc.stderr
+    assert "checkpointed: finetune after task 1" in proc.stderr
+    command = shlex.split(proc.stderr.strip().splitlines()[-1])
+    assert command[:3] == [sys.executable, "-m", "cdgfast.train"] and "--resume" in command
+    assert main(command[3:]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["methods"]["finetune"]["afid_at_k"]) == 2
+
+
+def test_no_progress_hides_every_bar_and_progress_shows_them(tmp_path, cache_dir, monkeypatch):
+    import tqdm.std
+
+    bars = []
+    real_init = tqdm.std.tqdm.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        bars.append((str(k.get("desc")), bool(self.disable)))
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", spy)
+    kw = dict(methods=["rank1+gd", "diag"], num_tasks=1, steps=1)
+    run(tiny_cfg(tmp_path / "quiet", cache_dir, **kw))
+    shown = [d for d, disabled in bars if not disabled]
+    assert not shown, shown
+    bars.clear()
+    run(tiny_cfg(tmp_path / "bars", cache_dir, progress=True, **kw))
+    shown = " | ".join(d for d, disabled in bars if not disabled)
+    for desc in ("rank1 Fisher", "diag Fisher", "replay pool", "end_task pass", "sampling", "train"):
+        assert desc in shown, (desc, shown)
+
+
+def test_data_root_that_does_not_exist_is_said(tmp_path):
+    from cdgfast.train.data import DataUnavailable, load_benchmark_data
+
+    missing = str(tmp_path / "no-such-folder")
+    lines = []
+    data = load_benchmark_data("mnist", data_root=missing, image_size=16, scale="smoke", log=lines.append)
+    warning = [ln for ln in lines if ln.startswith("WARNING")]
+    assert warning and f"--data-root {missing} does not exist" in warning[0]
+    assert any(f"--data-root {missing} does not exist" in s for s in data.substitutions)
+    with pytest.raises(DataUnavailable, match="does not exist.*nothing is substituted"):
+        load_benchmark_data("mnist", data_root=missing, image_size=16, scale="paper", log=lines.append)
+
+
+def test_overwrite_refused_on_bad_input_deletes_nothing(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    argv = SMOKE_ARGV + ["--method", "finetune", "--out", str(out), "--cache-dir", cache_dir, "--dataset", "digits"]
+    assert main(argv) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(argv + ["--overwrite", "--inception", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before  # the finished run is still there

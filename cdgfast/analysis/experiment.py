@@ -21,12 +21,66 @@ from ..diffusion import DiffusionLoss, NoiseSchedule
 from .geometry import fisher_geometry, scaled_prediction_mse
 
 CHECKPOINT_NAME = "model.pt"
+RESULT_NAME = "geometry.json"
+# What an analysis writes (plots.plot_all's figures too): a folder holding one of these holds an analysis.
+FIGURE_NAMES = ("fig1_mse.png", "fig2_cosine.png", "fig3a_mean_grad_cosine.png", "fig3b_eigenvalues.png",
+                "fig3c_eig_ratio.png", "fig3d_rel_frobenius.png")
+OUTPUT_NAMES = (RESULT_NAME, CHECKPOINT_NAME) + FIGURE_NAMES
 
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def resolve_device(device) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" as a torch.device that exists on this machine, else ValueError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available here "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested but this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse an output folder the analysis would damage: a file; a previous analysis (unless
+    `overwrite`); a non-empty folder holding something else (unless `overwrite`). Removes nothing."""
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ValueError(f"out_dir: expected a folder path, got {out_dir!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out: {out_dir} exists and is not a folder; choose a new or empty folder")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if not entries or overwrite:
+        return
+    if RESULT_NAME in entries:
+        raise ValueError(f"out: {out_dir} already holds a Fisher analysis ({RESULT_NAME}); pass --overwrite to "
+                         f"replace it, or choose another --out")
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    raise ValueError(f"out: {out_dir} is not empty and holds no Fisher analysis (it has {shown}); choose a new "
+                     f"or empty folder, or pass --overwrite to write into it (files named like the analysis "
+                     f"outputs, {', '.join(OUTPUT_NAMES)}, are replaced)")
+
+
+def clear_previous_analysis(out_dir: str, keep: Optional[str] = None) -> None:
+    """--overwrite: remove the files a previous analysis wrote in `out_dir` (so no stale figure stays
+    beside the new geometry.json), except `keep` (the checkpoint being analysed)."""
+    if not os.path.isdir(out_dir):
+        return
+    keep_path = os.path.realpath(keep) if keep else None
+    for e in OUTPUT_NAMES:
+        path = os.path.join(out_dir, e)
+        if os.path.isfile(path) and os.path.realpath(path) != keep_path:
+            os.unlink(path)
 
 
 def validate_timesteps(timesteps: Sequence[int], num_timesteps: int) -> List[int]:
@@ -94,7 +148,12 @@ def load_checkpoint(path: str, data, *, preset: str = "tiny", device="cpu"):
 
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint: expected an existing file, got {path!r}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, bad pickle, EOF: the file cannot be used, say which one
+        raise ValueError(f"checkpoint: {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                         f"truncated or not a PyTorch checkpoint. Pass another --checkpoint, or none to train a "
+                         f"model") from None
     if isinstance(state, torch.nn.Module):
         return state.to(device).eval()
     if isinstance(state, dict) and isinstance(state.get("model_object"), torch.nn.Module):
@@ -125,16 +184,19 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
                         train_steps: int = 2000, batch_size: int = 128, lr: float = 1e-3,
                         preset: str = "tiny", data_root: Optional[str] = None, device="cpu", seed: int = 0,
                         top_k: int = 5, chunk_params: Optional[int] = None, micro_batch: int = 64,
-                        figures: bool = True, progress: bool = True) -> Dict:
+                        figures: bool = True, progress: bool = True, overwrite: bool = False) -> Dict:
     """Run the section 3.2 measurements and write `out_dir`/geometry.json and the figures.
 
     If `checkpoint` is None a model is trained for `train_steps` steps and saved to
     `out_dir`/model.pt; otherwise the checkpoint is loaded. For each t, `samples` data points are drawn
     (without replacement when the data set is large enough), with the timestep fixed to t and fresh eps.
+    Every argument is checked, the data and the checkpoint loaded, before anything is written; an
+    `out_dir` holding a previous analysis, or other files, is refused unless `overwrite`.
     """
     from tqdm.auto import tqdm
 
     from ..data import DATASETS, load_dataset
+    from ..models import UNET_PRESETS
 
     if dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {dataset!r}")
@@ -144,14 +206,32 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
     _check_int("train_steps", train_steps, 0)
     _check_int("batch_size", batch_size, 1)
     _check_int("top_k", top_k, 1)
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    _check_int("micro_batch", micro_batch, 1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    if chunk_params is not None:
+        _check_int("chunk_params", chunk_params, 1)
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
         raise ValueError(f"lr: expected a positive number, got {lr!r}")
-    device = torch.device(device)
-    os.makedirs(out_dir, exist_ok=True)
-
-    data = load_dataset(dataset, data_root)
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"preset: expected one of {list(UNET_PRESETS)}, got {preset!r}")
+    device = resolve_device(device)
+    if data_root is not None and not os.path.isdir(data_root):
+        what = "is not a folder" if os.path.exists(data_root) else "does not exist"
+        raise ValueError(f"data_root: {data_root} {what}; pass the folder that holds the {dataset} files")
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise ValueError(f"checkpoint: expected an existing file, got {checkpoint!r}")
+    check_out_dir(out_dir, overwrite)
+    try:
+        data = load_dataset(dataset, data_root, progress=progress)
+    except FileNotFoundError as exc:
+        raise ValueError(f"dataset: {exc}") from None
     t0 = time.time()
     history = []
+    model = None if checkpoint is None else load_checkpoint(checkpoint, data, preset=preset, device=device)
+    if overwrite:  # only now: an analysis refused on its inputs removes nothing
+        clear_previous_analysis(out_dir, keep=checkpoint)
+    os.makedirs(out_dir, exist_ok=True)
     if checkpoint is None:
         model, history = train_model(data, preset=preset, steps=train_steps, batch_size=batch_size, lr=lr,
                                      schedule=schedule, seed=seed, device=device, progress=progress)
@@ -159,7 +239,6 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
         save_checkpoint(checkpoint_path, model, preset=preset, data=data,
                         extra={"train_steps": train_steps, "lr": lr, "batch_size": batch_size, "seed": seed})
     else:
-        model = load_checkpoint(checkpoint, data, preset=preset, device=device)
         checkpoint_path = checkpoint
     train_seconds = time.time() - t0
 
@@ -207,8 +286,10 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
                   "best_rank1_rel_err is the Eckart-Young optimum; scaled_prediction_mse is "
                   "mean_pixels (x_t - sqrt(1-abar_t) eps_hat)^2."),
     }
-    with open(os.path.join(out_dir, "geometry.json"), "w") as f:
+    tmp = os.path.join(out_dir, f".{RESULT_NAME}.tmp")
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, RESULT_NAME))
     if figures:
         from .plots import plot_all
         result["figures"] = plot_all(result, out_dir)

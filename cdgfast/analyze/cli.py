@@ -3,11 +3,16 @@
 
 Writes DIR/geometry.json, the figures fig1_mse.png, fig2_cosine.png, fig3a_mean_grad_cosine.png,
 fig3b_eigenvalues.png, fig3c_eig_ratio.png, fig3d_rel_frobenius.png and (when it trains) DIR/model.pt.
+A DIR that holds a previous analysis, or anything else, is refused unless --overwrite.
+
+Exit codes: 0 success; 2 bad input (every option, the data and the checkpoint are checked before any
+work; nothing is written then); 130 interrupted with Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import List, Optional
 
 
@@ -39,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed timesteps in [0, 1000): comma list or start:stop:step")
     p.add_argument("--samples", type=int, default=1024, help="per-sample gradients per timestep (n >= 2)")
     p.add_argument("--checkpoint", default=None, help="model to analyse; if absent, train one and save it")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous analysis in --out (or write into a non-empty folder)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -66,9 +73,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             checkpoint=args.checkpoint, train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
             preset=args.preset, data_root=args.data_root, device=args.device, seed=args.seed, top_k=args.top_k,
             chunk_params=args.chunk_params, micro_batch=args.micro_batch, figures=not args.no_figures,
-            progress=not args.no_progress)
+            progress=not args.no_progress, overwrite=args.overwrite)
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the message
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C); {args.out} may hold a partial analysis (rerun with --overwrite)",
+              file=sys.stderr)
+        return 130
     rows = [{k: r[k] for k in ("t", "eigenvalues", "eig_ratio", "rank1_rel_err", "diag_rel_err", "cosine_mean")}
             for r in result["timesteps"]]
     print(json.dumps(rows, indent=1))

@@ -310,14 +310,15 @@ def _load_imagefolder(root: Optional[PathLike], train: bool, image_size: Optiona
 
 def load_dataset(name: str, root: Optional[PathLike] = None, *, train: bool = True,
                  image_size: Optional[int] = None, split: Optional[str] = None, download: bool = True,
-                 progress: bool = True) -> ImageDataset:
+                 progress: bool = False) -> ImageDataset:
     """Load a data set into memory as an ImageDataset (x in [-1, 1], float32 [N, C, H, W]).
 
     name: one of DATASETS. root: the folder holding the files (default `$CDGFAST_DATA/<name>` or
     `~/.cache/cdgfast/data/<name>`; required for "imagefolder"). train / split: which split; `split`
     ("train" or "test") overrides `train`. image_size: output side (defaults: digits 16, MNIST family 32
     by padding 28 -> 32, CIFAR 32, imagefolder 32). download: try torchvision's download when files
-    are missing. Missing files raise FileNotFoundError naming what to download and where to put it.
+    are missing. progress: a bar while an image folder loads (quiet by default). Missing files raise
+    FileNotFoundError naming what to download and where to put it.
     """
     if name not in DATASETS:
         raise ValueError(f"name: expected one of {list(DATASETS)}, got {name!r}")

@@ -60,7 +60,7 @@ def _atomic_save(obj, target: Path) -> None:
 
 def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_class: int, *,
                          schedule: NoiseSchedule, num_steps: int = 50, batch_size: int = 256, seed: int = 0,
-                         path: Optional[Union[str, os.PathLike]] = None, device=None, progress: bool = True,
+                         path: Optional[Union[str, os.PathLike]] = None, device=None, progress: bool = False,
                          eta: float = 0.0, shape: Optional[Sequence[int]] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate `per_class` DDIM samples for every class in `classes` -> (x [N, C, H, W], y [N]) on the CPU,
@@ -69,7 +69,8 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     Generation runs on `device` (default: the model's device; the model is moved there if needed) in
     chunks of `batch_size` samples; chunk i uses a CPU generator seeded with chunk_seed(seed, i).
     `path`: a directory for resumable generation (module docstring). `shape`: (C, H, W) when the model
-    has no config.in_channels / sample_size.
+    has no config.in_channels / sample_size. progress: a tqdm bar over the chunks (quiet by default, as
+    library code should be; the driver asks for it).
     """
     classes = [int(c) for c in classes]
     if not classes:

@@ -4,8 +4,9 @@
     method.setup(num_classes=10, schedule=schedule, device=device)
     ... method.begin_task / loss / before_step / after_step / end_task / post_task_phase ...
 
-`available()` lists the names; `create(name, **overrides)` builds one (unknown name or hyperparameter:
-ValueError). Compositions such as `rank1+gd` are `Compose` objects of the single methods; a
+`available()` lists the names; `create(name, **overrides)` builds one (unknown name or hyperparameter,
+or a value of the wrong type or outside the range the method declares for it in `specs`: ValueError
+naming the key and the values it accepts). Compositions such as `rank1+gd` are `Compose` objects of the single methods; a
 composition accepts `key=value` for every member that has the key, or `member.key=value` passed as
 `**{"gd.lam_gd": 2.0}`. See `base.py` for the hook contract.
 """

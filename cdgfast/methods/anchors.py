@@ -12,6 +12,7 @@ import torch
 
 from . import _deps
 from ._deps import diag_penalty, online_update
+from ._hparams import count, flag, nonneg, positive
 from .base import Method, flat_grads, flat_params, params_of
 
 
@@ -44,6 +45,7 @@ class L2(_AnchorPenalty):
 
     name = "l2"
     defaults = {"lam": 1.0}
+    specs = {"lam": nonneg()}
 
     def penalty_scale(self):
         return float(self.config["lam"])
@@ -63,6 +65,8 @@ class EWC(_AnchorPenalty):
 
     name = "ewc"
     defaults = {"lam": 15000.0, "online": True, "gamma": 1.0, "fisher_max_samples": None}
+    specs = {"lam": nonneg(), "online": flag(), "gamma": nonneg(),
+             "fisher_max_samples": count(none=True, none_means="the whole task")}
 
     def penalty_scale(self):
         return float(self.config["lam"])
@@ -102,6 +106,7 @@ class SI(_AnchorPenalty):
 
     name = "si"
     defaults = {"c": 1.0, "xi": 1e-3}
+    specs = {"c": nonneg(), "xi": positive()}
     _state_attrs = ("anchors", "weights", "omega", "theta_start", "theta_prev")
 
     def __init__(self, **overrides):
@@ -143,6 +148,7 @@ class MAS(_AnchorPenalty):
 
     name = "mas"
     defaults = {"lam": 1.0, "mas_max_samples": 256}
+    specs = {"lam": nonneg(), "mas_max_samples": count(none=True, none_means="the whole task")}
 
     def penalty_scale(self):
         return 2.0 * float(self.config["lam"])  # diag_penalty carries a 0.5

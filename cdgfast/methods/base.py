@@ -26,6 +26,7 @@ import torch
 
 from .._params import flatten, flatten_detached, split_like, trainable_parameters
 from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
+from ._hparams import HP, count, probability, validate_config
 
 Data = Any  # iterable of (x, y), or a callable returning a fresh iterable
 
@@ -34,13 +35,16 @@ class Method:
     """Base class: plain denoising loss, no consolidation (this is `finetune`).
 
     Subclasses set `name`, `defaults` (their hyperparameters; `create(name, **overrides)` may change
-    any of them, an unknown key is a ValueError), and override the hooks they need. Methods whose
-    loss is "task loss + penalty terms" implement `extra_terms`; methods that change the task loss
-    itself (replay, distillation on the same forward) set `owns_task_loss = True` and override `loss`.
+    any of them, an unknown key is a ValueError), `specs` (one `_hparams.HP` per key of `defaults`:
+    the values it accepts; a bad value is a ValueError naming the key and the valid range), and
+    override the hooks they need. Methods whose loss is "task loss + penalty terms" implement
+    `extra_terms`; methods that change the task loss itself (replay, distillation on the same
+    forward) set `owns_task_loss = True` and override `loss`.
     """
 
     name: str = "base"
     defaults: Dict[str, Any] = {"seed": 0, "label_dropout": 0.0}
+    specs: Dict[str, HP] = {"seed": count(0), "label_dropout": probability()}
     owns_task_loss: bool = False
     # Attributes saved by the generic state_dict (tensors, numbers, lists, dicts of those).
     _state_attrs: Tuple[str, ...] = ()
@@ -54,10 +58,7 @@ class Method:
             raise ValueError(f"{unknown[0]!r}: unknown hyperparameter for method {self.name!r}; "
                              f"expected one of {sorted(merged)}")
         merged.update(overrides)
-        self.config: Dict[str, Any] = merged
-        p = self.config["label_dropout"]
-        if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-            raise ValueError(f"label_dropout: expected a probability in [0, 1), got {p!r}")
+        self.config: Dict[str, Any] = validate_config(type(self), merged)
         self.num_classes: Optional[int] = None
         self.schedule: Optional[NoiseSchedule] = None
         self.device = None

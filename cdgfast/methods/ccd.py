@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..diffusion import NoiseSchedule, predict_eps
 from . import _deps
 from ._deps import ClassBalancedBuffer, bregman_distill, hutchinson_metric
+from ._hparams import count, nonneg, positive
 from .base import Method, frozen_copy, reusable
 
 
@@ -74,6 +75,9 @@ class CCD(Method):
     name = "ccd"
     defaults = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "kappa": 1.0, "temperature": 2.0,
                 "buffer_size": 512, "replay_batch": None, "regressor_lr": 1e-3, "label_dropout": 0.1}
+    specs = {"alpha": nonneg(), "beta": nonneg(), "gamma": nonneg(), "kappa": nonneg(), "temperature": positive(),
+             "buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch"),
+             "regressor_lr": positive()}
     owns_task_loss = True
 
     def __init__(self, **overrides):

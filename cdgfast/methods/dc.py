@@ -17,6 +17,7 @@ from ..diffusion import predict_eps
 from . import _deps
 from ._deps import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
 from .anchors import EWC
+from ._hparams import count, nonneg, positive
 from .base import Method, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
 
 
@@ -43,6 +44,7 @@ class EWCDC(EWC):
 
     name = "ewc_dc"
     defaults = {"lam": 1e6, "online": True, "gamma": 1.0, "k": 5, "delta": 0.5, "tau": 1.0, "label_dropout": 0.1}
+    specs = {"k": count(2), "delta": nonneg(), "tau": positive()}
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -107,6 +109,9 @@ class DSC(Method):
     name = "dsc"
     defaults = {"gamma": 0.1, "lam": 1.5, "teacher_tau": 0.05, "student_tau": 1.0, "iteration_ratio": 0.2,
                 "iterations": None, "lr": 5e-4, "label_dropout": 0.1}
+    specs = {"gamma": nonneg(), "lam": nonneg(), "teacher_tau": positive(), "student_tau": positive(),
+             "iteration_ratio": positive(), "lr": positive(),
+             "iterations": count(none=True, none_means="iteration_ratio x the task's steps")}
     _state_attrs = ("task_models", "task_classes", "teacher_history")
 
     def __init__(self, **overrides):

@@ -11,6 +11,7 @@ import torch
 
 from . import _deps
 from ._deps import bregman_distill, ddim_sample
+from ._hparams import HP, count, nonneg
 from .base import Method, frozen_copy
 
 
@@ -53,6 +54,7 @@ class KD(_Teacher):
 
     name = "kd"
     defaults = {"lam": 1.0}
+    specs = {"lam": nonneg()}
     owns_task_loss = True
 
     def loss(self, model, batch) -> Dict[str, torch.Tensor]:
@@ -84,6 +86,9 @@ class GD(_Teacher):
     name = "gd"
     defaults = {"lam_gd": 1.0, "replay": "pool", "pool_per_class": 32, "pool_steps": 50, "online_steps": 2,
                 "replay_batch": None, "pool_batch_size": 256}
+    specs = {"lam_gd": nonneg(), "replay": HP("choice", choices=("pool", "online")), "pool_per_class": count(),
+             "pool_steps": count(), "online_steps": count(),
+             "replay_batch": count(none=True, none_means="as many as the current batch"), "pool_batch_size": count()}
     owns_task_loss = True
     _state_attrs = ("pool_x", "pool_y")
 

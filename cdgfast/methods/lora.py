@@ -12,11 +12,13 @@ from typing import Dict, List, Optional
 import torch
 
 from ._deps import lora_module, lora_overlap_penalty
+from ._hparams import HP, count, nonneg
 from .base import Method
 
 
 class _LoRAMethod(Method):
     defaults = {"rank": 16, "target_modules": ("to_q", "to_k", "to_v", "to_out.0"), "adapter_name": "default"}
+    specs = {"rank": count(), "target_modules": HP("names"), "adapter_name": HP("str")}
 
     def _has_lora(self, model) -> bool:
         try:
@@ -90,6 +92,7 @@ class CLoRA(_LoRAMethod):
 
     name = "clora"
     defaults = {"lam_f": 1e8}
+    specs = {"lam_f": nonneg()}
     _state_attrs = ("prev_deltas",)
 
     def __init__(self, **overrides):

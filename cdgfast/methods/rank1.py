@@ -12,12 +12,14 @@ import torch
 
 from . import _deps
 from ._deps import rank1_penalty
+from ._hparams import count, nonneg
 from .base import Method, flat_params, params_of
 
 
 class Rank1(Method):
     name = "rank1"
     defaults = {"lam": 15000.0, "fisher_max_samples": None}
+    specs = {"lam": nonneg(), "fisher_max_samples": count(none=True, none_means="the whole task")}
     _state_attrs = ("anchors", "directions", "coeffs")
 
     def __init__(self, **overrides):

@@ -11,11 +11,13 @@ from typing import Dict, Optional
 import torch
 
 from ._deps import ReservoirBuffer
+from ._hparams import count
 from .base import Method, flat_grads, params_of, reusable, set_flat_grads
 
 
 class _Buffered(Method):
     defaults = {"buffer_size": 512, "replay_batch": None}
+    specs = {"buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch")}
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -78,6 +80,7 @@ class AGEM(_Buffered):
 
     name = "agem"
     defaults = {"replay_batch": 64}
+    specs = {"replay_batch": count()}  # A-GEM's reference batch has no "as many as the batch" fallback
 
     def __init__(self, **overrides):
         super().__init__(**overrides)

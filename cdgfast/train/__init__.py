@@ -4,7 +4,7 @@ distributed helpers, reports). Programmatic use::
     from cdgfast.train import RunConfig, run
     results = run(RunConfig(preset="default", scale="smoke", out="runs/try"))
 """
-from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, TRAINER_METHODS, run
+from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, RunInterrupted, TRAINER_METHODS, run
 from .presets import PRESETS, SCALES, Preset, ScaleConfig, get_preset
 
 
@@ -13,5 +13,5 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
-__all__ = ["RunConfig", "run", "RunError", "NonFiniteLoss", "InjectedCrash", "TRAINER_METHODS", "PRESETS", "SCALES",
-           "Preset", "ScaleConfig", "get_preset", "main"]
+__all__ = ["RunConfig", "run", "RunError", "RunInterrupted", "NonFiniteLoss", "InjectedCrash", "TRAINER_METHODS",
+           "PRESETS", "SCALES", "Preset", "ScaleConfig", "get_preset", "main"]

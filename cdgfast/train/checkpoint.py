@@ -2,22 +2,37 @@
 
 A checkpoint file `checkpoints/<method>.pt` holds everything needed to continue after task k: the
 model weights, the method's state_dict (its anchors, Fisher terms, buffers, teacher, generator), the
-metrics so far (FID rows, KLD, timings) and the run fingerprint (config hash). It is written to a
+metrics so far (FID rows, KLD, timings), the method's resolved hyperparameters, its fingerprint (the
+run's settings + those hyperparameters: a changed method runs again on --resume, the others continue)
+and the run fingerprint. It is written to a
 temporary file in the same directory, flushed and fsynced, then moved over the old one with
 os.replace, so a crash at any moment leaves either the previous complete checkpoint or the new one.
 
 Under torchrun the ranks other than 0 also keep rank-local method state (their replay buffers are
 filled from their own rows): `checkpoints/<method>.rank<r>.task<k>.pt`, written before rank 0's
 checkpoint of task k and removed once the checkpoint of task k + 1 exists.
+
+A checkpoint that cannot be read (truncated by a full disk, damaged by a copy) raises
+`UnreadableCheckpoint` naming the file, never a raw torch.load traceback: the driver reports it and
+goes on with the other methods.
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+
+class UnreadableCheckpoint(Exception):
+    """`path` exists but cannot be loaded as a checkpoint; `reason` says what torch.load (or the check of
+    its contents) reported."""
+
+    def __init__(self, path: os.PathLike, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} cannot be read ({reason})")
 
 
 def method_filename(method: str) -> str:
@@ -68,7 +83,32 @@ def load_checkpoint(out_dir: os.PathLike, method: str) -> Optional[Dict[str, Any
     path = checkpoint_path(out_dir, method)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path: os.PathLike, *, mmap: bool = False) -> Dict[str, Any]:
+    """Load one checkpoint file, or raise UnreadableCheckpoint. mmap: map tensor storages instead of
+    reading them (to look at the metrics of a large checkpoint without loading its weights)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:  # truncated zip, bad pickle, EOF, unknown classes: the file cannot be used
+        raise UnreadableCheckpoint(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(state, dict) or "completed_task" not in state:
+        raise UnreadableCheckpoint(path, f"not a cdgfast.train checkpoint (a {type(state).__name__} without "
+                                         f"'completed_task')")
+    return state
+
+
+def method_checkpoint_files(out_dir: os.PathLike) -> List[Path]:
+    """The per-method checkpoint files of a run (not the rank-local states, not temporary files)."""
+    d = Path(out_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("*.pt") if not p.name.startswith(".") and not _RANK_FILE.search(p.name))
+
+
+_RANK_FILE = re.compile(r"\.rank\d+\.task\d+\.pt$")
 
 
 def rank_state_path(out_dir: os.PathLike, method: str, rank: int, task: int) -> Path:
@@ -85,7 +125,7 @@ def load_rank_state(out_dir: os.PathLike, method: str, rank: int, task: int) -> 
     path = rank_state_path(out_dir, method, rank, task)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_checkpoint(path)
 
 
 def drop_rank_state(out_dir: os.PathLike, method: str, rank: int, task: int) -> None:

@@ -1,11 +1,15 @@
 """Command line of `python -m cdgfast.train` (also `torchrun --nproc_per_node N -m cdgfast.train`).
 
-Exit codes: 0 success; 2 bad input (unknown preset / method / data set, refused output directory,
-missing data or weights); 1 a run that stopped (non-finite loss, injected crash, other errors).
+Exit codes: 0 success; 2 bad input (unknown preset / method / data set, a bad --set value, refused
+output directory, missing data or weights, an unreadable checkpoint on --resume); 1 a run that stopped
+(non-finite loss, injected crash, other errors); 130 interrupted with Ctrl-C (the message gives the
+--resume command that continues it).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -77,13 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_command(argv: List[str], args: argparse.Namespace, out, world_size: int = 1) -> str:
+    """The command line that continues this run: the same arguments, --resume instead of --overwrite,
+    and --out spelled out (the default folder moves on to -2, -3, ... for a new run)."""
+    words = [a for a in argv if not (args.overwrite and a.startswith("--ov"))]  # argparse accepts prefixes
+    if not args.resume:
+        words.append("--resume")
+    if args.out is None:
+        words += ["--out", str(out)]
+    head = ([sys.executable, "-m", "cdgfast.train"] if world_size <= 1 else
+            ["torchrun", f"--nproc_per_node={world_size}", "-m", "cdgfast.train"])
+    return shlex.join(head + words)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list:
         print(listing())
         return 0
-    from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, all_method_names, parse_method_args, run
+    try:
+        return _main(parser, args, argv)
+    except KeyboardInterrupt:  # before the run started (imports, checks)
+        print("interrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
+    from .loop import (InjectedCrash, NonFiniteLoss, RunConfig, RunError, RunInterrupted, all_method_names,
+                       parse_method_args, run)
     from .data import DataUnavailable
 
     if args.preset not in PRESETS:
@@ -117,6 +144,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (NonFiniteLoss, InjectedCrash) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except RunInterrupted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ninterrupted (Ctrl-C) {exc.where}.", file=sys.stderr)
+            if exc.out is not None:
+                print(f"Continue it with:\n  {resume_command(argv, args, exc.out, exc.world_size)}", file=sys.stderr)
+        return 130
     finally:
         from .distributed import cleanup
         cleanup()

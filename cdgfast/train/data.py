@@ -9,6 +9,9 @@ At the smoke and cpu scales a data set the machine lacks is replaced by the MNIS
 images) split into train and evaluation parts (80/20, stratified, seeded); when even that is missing,
 by scikit-learn digits. Every substitution is printed and recorded in results.json. At the paper
 scale nothing is substituted: a missing data set is an error saying what to download and where.
+
+A --data-root that does not exist is never passed over quietly: at the paper scale it is an error;
+where substitution is allowed, a WARNING line says so (and the substitution records it).
 """
 from __future__ import annotations
 
@@ -123,7 +126,13 @@ def _split(ds, eval_fraction: float, seed: int):
     return train_eval_split(ds, eval_fraction, seed)
 
 
-def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], seed: int, log) -> BenchmarkData:
+def substitution_allowed(scale: str) -> bool:
+    """Whether a missing data set may be replaced (smoke / cpu scales: checking the plumbing, not the paper)."""
+    return scale != "paper"
+
+
+def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], seed: int, log,
+                progress: bool = False) -> BenchmarkData:
     """Load `name` (train + official test split, or a seeded 80/20 split when it has none)."""
     from cdgfast.data import load_dataset
 
@@ -139,12 +148,14 @@ def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], 
     errors = []
     for d in _dataset_dirs(name, data_root):
         try:
-            train = load_dataset(loader, root=d, train=True, image_size=image_size, download=False)
+            train = load_dataset(loader, root=d, train=True, image_size=image_size, download=False,
+                                 progress=progress)
         except (FileNotFoundError, ValueError) as exc:
             errors.append(f"{d}: {exc}")
             continue
         try:
-            test = load_dataset(loader, root=d, train=False, image_size=image_size, download=False)
+            test = load_dataset(loader, root=d, train=False, image_size=image_size, download=False,
+                                progress=progress)
             if loader == "imagefolder" and len(test) == len(train):
                 raise FileNotFoundError("no separate test split")
             return BenchmarkData(name, name, train.x, train.y, test.x, test.y, train.num_classes,
@@ -177,13 +188,30 @@ def _mnist_test_set(data_root: Optional[str], image_size: Optional[int], seed: i
 
 
 def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Optional[int], scale: str,
-                        seed: int = 0, log=print) -> BenchmarkData:
-    """The data for a run: `name` if present; at smoke/cpu scale otherwise the MNIST test set (then digits)."""
+                        seed: int = 0, log=print, progress: bool = False) -> BenchmarkData:
+    """The data for a run: `name` if present; at smoke/cpu scale otherwise the MNIST test set (then digits).
+    A `data_root` that does not exist: DataUnavailable at the paper scale, a WARNING line otherwise."""
     name = canonical_dataset(name)
+    missing_root = None
+    if data_root and not Path(data_root).is_dir():
+        missing_root = (f"--data-root {data_root} does not exist" if not Path(data_root).exists()
+                        else f"--data-root {data_root} is not a folder")
+        if name == "digits":
+            log(f"WARNING: {missing_root} (digits are bundled with scikit-learn and need no data folder)")
+        elif not substitution_allowed(scale):
+            raise DataUnavailable(f"{missing_root}; at the {scale} scale nothing is substituted: pass the folder "
+                                  f"that holds {name} (DIR/{(DATASET_SOURCES[name][1] or [name])[0]}/). "
+                                  f"Download {DOWNLOAD_HINTS.get(name, name)}.")
+        else:
+            log(f"WARNING: {missing_root}: looking for {name} in the default data folders instead, and substituting "
+                f"another data set if it is not there")
     try:
-        return _load_exact(name, data_root, image_size, seed, log)
+        ds = _load_exact(name, data_root, image_size, seed, log, progress)
+        if missing_root and name != "digits":
+            ds.substitutions.append(f"{missing_root}; {name} was found elsewhere: {ds.source}")
+        return ds
     except DataUnavailable as exc:
-        if scale == "paper":
+        if not substitution_allowed(scale):
             raise
         reason = str(exc)
     sub = _mnist_test_set(data_root, image_size, seed)
@@ -196,6 +224,8 @@ def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Opti
         ds = sub
         note = f"{name} is not on this machine: using {ds.source} instead"
         ds.requested = name
+    if missing_root:
+        note = f"{missing_root}; {note}"
     ds.substitutions.append(note)
     log(f"DATA SUBSTITUTION: {note}. ({reason.split('. ')[0]}.)")
     return ds

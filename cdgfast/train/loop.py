@@ -7,12 +7,21 @@ own generator, evaluation sampling uses per-chunk generators, and the method's o
 checkpointed state. So continuing from the checkpoint after task k gives the same numbers as an
 uninterrupted run (same seed, same number of threads and processes).
 
+Finished work is never lost: --set values are checked against the methods' declared hyperparameters
+before any work; --resume continues every method whose fingerprint (run settings + its resolved
+hyperparameters) matches its checkpoint, reruns the ones that changed, keeps the results of finished
+methods not run in this session, and reports an unreadable checkpoint by name while the other methods
+go on; --overwrite deletes nothing until the options and data have been checked; Ctrl-C says where
+the run stopped (RunInterrupted; the CLI prints the --resume command).
+
 Trainer-level method names (besides cdgfast.methods.available()):
   joint  non-continual upper bound: `finetune` trained at task k on the data of tasks 0..k together.
   gr     generative replay: `gd` with lam_gd = 0 (replayed samples in the task loss, no distillation term).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -28,8 +37,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import distributed as D
-from .checkpoint import (atomic_write_text, drop_rank_state, load_checkpoint, load_rank_state, save_checkpoint,
-                         save_rank_state)
+from .checkpoint import (UnreadableCheckpoint, atomic_write_text, checkpoint_path, drop_rank_state, load_checkpoint,
+                         load_rank_state, method_checkpoint_files, read_checkpoint, save_checkpoint, save_rank_state)
 from .data import BenchmarkData, canonical_dataset, limit_per_class, load_benchmark_data
 from .presets import SCALES, Preset, ScaleConfig, get_preset
 
@@ -57,6 +66,15 @@ class NonFiniteLoss(RuntimeError):
 
 class InjectedCrash(RuntimeError):
     """Raised by the test hook CDGFAST_CRASH_AT=method:task:step (0-based task, 1-based step)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (SIGINT) during a run: `where` says where it stopped, `out` holds the finished work
+    (None when it stopped before the output directory was chosen)."""
+
+    def __init__(self, where: str, out: Optional[Path], world_size: int = 1):
+        self.where, self.out, self.world_size = where, out, world_size
+        super().__init__(f"interrupted {where}")
 
 
 @dataclass
@@ -129,17 +147,41 @@ def seed_everything(seed: int) -> None:
 
 
 class Logger:
-    """Lines to the console (through tqdm.write, so bars stay intact) and to out/train.log (rank 0)."""
+    """Lines to the console (through tqdm.write, so bars stay intact) and to out/train.log (rank 0).
+
+    The file is opened by `start_file()`, once the options and the data have been checked and the
+    output directory prepared; lines logged before are kept and written then (a run refused on bad
+    input leaves no directory behind)."""
 
     def __init__(self, path: Optional[Path], enabled: bool = True):
         self.enabled = enabled
-        self.file = open(path, "a") if (path is not None and enabled) else None
+        self.path = path
+        self.file = None
+        self.pending: List[str] = []
+
+    def start_file(self) -> None:
+        if self.path is None or not self.enabled or self.file is not None:
+            return
+        self.file = open(self.path, "a")
+        for line in self.pending:
+            self.file.write(line)
+        self.file.flush()
+        self.pending = []
 
     def __call__(self, msg: str) -> None:
         if not self.enabled:
             return
         from tqdm.auto import tqdm
         tqdm.write(msg, file=sys.stdout)
+        line = time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n"
+        if self.file:
+            self.file.write(line)
+            self.file.flush()
+        else:
+            self.pending.append(line)
+
+    def to_file(self, msg: str) -> None:
+        """A line for train.log only (the console gets its own message)."""
         if self.file:
             self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
             self.file.flush()
@@ -171,6 +213,7 @@ def resolve(cfg: RunConfig):
         if m not in members:
             raise RunError(f"set: {m!r} is not a method of this run (nor a member of one); expected one of "
                            f"{sorted(members)}")
+    _check_set_values(cfg.method_args)
     try:
         dataset = canonical_dataset(cfg.dataset) if cfg.dataset else preset.dataset
     except ValueError as exc:
@@ -193,6 +236,19 @@ def resolve(cfg: RunConfig):
     return preset, sc, methods, dataset
 
 
+def _check_set_values(method_args: Dict[str, dict]) -> None:
+    """Every --set value against the declared hyperparameters of its method (type, range, choices),
+    before any work: a bad value is a RunError naming METHOD.KEY and the values it accepts."""
+    from cdgfast.methods import create
+
+    for member, kw in method_args.items():
+        for key, value in kw.items():
+            try:
+                create(member, **{key: value})
+            except ValueError as exc:
+                raise RunError(f"set: {member}.{key}={value!r}: {exc}") from None
+
+
 def task_structure(num_classes: int, preset: Preset, substituted: bool, num_tasks_override: Optional[int]):
     """(num_tasks, classes_per_task) that fit the data actually used."""
     t, c = preset.num_tasks, preset.classes_per_task
@@ -213,19 +269,24 @@ def task_structure(num_classes: int, preset: Preset, substituted: bool, num_task
     return t, c, notes
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output directory whose contents a run would damage: a file, a run without --resume /
+    --overwrite, or a non-empty folder that is not a cdgfast.train run (its files could share our names).
+    Deletes nothing: `clear_run_outputs` does that for --overwrite once the options and data are checked."""
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
     finished = (out / "results.json").is_file()
     started = (out / "run.json").is_file() or (out / "checkpoints").is_dir()
+    foreign = out.is_dir() and not _is_run_dir(out) and any(out.iterdir())
+    if foreign and not overwrite:
+        listing = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(listing[:5]) + (f", ... ({len(listing)} entries)" if len(listing) > 5 else "")
+        raise RunError(f"out: {out} is not empty and holds no cdgfast.train run (it has {shown}); choose a new or "
+                       f"empty folder, or pass --overwrite to write the run into it (files named like the run's "
+                       f"outputs, {', '.join(OUTPUT_FILES + OUTPUT_DIRS)}, are replaced)")
     if overwrite:
-        if is_main:
-            for f in OUTPUT_FILES:
-                if (out / f).is_file():
-                    (out / f).unlink()
-            for d in OUTPUT_DIRS:
-                if (out / d).is_dir():
-                    shutil.rmtree(out / d)
         return
     if resume:
         if not started:
@@ -239,21 +300,37 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
                        f"task, or --overwrite to start again.")
 
 
+def clear_run_outputs(out: Path) -> None:
+    """--overwrite: remove the files and folders a run writes (nothing else)."""
+    for f in OUTPUT_FILES:
+        if (out / f).is_file():
+            (out / f).unlink()
+    for d in OUTPUT_DIRS:
+        if (out / d).is_dir():
+            shutil.rmtree(out / d)
+
+
 def _is_run_dir(p: Path) -> bool:
     return (p / "results.json").is_file() or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
+
+
+def _is_free(p: Path) -> bool:
+    """Nothing there yet, or an empty folder."""
+    return not p.exists() or (p.is_dir() and not any(p.iterdir()))
 
 
 def default_out_dir(preset: str, scale: str, resume: bool) -> Path:
     """runs/<preset>-<scale> when --out is not given. An explicit --out holding a run is refused
     (prepare_out_dir); the implicit one moves on to runs/<preset>-<scale>-2, -3, ... so that running the
-    default twice (`make demo`) never fails. With --resume: the newest existing one."""
+    default twice (`make demo`) never fails, and never writes into a folder that holds anything. With
+    --resume: the newest existing run."""
     base = Path("runs") / f"{preset}-{scale}"
     cands = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 1000)]
     if resume:
         existing = [c for c in cands if _is_run_dir(c)]
         return existing[-1] if existing else base
     for c in cands:
-        if not _is_run_dir(c):
+        if _is_free(c):
             return c
     return base
 
@@ -377,6 +454,7 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     opt = torch.optim.Adam(params, lr=lr)
     crash = _crash_spec()
     kill = _crash_spec("CDGFAST_KILL_AT")  # test hook: SIGKILL this process, no cleanup, at method:task:step
+    interrupt = _crash_spec("CDGFAST_INTERRUPT_AT")  # test hook: SIGINT (Ctrl-C) to this process
     rank, world = D.get_rank(), D.get_world_size()
     student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
     # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
@@ -419,6 +497,9 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
             if kill is not None and kill == (name, k, step):
                 import signal
                 os.kill(os.getpid(), signal.SIGKILL)
+            if interrupt is not None and interrupt == (name, k, step):
+                import signal
+                os.kill(os.getpid(), signal.SIGINT)
     bar.close()
     opt.zero_grad(set_to_none=True)
     return {t: v / max(1, steps) for t, v in sums.items()}
@@ -429,7 +510,11 @@ def _rank_method_state(out: Path, name: str, ck: dict) -> dict:
     rank = D.get_rank()
     if rank == 0:
         return ck["method_state"]
-    mine = load_rank_state(out, name, rank, ck["completed_task"])
+    try:
+        mine = load_rank_state(out, name, rank, ck["completed_task"])
+    except UnreadableCheckpoint as exc:
+        raise RunError(f"--resume: rank {rank}'s state of {name}: {exc}; delete {checkpoint_path(out, name)} "
+                       f"and its rank files to rerun {name} from task 1") from None
     if mine is None or mine.get("fingerprint") != ck.get("fingerprint"):
         raise RunError(f"--resume: rank {rank} has no state for {name} after task {ck['completed_task'] + 1} in "
                        f"{out / 'checkpoints'}; resume with the same number of processes and output directory")
@@ -464,12 +549,163 @@ def _progress_data(factory, desc, progress):
     return gen
 
 
+@dataclass
+class _Where:
+    """Where a run is, for the message after Ctrl-C."""
+
+    out: Optional[Path] = None           # set once the output directory holds the run
+    world_size: int = 1
+    phase: str = "checking the options"
+    method: Optional[str] = None
+    task: Optional[int] = None           # 0-based
+    num_tasks: Optional[int] = None
+    step: int = 0
+    steps: int = 0
+    saved: Dict[str, int] = field(default_factory=dict)   # method -> last task (0-based) in its checkpoint
+    finished: List[str] = field(default_factory=list)
+    log: Optional["Logger"] = None
+
+    def describe(self) -> str:
+        if self.method is None:
+            text = f"while {self.phase}"
+        else:
+            text = f"in {self.method}"
+            if self.task is not None:
+                text += f", task {self.task + 1} of {self.num_tasks}"
+            step = f", step {self.step} of {self.steps}" if self.phase == "training" else ""
+            text += f" ({self.phase}{step})"
+        if self.out is None:
+            return text + "; nothing was written"
+        partial = [f"{m} after task {k + 1}" for m, k in self.saved.items() if m not in self.finished]
+        kept = ([f"finished: {', '.join(self.finished)}"] if self.finished else []) + \
+               ([f"checkpointed: {', '.join(partial)}"] if partial else [])
+        return text + f". Kept in {self.out}: " + ("; ".join(kept) if kept else "no finished task yet")
+
+
 def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
-    """Run a benchmark (see the module docstring); returns the results dict also written to results.json."""
+    """Run a benchmark (see the module docstring); returns the results dict also written to results.json.
+    Ctrl-C raises RunInterrupted saying where the run stopped; the checkpoints of finished tasks stay."""
+    where = _Where()
+    try:
+        return _run(cfg, on_step, where)
+    except KeyboardInterrupt:
+        text = where.describe()
+        if where.log is not None:
+            where.log.to_file(f"INTERRUPTED (Ctrl-C) {text}")
+            where.log.close()
+        raise RunInterrupted(text, where.out, where.world_size) from None
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _changes(old: Optional[dict], new: dict) -> str:
+    """"lam 15000.0 -> 100.0, ..." between two configurations (as stored in JSON)."""
+    if not isinstance(old, dict):
+        return "settings not recorded"
+    o, n = _as_json(old), _as_json(new)
+    diffs = [f"{k} {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+    return ", ".join(diffs) if diffs else "same hyperparameters, other run settings"
+
+
+def _read_json(path: Path, what: str) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{what}: {path} cannot be read ({type(exc).__name__}: {exc}); delete it, or --overwrite "
+                       f"to start the run again") from None
+
+
+@contextlib.contextmanager
+def _method_bars(progress: bool):
+    """The methods call the Fisher estimators and the replay-pool generator through
+    cdgfast.methods._deps without a `progress` argument, and those library functions default to quiet:
+    bind the run's setting here (on top of whatever sharded_estimators installed under torchrun)."""
+    import cdgfast.methods._deps as deps
+
+    saved = {n: getattr(deps, n) for n in ("rank1_fisher", "diag_fisher", "generate_replay_pool")}
+    for n, fn in saved.items():
+        setattr(deps, n, functools.partial(fn, progress=progress))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(deps, n, fn)
+
+
+def _method_summary(rec: dict) -> dict:
+    """results.json's entry for one method from its recorded metrics (a checkpoint, or this session's)."""
+    from cdgfast.metrics import summarize
+
+    T = rec["num_tasks"]
+    matrix = [list(row) + [None] * (T - len(row)) for row in rec["fid_rows"]]
+    summary = summarize(matrix, kld=rec["kld"][-1])
+    timings = rec["timings"]
+    summary.update({"kld_at_k": rec["kld"], "classifier_accuracy_on_samples": rec["gen_accuracy"], "timings": timings,
+                    "loss_means": rec["losses"], "train_s": sum(t["train_s"] for t in timings),
+                    "total_s": sum(t["train_s"] + t["end_task_s"] + t["eval_s"] for t in timings),
+                    "method_config": dict(rec["method_config"]), "fingerprint": rec["fingerprint"]})
+    return summary
+
+
+def _unreadable_message(name: str, exc: UnreadableCheckpoint) -> str:
+    return (f"the checkpoint of {name}, {exc.path}, cannot be read ({exc.reason}). Delete it to rerun {name} from "
+            f"task 1 (or put back a good copy), then run the same command with --resume again")
+
+
+def _earlier_results(out: Path, session: List[str], unreadable: Dict[str, str], run_fp: str, T: int,
+                     log) -> Dict[str, dict]:
+    """Results of this run's methods that are finished but not produced in this session (not asked for
+    now, or their checkpoint cannot be read now): from their checkpoints, else from the previous
+    results.json when no readable checkpoint of the method is left."""
+    from .checkpoint import method_filename
+
+    found: Dict[str, dict] = {}
+    checkpointed = set()
+    own = {method_filename(m) + ".pt" for m in session}
+    for path in method_checkpoint_files(out):
+        if path.name in own:
+            continue
+        try:
+            ck = read_checkpoint(path, mmap=True)  # the metrics only: tensors stay on disk
+        except UnreadableCheckpoint as exc:
+            log(f"WARNING: {exc}; that method's results cannot be shown (delete the file to rerun it)")
+            continue
+        name = ck.get("method", path.stem)
+        checkpointed.add(name)
+        if ck.get("run_fingerprint") != run_fp:
+            log(f"NOTE: {path} was made with other run settings; {name} is not in the results")
+        elif ck["completed_task"] + 1 < T:
+            log(f"NOTE: {name} stopped after task {ck['completed_task'] + 1} of {T} in an earlier session; not in the "
+                f"results (finish it with --resume --method {name})")
+        else:
+            found[name] = _method_summary(ck)
+            log(f"{name}: finished in an earlier session and not run now; its results are kept")
+    try:
+        prev = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else None
+    except (OSError, ValueError):
+        prev = None
+    if isinstance(prev, dict) and prev.get("fingerprint") == run_fp:
+        for name, r in (prev.get("methods") or {}).items():
+            if name in found or name in checkpointed or (name in session and name not in unreadable):
+                continue
+            found[name] = r
+            log(f"{name}: results kept from the previous results.json (its checkpoint "
+                f"{'cannot be read' if name in unreadable else 'is gone'})")
+    return found
+
+
+def _run(cfg: RunConfig, on_step: Optional[Callable], where: _Where) -> dict:
     from cdgfast.data import Task, class_incremental_split, task_loader
     from cdgfast.diffusion import NoiseSchedule
-    from cdgfast.metrics import (CLASSIFIER_LABEL, ClassifierFeatures, InceptionFeatures, get_classifier,
-                                 summarize)
+    from cdgfast.metrics import CLASSIFIER_LABEL, ClassifierFeatures, InceptionFeatures, get_classifier
     from cdgfast.models.unet import build_unet
     from cdgfast.metrics.classifier import accuracy
 
@@ -480,18 +716,17 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
     except ValueError as exc:
         raise RunError(str(exc)) from None
     main = info.is_main
+    where.world_size = info.world_size
     out = Path(cfg.out) if cfg.out else default_out_dir(preset.name, cfg.scale, cfg.resume)
-    prepare_out_dir(out, cfg.resume, cfg.overwrite, main)
-    D.barrier()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    D.barrier()
-    log = Logger(out / "train.log", enabled=main)
+    prepare_out_dir(out, cfg.resume, cfg.overwrite)
+    log = Logger(out / "train.log", enabled=main)  # the file starts once the inputs are checked
+    where.log = log
     progress = cfg.progress and main
     device = info.device
     log(f"cdgfast.train: preset {preset.name}, scale {cfg.scale}, methods {methods}, seed {cfg.seed}, device {device}"
         f", world size {info.world_size}, out {out}")
 
+    where.phase = "loading the data"
     inception = None
     if cfg.inception:  # fail before any training when the weights are missing
         try:
@@ -499,7 +734,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
         except (FileNotFoundError, ImportError, ValueError) as exc:
             raise RunError(str(exc)) from None
     data = load_benchmark_data(dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
-                               seed=cfg.seed, log=log)
+                               seed=cfg.seed, log=log, progress=progress)
     if sc.max_train_per_class is not None:
         data.train_x, data.train_y = limit_per_class(data.train_x, data.train_y, sc.max_train_per_class)
     T, cpt, notes = task_structure(data.num_classes, preset, bool(data.substitutions), cfg.num_tasks)
@@ -512,21 +747,43 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
     log(f"data: {data.source}; train {len(train_ds)}, eval {data.eval_x.shape[0]}, "
         f"{data.channels}x{data.image_size}x{data.image_size}; tasks {[t.classes for t in tasks]}")
 
-    fingerprint_src = {"preset": preset.name, "scale": cfg.scale, "dataset": data.name, "seed": cfg.seed,
-                       "method_args": cfg.method_args,
-                       "scale_config": asdict(sc), "tasks": [t.classes for t in tasks], "inception": bool(cfg.inception),
-                       "world_size": info.world_size}
-    fingerprint = hashlib.sha256(json.dumps(fingerprint_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    run_info = {"config": {**asdict(cfg), "methods": methods, "dataset": dataset}, "scale_config": asdict(sc),
-                "fingerprint": fingerprint}
+    # Two levels of fingerprint: the run's (what every method shares: data, tasks, scale, seed) must match
+    # on --resume; each method's (the run's + its resolved hyperparameters) decides whether its
+    # checkpoint continues or the method runs again, so a corrected --set reruns only that method.
+    run_fp_src = {"preset": preset.name, "scale": cfg.scale, "dataset": data.name, "seed": cfg.seed,
+                  "scale_config": asdict(sc), "tasks": [t.classes for t in tasks], "inception": bool(cfg.inception),
+                  "world_size": info.world_size}
+    run_fp = _digest(run_fp_src)
+    method_fps = {}
+    for name in methods:
+        m, cumulative = _build_method(name, preset, cfg.scale, cfg.seed, cfg.method_args)
+        method_fps[name] = _digest({"run": run_fp, "method": name, "config": m.config, "cumulative": cumulative})
+    old = _read_json(out / "run.json", "--resume") if cfg.resume else None
+    if old is not None and old.get("fingerprint") != run_fp:
+        src = old.get("fingerprint_source")
+        what = (", ".join(f"{k} {v!r} -> {_as_json(run_fp_src).get(k)!r}" for k, v in sorted(src.items())
+                          if _as_json(run_fp_src).get(k) != v) if isinstance(src, dict) else
+                f"fingerprint {old.get('fingerprint')} vs {run_fp}")
+        raise RunError(f"--resume: {out} was started with other run settings ({what}); use the same options "
+                       f"(--set values may differ: only the methods they change run again), or --overwrite")
+    all_methods = list(dict.fromkeys(list((old or {}).get("all_methods") or (old or {}).get("config", {}).get(
+        "methods") or []) + methods))
+    run_info = {"command": "cdgfast.train", "config": {**asdict(cfg), "methods": methods, "dataset": dataset},
+                "scale_config": asdict(sc), "fingerprint": run_fp, "fingerprint_source": run_fp_src,
+                "method_fingerprints": {**((old or {}).get("method_fingerprints") or {}), **method_fps},
+                "all_methods": all_methods}
+    D.barrier()
     if main:
-        old = json.loads((out / "run.json").read_text()) if (cfg.resume and (out / "run.json").is_file()) else None
-        if old is not None and old.get("fingerprint") != fingerprint:
-            raise RunError(f"--resume: {out} was started with another configuration (fingerprint "
-                           f"{old.get('fingerprint')} vs {fingerprint}); use the same options or --overwrite")
+        if cfg.overwrite:  # only now: a run refused on its inputs deletes nothing
+            clear_run_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        log.start_file()
         atomic_write_text(out / "run.json", json.dumps(run_info, indent=1, default=str))
+    D.barrier()
+    where.out, where.num_tasks = out, T
 
     # The classifier behind classifier-FID and the KLD, cached by data set / resolution / seed.
+    where.phase = "training the FID classifier"
     t0 = time.time()
     clf = clf_path = None
     for turn in ("main", "others"):  # rank 0 trains and caches it; the other ranks then load the cache
@@ -546,10 +803,18 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
     evaluator = Evaluator(data=data, tasks=tasks, extractor=extractor, classifier=clf, sc=sc, schedule=schedule,
                           seed=cfg.seed, device=device, log=log, progress=progress)
 
+    def step_seen(m, k, step):
+        where.step = step
+        if on_step is not None:
+            on_step(m, k, step)
+
     results: Dict[str, dict] = {}
+    unreadable: Dict[str, str] = {}  # method -> what to do about its checkpoint
     for name in methods:
         t_method = time.time()
+        where.method, where.task, where.phase = name, None, "setting up"
         method, cumulative = _build_method(name, preset, cfg.scale, cfg.seed, cfg.method_args)
+        mfp = method_fps[name]
         seed_everything(derive_seed(cfg.seed, "init"))  # the same initial weights for every method
         model = build_unet(sc.unet, num_classes=data.num_classes, in_channels=data.channels,
                            sample_size=data.image_size).to(device)
@@ -561,10 +826,21 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
         timings: List[dict] = []
         losses: List[dict] = []
         start = 0
-        ck = load_checkpoint(out, name) if cfg.resume else None
+        ck = None
+        if cfg.resume:
+            try:
+                ck = load_checkpoint(out, name)
+            except UnreadableCheckpoint as exc:
+                unreadable[name] = _unreadable_message(name, exc)
+                log(f"ERROR: {unreadable[name]}. Going on with the other methods.")
+                continue
+            if ck is not None and ck.get("fingerprint") != mfp:
+                log(f"{name}: its checkpoint (after task {ck['completed_task'] + 1}) was made with other settings "
+                    f"({_changes(ck.get('method_config'), method.config)}); running {name} again from task 1")
+                ck = None
+            elif ck is None:
+                log(f"{name}: no checkpoint in {out / 'checkpoints'}; running it from task 1")
         if ck is not None:
-            if ck.get("fingerprint") != fingerprint:
-                raise RunError(f"--resume: the checkpoint of {name} in {out} comes from another configuration")
             try:
                 model.load_state_dict(ck["model"])
             except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
@@ -573,7 +849,11 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             fid_rows, klds, accs = ck["fid_rows"], ck["kld"], ck["gen_accuracy"]
             timings, losses = ck["timings"], ck["losses"]
             start = ck["completed_task"] + 1
-            log(f"{name}: resuming after task {start} of {T} from {out / 'checkpoints'}")
+            where.saved[name] = ck["completed_task"]
+            if start >= T:
+                log(f"{name}: finished in an earlier session (all {T} tasks); kept, nothing to run again")
+            else:
+                log(f"{name}: resuming after task {start} of {T} from {out / 'checkpoints'}")
         for k in range(start, T):
             seed_everything(derive_seed(cfg.seed, k))
             task = tasks[k]
@@ -585,6 +865,7 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             else:
                 steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size))
             data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, k, "data"))
+            where.task, where.phase, where.step, where.steps = k, "training", 0, steps
 
             def loader_factory(task=task, g=data_gen):
                 return task_loader(train_ds, task, sc.batch_size, shuffle=True, generator=g)
@@ -594,8 +875,9 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             D.decorrelate_generators(method)  # each rank its own noise for its rows while training
             with D.sharded_estimators(progress=progress):  # the methods' data-parallel hooks (CCD's regressor)
                 loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
-                                         on_step)
+                                         step_seen)
             t1 = time.time()
+            where.phase = "end of task: Fisher / replay pool / buffers"
 
             def task_data(task=task):
                 return task_loader(train_ds, task, sc.batch_size, shuffle=False)
@@ -603,10 +885,11 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             # the global stream, as in one process: the sharded estimators take each rank's share
             end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
             D.sync_generators(method)
-            with D.sharded_estimators(progress=progress):
+            with D.sharded_estimators(progress=progress), _method_bars(progress):
                 method.end_task(model, end_data)
                 method.post_task_phase(model, end_data)
             t2 = time.time()
+            where.phase = "evaluation"
             row, kld, gen_acc, xs, ys = evaluator.evaluate(model, k, name)
             t3 = time.time()
             fid_rows.append(row)
@@ -618,14 +901,16 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
             log(f"{name} task {k + 1}/{T}: steps {steps}, loss {loss_means.get('task', float('nan')):.4f}, "
                 f"{fid_label} per task {[round(v, 2) for v in row]}, KLD {kld:.3f}, classifier acc on samples "
                 f"{gen_acc:.2f}, time train {t1 - t0:.1f}s end_task {t2 - t1:.1f}s eval {t3 - t2:.1f}s")
+            where.phase = "writing the checkpoint"
             if info.world_size > 1 and not main:  # rank-local method state (replay buffers) first
-                save_rank_state(out, name, info.rank, k, {"fingerprint": fingerprint, "completed_task": k,
+                save_rank_state(out, name, info.rank, k, {"fingerprint": mfp, "completed_task": k,
                                                            "method_state": method.state_dict()})
             D.barrier()
             if main:
                 from .report import save_sample_grid
                 save_sample_grid(xs, ys, out / "samples" / f"{name}_task{k + 1}.png", per_class=sc.grid_per_class)
-                state = {"version": 1, "fingerprint": fingerprint, "method": name, "completed_task": k,
+                state = {"version": 2, "fingerprint": mfp, "run_fingerprint": run_fp, "method": name,
+                         "completed_task": k, "num_tasks": T, "method_config": dict(method.config),
                          "model": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
                          "model_object": None, "method_state": method.state_dict(), "fid_rows": fid_rows,
                          "kld": klds, "gen_accuracy": accs, "timings": timings, "losses": losses}
@@ -633,18 +918,23 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                     state["model_object"] = model
                 save_checkpoint(out, name, state)
             D.barrier()
+            where.saved[name] = k
             if info.world_size > 1 and not main:
                 drop_rank_state(out, name, info.rank, k - 1)
-        matrix = [row + [None] * (T - len(row)) for row in fid_rows]
-        summary = summarize(matrix, kld=klds[-1])
-        summary.update({"kld_at_k": klds, "classifier_accuracy_on_samples": accs, "timings": timings,
-                        "loss_means": losses, "train_s": sum(t["train_s"] for t in timings),
-                        "total_s": sum(t["train_s"] + t["end_task_s"] + t["eval_s"] for t in timings),
-                        "method_config": {k: v for k, v in getattr(method, "config", {}).items()}})
+        summary = _method_summary({"num_tasks": T, "fid_rows": fid_rows, "kld": klds, "gen_accuracy": accs,
+                                   "timings": timings, "losses": losses, "method_config": method.config,
+                                   "fingerprint": mfp})
         results[name] = summary
+        where.finished.append(name)
         log(f"{name}: MF {summary['mf']:.2f}, forgetting {summary['forgetting']}, IMF {summary['imf']:.2f}, "
             f"KLD {summary['kld']:.3f} ({time.time() - t_method:.1f}s this session)")
 
+    where.method, where.task, where.phase = None, None, "writing the results"
+    kept = _earlier_results(out, methods, unreadable, run_fp, T, log) if cfg.resume else {}
+    ordered = {}
+    for name in all_methods + list(kept):
+        if name in results or name in kept:
+            ordered.setdefault(name, results[name] if name in results else kept[name])
     total = time.time() - t_start
     cpu_total = time.process_time() - c_start
     payload = {
@@ -664,18 +954,23 @@ def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
                                    "forgetting": "mean_{k<T} FID_k(m_T) - FID_k(m_k)",
                                    "mf": "AFID@T", "imf": "mean_k AFID@k",
                                    "kld": "KL(uniform over seen classes || classifier histogram of samples)"}},
-        "methods": results,
+        "methods": ordered,
+        "kept_from_earlier_sessions": [n for n in ordered if n not in results],
         "paper": {"source": preset.paper_source, "metric": preset.paper_metric, "values": preset.paper},
         "timings": {"wall_s_this_session": total, "cpu_s_this_session": cpu_total, "resumed": bool(cfg.resume),
                     "torch_threads": torch.get_num_threads()},
-        "fingerprint": fingerprint,
+        "fingerprint": run_fp,
+        "method_fingerprints": run_info["method_fingerprints"],
     }
-    if main:
+    if main and ordered:
         from .report import write_outputs
         write_outputs(out, payload, log)
     log(f"done in {total:.1f}s wall ({cpu_total:.1f}s CPU, {torch.get_num_threads()} threads); outputs in {out}")
     log.close()
     D.barrier()
+    if unreadable:
+        raise RunError("; ".join(unreadable.values()) + (f". The other methods are in {out / 'results.json'}."
+                                                         if ordered else "."))
     return payload
 
 

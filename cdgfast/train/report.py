@@ -7,7 +7,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -121,9 +121,11 @@ def report_markdown(payload: dict) -> str:
         out.append(f"- **substitution**: {s}")
     out += [f"- FID: **{label}**, {payload['metric']['fid_samples_per_class']} class-balanced DDIM samples per class "
             f"({payload['metric']['ddim_steps']} steps) against {payload['metric']['fid_reference']}",
-            *([f"- hyperparameters changed with --set: " + ", ".join(
+            *(["- hyperparameters changed with --set: " + ", ".join(
                 f"{m}.{k}={v}" for m, kv in payload["config"]["method_args"].items() for k, v in kv.items())]
               if payload.get("config", {}).get("method_args") else []),
+            *(["- results kept from earlier sessions of this run (not run in this one): "
+               + ", ".join(payload["kept_from_earlier_sessions"])] if payload.get("kept_from_earlier_sessions") else []),
             f"- world size {payload['world_size']}, device {payload['device']}, torch {payload['versions']['torch']}",
             f"- time this session: {payload['timings']['wall_s_this_session']:.1f} s wall, "
             f"{payload['timings'].get('cpu_s_this_session', float('nan')):.1f} s CPU "
