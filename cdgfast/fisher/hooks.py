@@ -1,10 +1,11 @@
 """Per-sample gradient contractions from one batched forward and backward (SPEC section 4).
 
 One forward of the batch records, for every supported layer, its input `x` and a handle on its output
-(`torch.autograd.graph.get_gradient_edge`); one `torch.autograd.grad` of `sum_i l_i` with respect to
-those outputs gives `gy = d(sum_j l_j)/d out`, whose row i is `d l_i / d out_i` because samples are
-independent. Per-sample parameter gradients are then contractions of `x_i` and `gy_i` that are never
-materialised per sample:
+(`torch.autograd.graph.get_gradient_edge`); one `torch.autograd.grad` of `sum_j l_j` with respect to
+those outputs gives `gy = d(sum_j l_j)/d out`, whose row i is `d l_i / d out_i` provided that row i
+of the output influences no other loss. That proviso is proven, not assumed (`cdgfast.fisher._layout`:
+every tensor of the forward carries the dim that indexes the samples, op by op). Per-sample parameter
+gradients are then contractions of `x_i` and `gy_i` that are never materialised per sample:
 
 | layer | g_i (weight) | direction . g_i | sum_i g_i * g_i |
 |---|---|---|---|
@@ -21,35 +22,38 @@ says so and the module imports; elsewhere the plain-PyTorch contractions here ru
 **Fallback (documented rule).** A trainable parameter is *covered* when it is the weight or bias of a
 supported layer whose `forward` is the stock one, the parameter belongs to that layer only, and the
 model has no sample-coupling layer (BatchNorm in train mode or without running stats). During the
-forward a `TorchFunctionMode` also checks that every covered parameter enters the graph only inside
-its own layer's call, that the layer runs exactly once, and that the layer sees the samples in dim 0
-(`x.shape[0] == B`) and does not have its input modified in place afterwards. Every parameter that
+forward a `TorchFunctionMode` also checks that every covered parameter enters the graph inside its own
+layer's call and nowhere else, that the layer runs exactly once, that its input is not modified in
+place afterwards, and that the layout proof holds: the losses come out indexed by sample, and the
+layer's input and output carry the samples in one dim `d` (any dim for Linear / LayerNorm / Embedding,
+which the contractions move to the front, e.g. a sequence-first [T, B, C] activation; dim 0 for Conv2d
+/ GroupNorm), one row per sample or `rows_per_sample` consecutive rows per sample. Every parameter that
 fails any of these gets exact per-sample gradients from the same batched graph
 (`per_sample_grads_autograd`: vmapped backward of one-hot cotangents over chunks of samples, or one
-backward per sample) - slower, never a wrong number. With a coupling layer every parameter takes that
-path. Assumption that cannot be checked: hooked layers keep the sample index in dim 0 (not, e.g., a
-sequence-first [T, B, C] layout that happens to have T == B).
+backward per sample) - slower, never a wrong number. With a coupling layer, or when the proof fails
+for the losses themselves (an op that mixes samples, an op the proof has no rule for), every parameter
+takes that path. With one sample in the batch any layout is right.
 
 **Several rows per sample.** A loss that runs the model on r copies of each sample (the DC scores'
-B x K conditions, `x.repeat_interleave(K, 0)`) passes `rows_per_sample=r`: layers that see B * r rows
-then treat a sample's r consecutive rows as one more token / spatial dimension and keep the hook path
-(measured: ewc_dc's Fisher on the tiny UNet, B = 16, K = 4, from 6.3 s to 0.75 s on one CPU thread,
-against 0.34 s for a plain forward + backward of the same loss).
+B x K conditions, `x.repeat_interleave(K, 0)`) passes `rows_per_sample=r`: layers whose rows the proof
+finds laid out r per sample (consecutive) then treat a sample's r rows as one more token / spatial
+dimension and keep the hook path (measured: ewc_dc's Fisher on the tiny UNet, B = 16, K = 4, from
+6.3 s to 0.75 s on one CPU thread, against 0.34 s for a plain forward + backward of the same loss).
+Any other layout, or a promise the rows do not keep, falls back.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from cdgfast._dispatch import use_triton
 from cdgfast.kernels.projection import conv_padded_input  # plain torch; imports without triton
 
-from ._common import call_loss, per_sample_grads_autograd
+from ._common import _leading_tensor, call_loss, check_loss_graph, per_sample_grads_autograd, tensors_in, usable_batch
+from ._layout import MIXED, SampleLayout
 
 # Per-sample intermediates (per-sample weight gradients, unfolded inputs) of at most this many
 # elements exist at once.
@@ -114,6 +118,10 @@ class _Rule:
     def layout_ok(self, mod, x: torch.Tensor, B: int) -> bool:
         return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == B
 
+    def dim_ok(self, mod, x: torch.Tensor, dim: int) -> bool:
+        """Whether the samples may sit in `dim` of the input (the rule moves that dim to the front)."""
+        return dim == 0
+
     # `group` r > 1: the layer saw r rows per sample, sample-major (rows i*r .. i*r+r-1 are sample i's,
     # as repeat_interleave(r) makes them); sample i's gradient is the sum over its rows.
     def dot(self, mod, x, gy, Mw, Mb, acc, group: int = 1) -> torch.Tensor:
@@ -130,6 +138,9 @@ def _sample_major(t: torch.Tensor, group: int) -> torch.Tensor:
 
 class _LinearRule(_Rule):
     cls = nn.Linear
+
+    def dim_ok(self, mod, x, dim):  # any dim but the features (sequence-first [T, B, C] inputs)
+        return dim < x.dim() - 1
 
     @staticmethod
     def _flat(mod, x, gy):
@@ -259,6 +270,9 @@ class _LayerNormRule(_NormRule):
     def layout_ok(self, mod, x, B):
         return isinstance(x, torch.Tensor) and x.dim() > len(mod.normalized_shape) and x.shape[0] == B
 
+    def dim_ok(self, mod, x, dim):
+        return dim < x.dim() - len(mod.normalized_shape)
+
     def _xhat(self, mod, x, acc):
         return F.layer_norm(x.to(acc), mod.normalized_shape, None, None, mod.eps)
 
@@ -276,6 +290,9 @@ class _EmbeddingRule(_Rule):
 
     def layout_ok(self, mod, x, B):
         return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
+
+    def dim_ok(self, mod, x, dim):
+        return dim < x.dim()
 
     @staticmethod
     def _flat(mod, idx, gy, acc):
@@ -383,60 +400,50 @@ def hook_coverage(model: nn.Module) -> List[bool]:
 # --------------------------------------------------------------------------------------------------
 # The hooked forward
 # --------------------------------------------------------------------------------------------------
-def _tensors_in(obj, out: list, depth: int = 0) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif depth < 4 and isinstance(obj, (list, tuple)):
-        for o in obj:
-            _tensors_in(o, out, depth + 1)
-    elif depth < 4 and isinstance(obj, dict):
-        for o in obj.values():
-            _tensors_in(o, out, depth + 1)
-
-
-class _UseTracker(TorchFunctionMode):
-    """Flags covered parameters that enter the autograd graph outside their own layer's call."""
+class _ForwardTracker(SampleLayout):
+    """The sample layout of every tensor (`SampleLayout`), plus: covered parameters that enter the
+    autograd graph outside their own layer's call (`foreign`), and those that do inside it (`used`;
+    a layer whose parameter was swapped for another tensor, e.g. by torch.func.functional_call,
+    computes nothing the contractions could attribute to that parameter)."""
 
     def __init__(self, owner_of: Dict[int, nn.Module], stack: List[nn.Module]):
         super().__init__()
         self.owner_of = owner_of
         self.stack = stack
         self.foreign: set = set()
+        self.used: set = set()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        found = []
-        _tensors_in(args, found)
-        _tensors_in(kwargs, found)
-        hits = [id(t) for t in found if id(t) in self.owner_of]
+    def observe(self, func, args, kwargs, result, inputs, pre=None):
+        super().observe(func, args, kwargs, result, inputs, pre)
+        hits = [id(t) for t in inputs if id(t) in self.owner_of]
         if hits and torch.is_grad_enabled():
             outs: list = []
-            _tensors_in(result, outs)
+            tensors_in(result, outs)
             if any(o.requires_grad for o in outs):  # metadata reads (.dtype, .shape) and detach() do not count
                 top = self.stack[-1] if self.stack else None
                 for h in hits:
-                    if self.owner_of[h] is not top:
-                        self.foreign.add(h)
-        return result
+                    (self.used if self.owner_of[h] is top else self.foreign).add(h)
 
 
 class _Record:
-    __slots__ = ("x", "version", "edge", "calls")
+    __slots__ = ("x", "version", "edge", "calls", "tag", "x_tag")
 
     def __init__(self):
         self.x = None
         self.version = None
         self.edge = None
         self.calls = 0
+        self.tag = MIXED  # sample layout of the layer's output
+        self.x_tag = MIXED  # ... and of its input
 
 
 def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
-    """Run loss_fn under hooks; return (losses, records, foreign parameter ids)."""
+    """Run loss_fn under hooks; return (losses, records, tracker)."""
     records: Dict[nn.Module, _Record] = {m: _Record() for m in plan.modules}
     owner_of = {id(plan.params[k]): m for m, roles in plan.modules.items() for k in roles.values()}
     stack: List[nn.Module] = []
     handles = []
+    tracker = _ForwardTracker(owner_of, stack)
 
     def pre_hook(mod, args, kwargs):
         stack.append(mod)
@@ -447,22 +454,48 @@ def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
         rec = records[mod]
         rec.calls += 1
         x = args[0] if args else kwargs.get("input")
-        if rec.calls == 1 and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        if (rec.calls == 1 and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
+                and not x.is_inference()):  # a loss_fn under inference_mode: refused after the forward
             rec.x = x.detach()  # shares the version counter: an in-place change later is detected
             rec.version = x._version
+            rec.tag, rec.x_tag = tracker.tag(out), tracker.tag(x)
             if out.requires_grad:
                 rec.edge = torch.autograd.graph.get_gradient_edge(out)
 
+    lead = _leading_tensor(batch)
+    tracker.tag_inputs(batch, lead.shape[0] if lead is not None and lead.dim() >= 1 else None)
     try:
         for mod in plan.modules:
             handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
-        with torch.enable_grad(), _UseTracker(owner_of, stack) as tracker:
+        with torch.enable_grad(), tracker:
             losses = call_loss(loss_fn, model, batch)
     finally:
         for h in handles:
             h.remove()
-    return losses, records, tracker.foreign
+    return losses, records, tracker
+
+
+def _layer_layout(rule: "_Rule", mod: nn.Module, rec: _Record, B: int, rows_per_sample: int,
+                  proven: bool) -> Optional[Tuple[int, int]]:
+    """(sample dim, rows per sample) of a hooked layer's input and output, or None (fall back).
+
+    With one sample every row of the layer belongs to it, whatever the layout. Otherwise the tracked
+    layout must say that the layer's output rows along `dim` carry the sample labels (in groups of 1 or
+    `rows_per_sample` rows) and the losses are labelled by sample (`proven`)."""
+    x = rec.x
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return None
+    if B == 1:
+        rows = x.shape[0]
+        group = 1 if rows == 1 else (rows_per_sample if rows == rows_per_sample else 0)
+        return (0, group) if group else None
+    if not proven or rec.tag != rec.x_tag or not isinstance(rec.tag, tuple):
+        return None
+    dim, group = rec.tag
+    if group not in (1, rows_per_sample) or x.shape[dim] != B * group or not rule.dim_ok(mod, x, dim):
+        return None
+    return dim, group
 
 
 def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch.Tensor], acc: torch.dtype, *,
@@ -474,36 +507,48 @@ def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch
     number of samples. `force_fallback` sends every parameter through the per-sample autograd path.
     `rows_per_sample` r: layers that see B * r rows get them as r sample-major rows per sample (the
     caller's promise, e.g. a forward over repeat_interleave(r) copies); layers that see B rows as usual."""
+    batch = usable_batch(batch)
     plan = HookPlan(model, params)
     if force_fallback:
         plan.owners = [None] * len(plan.params)
         plan.modules = {}
-    losses, records, foreign = _hooked_forward(model, loss_fn, batch, plan)
+    losses, records, tracker = _hooked_forward(model, loss_fn, batch, plan)
+    check_loss_graph(losses, params)
     B = losses.shape[0]
+    proven = not tracker.poisoned and tracker.tag(losses) == (0, 1)
+    foreign, used = tracker.foreign, tracker.used
+    tracker.clear()
 
     fallback = {k for k, o in enumerate(plan.owners) if o is None}
-    usable: List[Tuple[nn.Module, _Rule, _Record, int]] = []
+    usable: List[Tuple[nn.Module, _Rule, _Record, int, int]] = []
     for mod, roles in plan.modules.items():
         rec = records[mod]
         rule = plan.owners[next(iter(roles.values()))][1]
-        ok = (rec.calls <= 1 and not any(id(plan.params[k]) in foreign for k in roles.values()))
+        ok = (rec.calls <= 1 and not any(id(plan.params[k]) in foreign for k in roles.values())
+              and (rec.calls == 0 or all(id(plan.params[k]) in used for k in roles.values())))
         if ok and rec.calls == 1 and rec.edge is not None:
-            rows = rec.x.shape[0] if isinstance(rec.x, torch.Tensor) and rec.x.dim() >= 1 else -1
-            group = 1 if rows == B else (rows_per_sample if rows == B * rows_per_sample else 0)
-            ok = group > 0 and rule.layout_ok(mod, rec.x, rows) and rec.x._version == rec.version
+            layout = _layer_layout(rule, mod, rec, B, rows_per_sample, proven)
+            ok = layout is not None and rec.x._version == rec.version
             if ok:
-                usable.append((mod, rule, rec, group))
+                dim, group = layout
+                if dim != 0:
+                    rec.x = rec.x.movedim(dim, 0)
+                ok = rule.layout_ok(mod, rec.x, rec.x.shape[0])
+            if ok:
+                usable.append((mod, rule, rec, dim, group))
         if not ok:
             fallback.update(roles.values())
         # calls == 0 or an output without a gradient path: these parameters' gradients are exactly zero
 
     result = torch.zeros(B, dtype=acc, device=losses.device) if pieces is not None else None
-    if losses.requires_grad and usable:
-        gys = torch.autograd.grad(losses.sum(), [r.edge for _, _, r, _ in usable],
+    if usable:
+        gys = torch.autograd.grad(losses.sum(), [r.edge for _, _, r, _, _ in usable],
                                   retain_graph=bool(fallback), allow_unused=True)
-        for (mod, rule, rec, group), gy in zip(usable, gys):
+        for (mod, rule, rec, dim, group), gy in zip(usable, gys):
             if gy is None:
                 continue
+            if dim != 0:
+                gy = gy.movedim(dim, 0)
             roles = plan.modules[mod]
             kw, kb = roles.get("weight"), roles.get("bias")
             if pieces is not None:
@@ -514,7 +559,7 @@ def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch
                         None if kb is None else sq_views[kb], acc, group)
             rec.x = None  # free the activation as soon as it is used
         del gys
-    if fallback and losses.requires_grad:
+    if fallback:
         ks = sorted(fallback)
         fb_params = [plan.params[k] for k in ks]
         for start, grads in per_sample_grads_autograd(losses, fb_params):
