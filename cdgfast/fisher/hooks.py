@@ -50,60 +50,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdgfast._dispatch import use_triton
-from cdgfast.kernels.projection import conv_padded_input  # plain torch; imports without triton
+from cdgfast.kernels import projection as P  # imports without triton (then only its torch functions run)
 
 from ._common import _leading_tensor, call_loss, check_loss_graph, per_sample_grads_autograd, tensors_in, usable_batch
 from ._layout import MIXED, SampleLayout
 
-# Per-sample intermediates (per-sample weight gradients, unfolded inputs) of at most this many
-# elements exist at once.
-_MAX_ELEMENTS = 1 << 24
-
-
 # --------------------------------------------------------------------------------------------------
-# Triton dispatch (CUDA only)
+# The contractions: cdgfast.kernels.projection (Triton launchers on CUDA, its plain-PyTorch functions
+# elsewhere; one copy of each)
 # --------------------------------------------------------------------------------------------------
-def _triton_projection(x: torch.Tensor):
-    if not use_triton(x):
-        return None
-    try:
-        from cdgfast.kernels import projection
-    except Exception:  # kernels missing or broken: the PyTorch contraction is always correct
-        return None
-    if hasattr(projection, "linear_grad_dot") and hasattr(projection, "linear_sq_grad_sum"):
-        return projection
-    return None
+def _kernels(x: torch.Tensor) -> bool:
+    return use_triton(x) and P.triton is not None
 
 
-def _linear_dot(x3: torch.Tensor, gy3: torch.Tensor, M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """[B]: sum_t (x_t @ M^T) . gy_t for x3 [B, T, Cin], gy3 [B, T, Cout], M [Cout, Cin]."""
-    kern = _triton_projection(x3)
-    if kern is not None:
-        return kern.linear_grad_dot(x3, gy3, M).to(acc)
-    xa, ga, Ma = x3.to(acc), gy3.to(acc), M.to(acc)
-    if xa.shape[1] == 1:
-        return ((xa[:, 0] @ Ma.t()) * ga[:, 0]).sum(1)
-    return (torch.matmul(xa, Ma.t()) * ga).sum(dim=(1, 2))
+def _linear_dot(x3, gy3, Mw, Mb, acc) -> torch.Tensor:
+    """[B]: Mw . g_i(weight) + Mb . g_i(bias) for x3 [B, T, Cin], gy3 [B, T, Cout]."""
+    if Mw is not None and _kernels(x3):
+        res = P.linear_grad_dot(x3, gy3, Mw).to(acc)
+        return res if Mb is None else res + P.linear_grad_dot_torch(x3, gy3, None, Mb, acc=acc)
+    return P.linear_grad_dot_torch(x3, gy3, Mw, Mb, acc=acc)
 
 
-def _linear_sq(x3: torch.Tensor, gy3: torch.Tensor, out: torch.Tensor, acc: torch.dtype) -> None:
-    """out [Cout, Cin] += sum_i (gy_i^T x_i)^2 for x3 [B, T, Cin], gy3 [B, T, Cout]."""
-    kern = _triton_projection(x3)
-    if kern is not None:
-        out.add_(kern.linear_sq_grad_sum(x3, gy3).to(out.dtype))
-        return
-    B, T, cin = x3.shape
-    cout = gy3.shape[2]
-    if T == 1:  # g_i = outer(gy_i, x_i): squares factor, one matmul
-        g2, x2 = gy3[:, 0].to(acc).square(), x3[:, 0].to(acc).square()
-        out.add_((g2.t() @ x2).to(out.dtype))
-        return
-    step = max(1, _MAX_ELEMENTS // max(1, cout * cin + T * (cin + cout)))
-    res = torch.zeros(cout, cin, dtype=acc, device=out.device)
-    for s in range(0, B, step):
-        g = torch.bmm(gy3[s:s + step].to(acc).transpose(1, 2), x3[s:s + step].to(acc))
-        res += g.square().sum(0)
-    out.add_(res.to(out.dtype))
+def _linear_sq(x3, gy3, out, acc) -> None:
+    """out [Cout, Cin] += sum_i (gy_i^T x_i)^2."""
+    if _kernels(x3):
+        out.add_(P.linear_sq_grad_sum(x3, gy3).to(out.dtype))
+    else:
+        P.linear_sq_grad_sum_torch(x3, gy3, out=out, acc=acc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,19 +122,14 @@ class _LinearRule(_Rule):
 
     def dot(self, mod, x, gy, Mw, Mb, acc, group=1):
         x3, g3 = self._flat(mod, _sample_major(x, group), _sample_major(gy, group))
-        res = torch.zeros(x3.shape[0], dtype=acc, device=x.device)
-        if Mw is not None:
-            res += _linear_dot(x3, g3, Mw, acc)
-        if Mb is not None:
-            res += g3.to(acc).sum(1) @ Mb.to(acc)
-        return res
+        return _linear_dot(x3, g3, Mw, Mb, acc)
 
     def sq(self, mod, x, gy, out_w, out_b, acc, group=1):
         x3, g3 = self._flat(mod, _sample_major(x, group), _sample_major(gy, group))
         if out_w is not None:
             _linear_sq(x3, g3, out_w, acc)
         if out_b is not None:
-            out_b.add_(g3.to(acc).sum(1).square().sum(0).to(out_b.dtype))
+            P.bias_sq_grad_sum(g3, out=out_b, acc=acc)
 
 
 class _Conv2dRule(_Rule):
@@ -171,49 +139,13 @@ class _Conv2dRule(_Rule):
         return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == B
 
     def dot(self, mod, x, gy, Mw, Mb, acc, group=1):
-        res = torch.zeros(x.shape[0], dtype=acc, device=x.device)  # per row; summed per sample below
-        g = gy.to(acc)
-        if Mw is not None:
-            y = F.conv2d(conv_padded_input(x.to(acc), mod), Mw.to(acc), None, mod.stride, 0, mod.dilation, mod.groups)
-            res += (y * g).flatten(1).sum(1)
-        if Mb is not None:
-            res += g.sum(dim=(2, 3)) @ Mb.to(acc)
-        return res.view(-1, group).sum(1) if group > 1 else res
+        return P.conv2d_grad_dot(x, gy, mod, Mw, Mb, use_kernel=False, acc=acc, rows_per_sample=group)
 
     def sq(self, mod, x, gy, out_w, out_b, acc, group=1):
-        N = x.shape[0]  # rows: N = B * group
         if out_b is not None:
-            out_b.add_(_sample_major(gy.to(acc).sum(dim=(2, 3)), group).reshape(N // group, -1, mod.out_channels)
-                       .sum(1).square().sum(0).to(out_b.dtype))
-        if out_w is None:
-            return
-        G = mod.groups
-        cout = mod.out_channels
-        og = cout // G
-        kk = mod.kernel_size[0] * mod.kernel_size[1]
-        cg = mod.in_channels // G
-        L = gy.shape[2] * gy.shape[3]
-        kern = _triton_projection(x)
-        per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
-        step = max(1, _MAX_ELEMENTS // max(1, per_sample)) * group  # whole samples per chunk
-        res = torch.zeros(G, og, cg * kk, dtype=acc, device=x.device)
-        for s in range(0, N, step):
-            xp = conv_padded_input(x[s:s + step].to(acc), mod)
-            c = xp.shape[0]
-            cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
-            cols = cols.view(c, G, cg * kk, L)  # unfold's row order (channel, kh, kw) matches weight
-            g = gy[s:s + step].to(acc).reshape(c, G, og, L)
-            if group > 1:  # a sample's rows become more positions: [c/r, G, ., r*L]
-                cols = cols.view(c // group, group, G, cg * kk, L).permute(0, 2, 3, 1, 4).reshape(
-                    c // group, G, cg * kk, group * L)
-                g = g.view(c // group, group, G, og, L).permute(0, 2, 3, 1, 4).reshape(c // group, G, og, group * L)
-            if kern is not None:
-                for gi in range(G):
-                    res[gi] += kern.linear_sq_grad_sum(cols[:, gi].transpose(1, 2), g[:, gi].transpose(1, 2)).to(acc)
-            else:
-                per = torch.einsum("bgol,bgkl->bgok", g, cols)  # per-sample weight gradients of the chunk
-                res += per.square().sum(0)
-        out_w.add_(res.view(cout, cg, *mod.kernel_size).to(out_w.dtype))
+            P.conv2d_bias_sq_grad_sum(gy, out=out_b, acc=acc, rows_per_sample=group)
+        if out_w is not None:
+            P.conv2d_sq_grad_sum(x, gy, mod, out=out_w, use_kernel=_kernels(x), acc=acc, rows_per_sample=group)
 
 
 class _NormRule(_Rule):
