@@ -810,6 +810,22 @@ def test_rows_per_sample_promise_is_checked():
     assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "autograd"), rows_per_sample=2)
 
 
+def test_inplace_activations_keep_the_hook_path(monkeypatch):
+    """nn.ReLU(inplace=True) right after hooked layers rewrites their outputs in place: separable, so
+    the layers keep the hook path (and stay exact)."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.GroupNorm(1, 3), nn.Flatten(),
+                          nn.Linear(48, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    batch = {"x": torch.randn(3, 2, 4, 4, dtype=torch.float64)}
+    loss_fn = lambda m, b: m(b["x"]).pow(2).sum(1)  # noqa: E731
+    G = naive_grads(model, loss_fn, batch, 3)
+    assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "auto"))
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    per_sample_grad_dot(model, loss_fn, batch, G[0], method="hooks")
+    assert calls == []
+
+
 def test_unet_layers_stay_on_the_hook_path(monkeypatch):
     """The layout proof covers every layer of the diffusers UNet, with the plain loss and with the
     ewc_dc loss's B x K condition rows: no parameter takes the per-sample autograd fallback."""

@@ -218,6 +218,7 @@ def _nonleaf(x):
 
 
 @pytest.mark.parametrize("name,op,poisoned", [
+    # a write through a view leaves the base MIXED (conservative), but nothing is poisoned
     ("mix in place", lambda h: h.add_(h.sum(0, keepdim=True)), True),
     ("copy other sample", lambda h: h.__setitem__(0, h[1]), True),
     ("add into a view of another layout", lambda h: h.t().add_(h * 1.0), True),
@@ -227,6 +228,7 @@ def _nonleaf(x):
     ("constant into a sample", lambda h: h.__setitem__(0, 0.0), False),
     ("aligned in place", lambda h: h.add_(h.detach() * 0 + h), False),
     ("fill", lambda h: h[:, 1:].fill_(3.0), False),
+    ("inplace argument", lambda h: F.leaky_relu(F.relu(h, inplace=True), 0.1, True), False),
 ])
 def test_inplace_writes(name, op, poisoned):
     L = SampleLayout()
@@ -236,6 +238,8 @@ def test_inplace_writes(name, op, poisoned):
         h = x * 1.0
         op(h)
     assert L.poisoned is poisoned
+    if not poisoned:  # a separable write keeps the layout; through a view, the base reads MIXED
+        assert L.tag(h) == (MIXED if name == "fill" else (0, 1))
 
 
 def test_custom_function_output_is_not_trusted():

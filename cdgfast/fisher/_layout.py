@@ -232,9 +232,18 @@ class SampleLayout(TorchFunctionMode):
         tensors_in(args, inputs)
         tensors_in(kwargs, inputs)
         name = op_name(func)
-        # an in-place op changes its target's grad_fn: read the tags it writes over first
-        pre = {id(t): self.tag(t) for t in inputs} if self._inplace(name, kwargs) else None
+        # an in-place op changes its target's grad_fn: read the tags it writes over first. Pointwise
+        # functions can also work in place by argument (F.relu(x, inplace=True)): they return their input.
+        pre = first = None
+        if self._inplace(name, kwargs):
+            pre = {id(t): self.tag(t) for t in inputs}
+        elif name in _POINTWISE and args and isinstance(args[0], torch.Tensor):
+            first = args[0]
+            first_tag = self.tag(first)
         result = func(*args, **kwargs)
+        if first is not None and result is first:
+            pre = {id(t): self.tag(t) for t in inputs if t is not first}
+            pre[id(first)] = first_tag
         if inputs or isinstance(result, (torch.Tensor, tuple, list)):
             self.observe(func, args, kwargs, result, inputs, pre)
         return result

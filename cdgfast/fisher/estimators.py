@@ -74,7 +74,8 @@ def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direct
       * "jvp": forward-mode AD, `d/de l_i(theta + e*direction)` (about 2-3 forward costs; math SDPA
         backend and contiguous GroupNorm inputs during the call, see `cdgfast.fisher.jvp`);
       * "hooks": one batched forward + backward with per-layer contractions (Linear, Conv2d,
-        GroupNorm, LayerNorm, Embedding); parameters the rules do not cover get exact per-sample
+        GroupNorm, LayerNorm, Embedding) where the forward proves which dim holds the samples;
+        parameters the rules do not cover, or whose layout is not proven, get exact per-sample
         gradients from the same batched graph (see `cdgfast.fisher.hooks`);
       * "autograd": per-sample gradients of every parameter from the batched graph (vmapped backward
         over one-hot cotangents in chunks): slow, exact, a reference;
@@ -117,8 +118,9 @@ def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, met
     rows_per_sample: r > 1 when `loss_fn` runs the model on r copies of every sample laid out
     sample-major (`x.repeat_interleave(r, 0)`, as the DC-score losses do with one row per condition).
     Layers that see B * r rows then keep the hook path, summing each sample's r rows; without it they
-    fall back to exact per-sample autograd (same numbers, about B times the cost). A layer that sees
-    another row count still falls back, but the r-row layout itself is the caller's promise.
+    fall back to exact per-sample autograd (same numbers, about B times the cost). The layout is
+    checked, not trusted: rows laid out otherwise (e.g. `x.repeat(r, 1)`), or another row count, fall
+    back as well (see `cdgfast.fisher.hooks`).
     """
     check_choice("method", method, SQ_METHODS)
     _check_rows(rows_per_sample)

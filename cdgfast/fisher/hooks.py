@@ -437,8 +437,8 @@ def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch
     """One hooked forward + backward. With `pieces` (direction per parameter) returns [B] projections;
     with `sq_views` (flat-buffer views per parameter) adds sum_i g_i*g_i into them and returns the
     number of samples. `force_fallback` sends every parameter through the per-sample autograd path.
-    `rows_per_sample` r: layers that see B * r rows get them as r sample-major rows per sample (the
-    caller's promise, e.g. a forward over repeat_interleave(r) copies); layers that see B rows as usual."""
+    `rows_per_sample` r: layers whose B * r rows the layout proof finds sample-major (a forward over
+    repeat_interleave(r) copies) sum each sample's r rows; layers that see B rows as usual."""
     batch = usable_batch(batch)
     plan = HookPlan(model, params)
     if force_fallback:
