@@ -303,7 +303,8 @@ def test_torch_linear_contractions_vs_naive(shape, acc):
     dot = P.linear_grad_dot_torch(x, gy, M, Mb, acc=acc)
     assert dot.dtype == acc
     assert_close_rel(dot, (g * M.double().cpu()).sum((1, 2)) + gy.double().cpu().sum(1) @ Mb.double().cpu(), tol)
-    assert_close_rel(P.linear_grad_dot_torch(x, gy, None, Mb, acc=acc), gy.double().cpu().sum(1) @ Mb.double().cpu(), tol)
+    assert_close_rel(P.linear_grad_dot_torch(x, gy, None, Mb, acc=acc), gy.double().cpu().sum(1) @ Mb.double().cpu(),
+                     tol)
     assert_close_rel(P.linear_grad_dot_torch(x, gy, M, acc=acc), (g * M.double().cpu()).sum((1, 2)), tol)
     ref_sq = (g ** 2).sum(0)
     for max_elements in (1, 1 << 24):  # one sample per chunk, and one chunk

@@ -42,6 +42,7 @@ from ._common import tensors_in
 MIXED = "mixed"
 Tag = Any  # None | MIXED | (dim, group)
 
+
 def _is_sample(tag) -> bool:
     return isinstance(tag, tuple)
 
