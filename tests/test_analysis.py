@@ -267,7 +267,7 @@ def test_bad_input():
 
 
 def test_cli_smoke_and_checkpoint(tmp_path):
-    from cdgfast.analyze import main
+    from cdgfast.analysis.cli import main
 
     out = tmp_path / "run"
     assert main(["fisher", "--dataset", "digits", "--timesteps", "100,900", "--samples", "6",
@@ -313,7 +313,7 @@ def test_cli_smoke_and_checkpoint(tmp_path):
     ["--dataset", "nope"], ["--train-steps", "-3"], ["--checkpoint", "/nonexistent/model.pt"],
 ])
 def test_cli_bad_input(tmp_path, argv, capsys):
-    from cdgfast.analyze import main
+    from cdgfast.analysis.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["fisher", "--out", str(tmp_path), "--train-steps", "0", "--no-progress", *argv])
@@ -333,7 +333,7 @@ def test_library_bad_input(tmp_path):
 
 
 def _cli_code(argv, capsys):
-    from cdgfast.analyze import main
+    from cdgfast.analysis.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["fisher", "--train-steps", "0", "--samples", "2", "--timesteps", "10", "--no-progress", *argv])
@@ -384,7 +384,7 @@ def test_cli_refuses_bad_options_before_any_work(tmp_path, case, capsys):
 
 
 def test_cli_refuses_to_overwrite_an_analysis_unless_asked(tmp_path, capsys):
-    from cdgfast.analyze import main
+    from cdgfast.analysis.cli import main
 
     out = tmp_path / "geo"
     argv = ["fisher", "--timesteps", "100", "--samples", "4", "--train-steps", "1", "--batch-size", "4",
@@ -399,3 +399,22 @@ def test_cli_refuses_to_overwrite_an_analysis_unless_asked(tmp_path, capsys):
                  "--no-progress", "--no-figures", "--overwrite", "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["geometry.json", "model.pt"]
     assert [r["t"] for r in json.loads((out / "geometry.json").read_text())["timesteps"]] == [900]
+
+
+def test_module_entry_points_analysis_and_its_analyze_alias(tmp_path, capsys):
+    """`python -m cdgfast.analysis` is the command line; `python -m cdgfast.analyze` forwards to it under
+    its own name (old commands keep working)."""
+    import subprocess
+    import sys
+
+    import cdgfast.analyze as alias
+
+    for module in ("cdgfast.analysis", "cdgfast.analyze"):
+        r = subprocess.run([sys.executable, "-m", module, "fisher", "--samples", "1", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and f"python -m {module}: error: samples" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exc:
+        alias.main(["fisher", "--timesteps", "a", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "python -m cdgfast.analyze fisher: error" in capsys.readouterr().err
+    assert alias.build_parser().prog == "python -m cdgfast.analyze"

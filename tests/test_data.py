@@ -466,3 +466,27 @@ def test_replay_pool_resume(tmp_path):
         generate_replay_pool(model, [0], 0, schedule=sched)
     with pytest.raises(ValueError, match="classes"):
         generate_replay_pool(model, [], 3, schedule=sched)
+
+
+def test_one_dataset_registry_for_the_loaders_and_the_driver():
+    from cdgfast.data import DATASET_ALIASES, DATASET_REGISTRY, canonical_dataset
+    import cdgfast.train.data as driver_data
+
+    assert DATASETS == ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+    assert {info.loader for info in DATASET_REGISTRY.values()} == set(DATASETS)
+    assert list(DATASET_REGISTRY) == ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "flowers102",
+                                      "cub200", "imagenet32", "imagefolder"]
+    for name, info in DATASET_REGISTRY.items():
+        assert canonical_dataset(name) == name
+        for alias in info.aliases:
+            assert canonical_dataset(alias) == name and alias not in DATASET_REGISTRY
+        if name != "digits":
+            assert info.download, name
+        if name not in ("digits", "imagefolder"):
+            assert name in info.folders, name
+    assert DATASET_ALIASES == {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
+                               "cifar-100": "cifar100", "flowers": "flowers102", "cub": "cub200"}
+    with pytest.raises(ValueError, match=r"dataset: unknown data set 'svhn'; expected one of .*'imagenet32'"):
+        canonical_dataset("svhn")
+    # the driver finds its data sets through the same table
+    assert driver_data.DATASET_REGISTRY is DATASET_REGISTRY and driver_data.canonical_dataset is canonical_dataset

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdgfast.train import InjectedCrash, NonFiniteLoss, RunConfig, RunError, run
+from cdgfast.train import NonFiniteLoss, RunConfig, RunError, run
 from cdgfast.train.cli import main
 from cdgfast.train.presets import PRESETS
+from train_hooks import HOOKED_CLI, InjectedCrash, OnStep, StopAt
 
 TINY = dict(scale="smoke", steps=2, fid_samples=3, num_tasks=2, progress=False)
 
@@ -32,7 +33,7 @@ def tiny_cfg(out, cache_dir, **kw):
 
 def test_list_and_help_name_everything(capsys):
     from cdgfast.methods import available
-    from cdgfast.train.data import DATASET_NAMES
+    from cdgfast.data import DATASET_REGISTRY
 
     assert main(["--list"]) == 0
     listing = capsys.readouterr().out
@@ -41,7 +42,7 @@ def test_list_and_help_name_everything(capsys):
     assert e.value.code == 0
     helptext = capsys.readouterr().out
     for text in (listing, helptext):
-        for name in list(PRESETS) + list(available()) + ["joint", "gr"] + list(DATASET_NAMES):
+        for name in list(PRESETS) + list(available()) + ["joint", "gr"] + list(DATASET_REGISTRY):
             assert name in text, name
 
 
@@ -107,22 +108,19 @@ def test_smoke_preset_families(tmp_path, cache_dir, preset, methods, dataset):
 
 
 @pytest.mark.parametrize("how", ["exception", "sigkill"])
-def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, monkeypatch, how):
+def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, how):
     kw = dict(methods=["rank1+gd"], num_tasks=2)
     full = run(tiny_cfg(tmp_path / "full", cache_dir, **kw))
 
     out = tmp_path / "crashed"
     if how == "exception":
-        monkeypatch.setenv("CDGFAST_CRASH_AT", "rank1+gd:1:1")  # second task, first step
         with pytest.raises(InjectedCrash):
-            run(tiny_cfg(out, cache_dir, **kw))
-        monkeypatch.delenv("CDGFAST_CRASH_AT")
+            run(tiny_cfg(out, cache_dir, **kw), callbacks=StopAt("rank1+gd:1:1"))  # second task, first step
     else:  # the process is killed mid-task: no exception handler, no cleanup runs
-        env = dict(os.environ, CDGFAST_KILL_AT="rank1+gd:1:2", OMP_NUM_THREADS=str(torch.get_num_threads()))
-        argv = ["--scale", "smoke", "--steps", "2", "--fid-samples", "3", "--num-tasks", "2", "--method", "rank1+gd",
-                "--out", str(out), "--cache-dir", cache_dir, "--no-progress"]
-        proc = subprocess.run([sys.executable, "-m", "cdgfast.train"] + argv, env=env, capture_output=True,
-                              text=True, timeout=600)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        argv = ["--kill-at", "rank1+gd:1:2", "--scale", "smoke", "--steps", "2", "--fid-samples", "3", "--num-tasks",
+                "2", "--method", "rank1+gd", "--out", str(out), "--cache-dir", cache_dir, "--no-progress"]
+        proc = subprocess.run(HOOKED_CLI + argv, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == -9, proc.stderr[-2000:]
     ck = torch.load(out / "checkpoints" / "rank1+gd.pt", weights_only=False)
     assert ck["completed_task"] == 0
@@ -171,7 +169,7 @@ def test_non_finite_loss_stops_naming_task_step_term(tmp_path, cache_dir):
     U.build_unet = spy
     try:
         with pytest.raises(NonFiniteLoss) as e:
-            run(tiny_cfg(out, cache_dir, methods=["finetune"], steps=3), on_step=poison)
+            run(tiny_cfg(out, cache_dir, methods=["finetune"], steps=3), callbacks=OnStep(poison))
     finally:
         U.build_unet = real_build
     msg = str(e.value)
@@ -220,6 +218,40 @@ def test_every_preset_builds_its_methods_at_every_scale():
     assert get_preset("ccd-mnist-5120").overrides_for("er", "cpu")["buffer_size"] == 5120
     assert get_preset("ccd-mnist-5120").scale("paper").fid_samples_per_class * 10 == 2040  # ~2048 class-balanced
     assert get_preset("gd-fmnist").overrides_for("gd", "paper")["lam_gd"] == 3.0
+
+
+def test_paper_unet_is_one_config_under_its_old_names():
+    from cdgfast.models import UNET_ALIASES, UNET_CONFIGS, UNET_PRESETS, build_unet
+    from cdgfast.train.presets import SCALES, get_preset
+
+    configs = list(UNET_CONFIGS.values())  # one entry per architecture
+    assert all(a != b for i, a in enumerate(configs) for b in configs[i + 1:])
+    assert UNET_ALIASES == {"rank1-paper": "paper", "ccd-paper": "paper"}
+    for alias in UNET_ALIASES:
+        assert UNET_PRESETS[alias] is UNET_CONFIGS["paper"]
+    used = {get_preset(n).scale(sc).unet for n in PRESETS for sc in SCALES}
+    assert used <= set(UNET_PRESETS) and {"rank1-paper", "ccd-paper"} <= used  # results.json keeps the names
+    with torch.device("meta"):  # shapes only, no 35M-parameter initialisation
+        shapes = [[(n, p.shape) for n, p in build_unet(name, sample_size=8).named_parameters()]
+                  for name in ("paper", "rank1-paper", "ccd-paper")]
+    assert shapes[0] == shapes[1] == shapes[2]
+
+
+def test_callbacks_must_be_run_callbacks(tmp_path):
+    with pytest.raises(ValueError, match="callbacks: expected a cdgfast.train.RunCallbacks"):
+        run(RunConfig(out=str(tmp_path / "a")), callbacks=lambda m, k, s: None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_production_code_reads_no_test_hooks():
+    """Crashes, kills and Ctrl-C in the tests come from tests/train_hooks.py callbacks, never from
+    environment variables the driver would read."""
+    import cdgfast
+
+    for path in Path(cdgfast.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        for word in ("CDGFAST_CRASH_AT", "CDGFAST_KILL_AT", "CDGFAST_INTERRUPT_AT", "InjectedCrash"):
+            assert word not in text, (path, word)
 
 
 def test_set_overrides_method_hyperparameters(tmp_path, capsys):
@@ -275,16 +307,14 @@ def _log(out):
     return (out / "train.log").read_text()
 
 
-def test_resume_with_a_corrected_value_reruns_only_that_method(tmp_path, cache_dir, monkeypatch):
+def test_resume_with_a_corrected_value_reruns_only_that_method(tmp_path, cache_dir):
     out = tmp_path / "run"
     kw = dict(methods=["finetune", "l2"], num_tasks=2)
-    monkeypatch.setenv("CDGFAST_CRASH_AT", "l2:1:1")  # l2 fails in task 2 (as a bad value would)
-    with pytest.raises(InjectedCrash):
-        run(tiny_cfg(out, cache_dir, method_args={"l2": {"lam": 1e9}}, **kw))
-    monkeypatch.delenv("CDGFAST_CRASH_AT")
+    with pytest.raises(InjectedCrash):  # l2 fails in task 2 (as a bad value would)
+        run(tiny_cfg(out, cache_dir, method_args={"l2": {"lam": 1e9}}, **kw), callbacks=StopAt("l2:1:1"))
     steps = []
     resumed = run(tiny_cfg(out, cache_dir, resume=True, method_args={"l2": {"lam": 0.5}}, **kw),
-                  on_step=lambda m, k, s: steps.append((m, k)))
+                  callbacks=OnStep(lambda m, k, s: steps.append((m, k))))
     assert {m for m, _ in steps} == {"l2"} and (("l2", 0) in steps)  # finetune kept, l2 from task 1
     log = _log(out)
     assert "finetune: finished in an earlier session" in log
@@ -338,13 +368,11 @@ def test_default_out_dir_skips_folders_that_hold_anything(tmp_path, monkeypatch)
     assert default_out_dir("default", "smoke", False) == Path("runs/default-smoke-2")
 
 
-def test_unreadable_checkpoint_on_resume_names_it_and_the_others_go_on(tmp_path, cache_dir, monkeypatch, capsys):
+def test_unreadable_checkpoint_on_resume_names_it_and_the_others_go_on(tmp_path, cache_dir, capsys):
     out = tmp_path / "run"
-    monkeypatch.setenv("CDGFAST_CRASH_AT", "l2:1:1")
     argv = SMOKE_ARGV[:-3] + ["--num-tasks", "2", "--no-progress", "--method", "finetune", "l2", "--out", str(out),
                               "--cache-dir", cache_dir, "--dataset", "digits"]
-    assert main(argv) == 1
-    monkeypatch.delenv("CDGFAST_CRASH_AT")
+    assert main(argv, callbacks=StopAt("l2:1:1")) == 1
     bad = out / "checkpoints" / "finetune.pt"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated, as by a full disk
     capsys.readouterr()
@@ -360,11 +388,11 @@ def test_ctrl_c_prints_where_and_the_resume_command(tmp_path, cache_dir):
     import shlex
 
     out = tmp_path / "run"
-    env = dict(os.environ, CDGFAST_INTERRUPT_AT="finetune:1:1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     argv = SMOKE_ARGV[:-3] + ["--num-tasks", "2", "--no-progress", "--method", "finetune", "--out", str(out),
                               "--cache-dir", cache_dir, "--dataset", "digits"]
-    proc = subprocess.run([sys.executable, "-m", "cdgfast.train"] + argv, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(HOOKED_CLI + ["--interrupt-at", "finetune:1:1"] + argv, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "interrupted (Ctrl-C) in finetune, task 2 of 2 (training, step 1 of 1)" in proc.stderr

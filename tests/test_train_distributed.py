@@ -261,17 +261,20 @@ def test_torchrun_cli_two_processes_with_crash_and_resume(tmp_path):
     import sys
 
     out, cache = tmp_path / "run", tmp_path / "cache"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "cdgfast.train", "--preset", "default", "--scale", "smoke", "--method", "rank1+gd", "er", "dsc",
-           "--steps", "2", "--num-tasks", "2", "--fid-samples", "3", "--out", str(out), "--cache-dir", str(cache),
-           "--no-progress", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CDGFAST_CRASH_AT="er:1:2")
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    from train_hooks import HOOKED_CLI
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--preset", "default", "--scale", "smoke", "--method", "rank1+gd", "er", "dsc",
+            "--steps", "2", "--num-tasks", "2", "--fid-samples", "3", "--out", str(out), "--cache-dir", str(cache),
+            "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(launch + HOOKED_CLI[1:] + ["--crash-at", "er:1:2"] + args, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert first.returncode != 0 and "injected crash" in first.stderr, first.stderr[-3000:]
     ck = out / "checkpoints"
     assert (ck / "er.pt").is_file() and (ck / "er.rank1.task0.pt").is_file()
-    env.pop("CDGFAST_CRASH_AT")
-    second = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(launch + ["-m", "cdgfast.train"] + args + ["--resume"], env=env, capture_output=True,
+                            text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2

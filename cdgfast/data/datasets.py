@@ -23,14 +23,78 @@ import gzip
 import os
 import pickle
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS: Tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One data set of the registry: the loader that reads it (a name `load_dataset` accepts), the
+    sub-folder names it is found under in a data root, the other names it answers to, what to
+    download when it is missing, and the torchvision.datasets class that can download it (which also
+    names the folder of torchvision's layout)."""
+
+    loader: str
+    folders: Tuple[str, ...] = ()
+    aliases: Tuple[str, ...] = ()
+    download: str = ""
+    torchvision: Optional[str] = None
+
+
+# The one table of data sets: `load_dataset` reads the entries that are their own loader, the driver
+# (`python -m cdgfast.train --dataset`) all of them; the order is the order of --list.
+DATASET_REGISTRY: Dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits"),
+    "mnist": DatasetInfo(
+        "mnist", ("mnist", "MNIST"),
+        download="the four MNIST IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz) "
+                 "from https://ossci-datasets.s3.amazonaws.com/mnist/", torchvision="MNIST"),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist", ("fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"), ("fmnist", "fashion_mnist"),
+        download="the four Fashion-MNIST IDX files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        torchvision="FashionMNIST"),
+    "cifar10": DatasetInfo(
+        "cifar10", ("cifar10", "cifar-10", "CIFAR10"), ("cifar-10",),
+        download="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted (cifar-10-batches-py/)",
+        torchvision="CIFAR10"),
+    "cifar100": DatasetInfo(
+        "cifar100", ("cifar100", "cifar-100", "CIFAR100"), ("cifar-100",),
+        download="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted (cifar-100-python/)",
+        torchvision="CIFAR100"),
+    "flowers102": DatasetInfo(
+        "imagefolder", ("flowers102", "flowers-102", "Flowers102"), ("flowers",),
+        download="Oxford Flowers-102 (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/) exported as "
+                 "train/<class>/*.jpg and test/<class>/*.jpg"),
+    "cub200": DatasetInfo(
+        "imagefolder", ("cub200", "cub-200", "CUB200", "CUB_200_2011"), ("cub",),
+        download="CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) exported as "
+                 "train/<class>/*.jpg and test/<class>/*.jpg"),
+    "imagenet32": DatasetInfo(
+        "imagefolder", ("imagenet32", "ImageNet32", "imagenet-32"),
+        download="downsampled ImageNet 32x32 (https://image-net.org/download-images) exported as "
+                 "train/<class>/*.png and val/<class>/*.png"),
+    "imagefolder": DatasetInfo(
+        "imagefolder", download="a folder with one sub-folder of images per class (pass it with --data-root)"),
+}
+# The names `load_dataset` reads (its loaders).
+DATASETS: Tuple[str, ...] = tuple(n for n, info in DATASET_REGISTRY.items() if info.loader == n)
+DATASET_ALIASES: Dict[str, str] = {a: n for n, info in DATASET_REGISTRY.items() for a in info.aliases}
+
+
+def canonical_dataset(name: str) -> str:
+    """The registry name of `name` or of its alias ("fmnist" -> "fashion-mnist"); ValueError otherwise."""
+    key = DATASET_ALIASES.get(name, name)
+    if key not in DATASET_REGISTRY:
+        raise ValueError(f"dataset: unknown data set {name!r}; expected one of {list(DATASET_REGISTRY)} "
+                         f"(aliases: {sorted(DATASET_ALIASES)})")
+    return key
+
 
 PathLike = Union[str, os.PathLike]
 
@@ -107,9 +171,9 @@ def read_idx(path: PathLike) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
-_IDX_SOURCES = {
-    "mnist": ("MNIST", "https://ossci-datasets.s3.amazonaws.com/mnist/ (or http://yann.lecun.com/exdb/mnist/)"),
-    "fashion-mnist": ("FashionMNIST", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+_IDX_URLS = {  # where the loader's message sends a user whose IDX files are missing
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (or http://yann.lecun.com/exdb/mnist/)",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
 
 
@@ -137,7 +201,7 @@ def _try_torchvision_download(name: str, root: Path, train: bool) -> Optional[st
         import torchvision.datasets as tvd  # optional dependency (extras "vision")
     except ImportError:
         return "torchvision is not installed (pip install torchvision, or install cdgfast[vision])"
-    cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name]
+    cls = DATASET_REGISTRY[name].torchvision
     try:
         root.mkdir(parents=True, exist_ok=True)
         getattr(tvd, cls)(str(root), train=train, download=True)
@@ -148,7 +212,7 @@ def _try_torchvision_download(name: str, root: Path, train: bool) -> Optional[st
 
 def _load_idx_dataset(name: str, root: Optional[PathLike], train: bool, image_size: Optional[int],
                       download: bool) -> ImageDataset:
-    folder, url = _IDX_SOURCES[name]
+    folder, url = DATASET_REGISTRY[name].torchvision, _IDX_URLS[name]
     root_path = Path(root) if root is not None else _default_root(name)
     dirs = [root_path, root_path / folder / "raw", root_path / "raw"]
     prefix = "train" if train else "t10k"
@@ -330,7 +394,7 @@ def load_dataset(name: str, root: Optional[PathLike] = None, *, train: bool = Tr
         raise ValueError(f"image_size: expected a positive integer or None, got {image_size!r}")
     if name == "digits":
         return _load_digits(image_size)
-    if name in _IDX_SOURCES:
+    if name in _IDX_URLS:
         return _load_idx_dataset(name, root, train, image_size, download)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, train, image_size, download)

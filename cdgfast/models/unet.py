@@ -6,7 +6,7 @@ from typing import Dict
 
 from diffusers import UNet2DModel
 
-UNET_PRESETS: Dict[str, dict] = {
+UNET_CONFIGS: Dict[str, dict] = {
     # CPU-sized: the embedded default and the tests (about 0.18M parameters at 16x16).
     "tiny": dict(block_out_channels=(16, 32), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -15,15 +15,16 @@ UNET_PRESETS: Dict[str, dict] = {
     "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=16),
-    # Rank-1 paper: 128 then 256 channels, 4 blocks.
-    "rank1-paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
-    # CCD: 128-256-256-256, attention in the 3rd down block.
-    "ccd-paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
+    # The papers' UNet (the rank-1 paper and CCD use the same one): 128-256-256-256 channels, two
+    # layers a block, attention in the 3rd down block.
+    "paper": dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
 }
+# The names the paper-scale presets use, kept (they are in results.json and in run fingerprints).
+UNET_ALIASES: Dict[str, str] = {"rank1-paper": "paper", "ccd-paper": "paper"}
+# Every name build_unet accepts: the configurations and their aliases.
+UNET_PRESETS: Dict[str, dict] = {**UNET_CONFIGS, **{a: UNET_CONFIGS[c] for a, c in UNET_ALIASES.items()}}
 
 
 def build_unet(preset: str = "tiny", *, num_classes: int = 10, in_channels: int = 1, sample_size: int = 16) -> UNet2DModel:

@@ -4,14 +4,16 @@ distributed helpers, reports). Programmatic use::
     from cdgfast.train import RunConfig, run
     results = run(RunConfig(preset="default", scale="smoke", out="runs/try"))
 """
-from .loop import InjectedCrash, NonFiniteLoss, RunConfig, RunError, RunInterrupted, TRAINER_METHODS, run
+from .loop import (NonFiniteLoss, RunCallbacks, RunConfig, RunError, RunInterrupted, RunStopped, TRAINER_METHODS,
+                   run)
 from .presets import PRESETS, SCALES, Preset, ScaleConfig, get_preset
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, callbacks=None) -> int:
     from .cli import main as _main
-    return _main(argv)
+    return _main(argv, callbacks=callbacks)
 
 
-__all__ = ["RunConfig", "run", "RunError", "RunInterrupted", "NonFiniteLoss", "InjectedCrash", "TRAINER_METHODS",
+__all__ = ["RunConfig", "run", "RunCallbacks", "RunError", "RunInterrupted", "RunStopped", "NonFiniteLoss",
+           "TRAINER_METHODS",
            "PRESETS", "SCALES", "Preset", "ScaleConfig", "get_preset", "main"]

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 2 bad input (unknown preset / method / data set, a bad --set value, refused
 output directory, missing data or weights, an unreadable checkpoint on --resume); 1 a run that stopped
-(non-finite loss, injected crash, other errors); 130 interrupted with Ctrl-C (the message gives the
+(non-finite loss or another RunStopped, other errors); 130 interrupted with Ctrl-C (the message gives the
 --resume command that continues it).
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import shlex
 import sys
 from typing import List, Optional
 
-from .data import DATASET_ALIASES, DATASET_NAMES
+from cdgfast.data import DATASET_ALIASES, DATASET_REGISTRY, canonical_dataset
+
 from .presets import DEFAULT_PRESET, FAMILIES, PRESETS, SCALES
 
 
@@ -34,7 +35,7 @@ def listing() -> str:
     for m in _method_names():
         lines.append(f"  {m:<22} {'' if m in avail else TRAINER_METHODS[m]['help']}".rstrip())
     lines.append("data sets:")
-    lines.append("  " + ", ".join(DATASET_NAMES) + f"  (aliases: {', '.join(f'{a}={b}' for a, b in DATASET_ALIASES.items())})")
+    lines.append("  " + ", ".join(DATASET_REGISTRY) + f"  (aliases: {', '.join(f'{a}={b}' for a, b in DATASET_ALIASES.items())})")
     lines.append("scales: " + ", ".join(SCALES))
     return "\n".join(lines)
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = (
         f"presets: {', '.join(PRESETS)}\n"
         f"methods: {', '.join(methods)}\n"
-        f"data sets: {', '.join(DATASET_NAMES)}\n\n"
+        f"data sets: {', '.join(DATASET_REGISTRY)}\n\n"
         "Without arguments: the embedded default (scikit-learn digits at 16x16, 5 tasks x 2 classes, finetune vs gd "
         "vs rank1+gd, a few CPU minutes), written to runs/default-cpu.\n"
         "FID is classifier-FID (a small CNN trained on the same data) unless --inception PATH gives local "
@@ -94,7 +95,9 @@ def resume_command(argv: List[str], args: argparse.Namespace, out, world_size: i
     return shlex.join(head + words)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, callbacks=None) -> int:
+    """Run the command line on `argv` (default sys.argv[1:]); `callbacks` (a RunCallbacks) observe the
+    run. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,15 +105,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(listing())
         return 0
     try:
-        return _main(parser, args, argv)
+        return _main(parser, args, argv, callbacks)
     except KeyboardInterrupt:  # before the run started (imports, checks)
         print("interrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
         return 130
 
 
-def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
-    from .loop import (InjectedCrash, NonFiniteLoss, RunConfig, RunError, RunInterrupted, all_method_names,
-                       parse_method_args, run)
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str], callbacks) -> int:
+    from .loop import RunConfig, RunError, RunInterrupted, RunStopped, all_method_names, parse_method_args, run
     from .data import DataUnavailable
 
     if args.preset not in PRESETS:
@@ -121,7 +123,6 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
         if m not in valid:
             parser.error(f"argument --method: unknown method {m!r}; expected one of {', '.join(valid)}")
     if args.dataset is not None:
-        from .data import canonical_dataset
         try:
             canonical_dataset(args.dataset)
         except ValueError as exc:
@@ -137,11 +138,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
                     num_tasks=args.num_tasks, progress=not args.no_progress,
                     method_args=method_args)
     try:
-        run(cfg)
+        run(cfg, callbacks)
     except (RunError, DataUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLoss, InjectedCrash) as exc:
+    except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except RunInterrupted as exc:

@@ -22,36 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# CLI data set names -> (cdgfast.data loader name, folder names to look for)
-DATASET_SOURCES = {
-    "digits": ("digits", []),
-    "mnist": ("mnist", ["mnist", "MNIST"]),
-    "fashion-mnist": ("fashion-mnist", ["fashion-mnist", "fashion_mnist", "fmnist", "FashionMNIST"]),
-    "cifar10": ("cifar10", ["cifar10", "cifar-10", "CIFAR10"]),
-    "cifar100": ("cifar100", ["cifar100", "cifar-100", "CIFAR100"]),
-    "flowers102": ("imagefolder", ["flowers102", "flowers-102", "Flowers102"]),
-    "cub200": ("imagefolder", ["cub200", "cub-200", "CUB200", "CUB_200_2011"]),
-    "imagenet32": ("imagefolder", ["imagenet32", "ImageNet32", "imagenet-32"]),
-    "imagefolder": ("imagefolder", []),
-}
-DATASET_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
-                   "cifar-100": "cifar100", "flowers": "flowers102", "cub": "cub200"}
-DATASET_NAMES = tuple(DATASET_SOURCES)
-
-DOWNLOAD_HINTS = {
-    "mnist": "the four MNIST IDX files (train-/t10k-images-idx3-ubyte.gz, train-/t10k-labels-idx1-ubyte.gz) "
-             "from https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "fashion-mnist": "the four Fashion-MNIST IDX files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted (cifar-10-batches-py/)",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz, extracted (cifar-100-python/)",
-    "flowers102": "Oxford Flowers-102 (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/) exported as "
-                  "train/<class>/*.jpg and test/<class>/*.jpg",
-    "cub200": "CUB-200-2011 (https://www.vision.caltech.edu/datasets/cub_200_2011/) exported as "
-              "train/<class>/*.jpg and test/<class>/*.jpg",
-    "imagenet32": "downsampled ImageNet 32x32 (https://image-net.org/download-images) exported as "
-                  "train/<class>/*.png and val/<class>/*.png",
-    "imagefolder": "a folder with one sub-folder of images per class (pass it with --data-root)",
-}
+from cdgfast.data import DATASET_REGISTRY, ImageDataset, canonical_dataset, load_dataset, train_eval_split
 
 
 class DataUnavailable(FileNotFoundError):
@@ -60,31 +31,27 @@ class DataUnavailable(FileNotFoundError):
 
 @dataclass
 class BenchmarkData:
-    name: str                 # what was actually used
+    """The data of a run: `train` and `eval` ImageDatasets of one data set (`name`, what was used;
+    `requested`, what was asked for), where they came from, and the substitutions made."""
+
+    name: str
     requested: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
-    num_classes: int
+    train: ImageDataset
+    eval: ImageDataset
     source: str               # human-readable description of the files used
     substitutions: List[str] = field(default_factory=list)
 
     @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
     def channels(self) -> int:
-        return int(self.train_x.shape[1])
+        return self.train.channels
 
     @property
     def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
-
-
-def canonical_dataset(name: str) -> str:
-    key = DATASET_ALIASES.get(name, name)
-    if key not in DATASET_SOURCES:
-        raise ValueError(f"dataset: unknown data set {name!r}; expected one of {list(DATASET_NAMES)} "
-                         f"(aliases: {sorted(DATASET_ALIASES)})")
-    return key
+        return self.train.image_size
 
 
 def _repo_root() -> Path:
@@ -109,7 +76,7 @@ def candidate_roots(data_root: Optional[str]) -> List[Path]:
 
 
 def _dataset_dirs(name: str, data_root: Optional[str]) -> List[Path]:
-    folders = DATASET_SOURCES[name][1]
+    folders = DATASET_REGISTRY[name].folders
     dirs = []
     for root in candidate_roots(data_root):
         if name == "imagefolder":
@@ -121,9 +88,13 @@ def _dataset_dirs(name: str, data_root: Optional[str]) -> List[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
-def _split(ds, eval_fraction: float, seed: int):
-    from cdgfast.data import train_eval_split
-    return train_eval_split(ds, eval_fraction, seed)
+def _folder(name: str) -> str:
+    """The sub-folder a data root should hold `name` in (the first the search accepts)."""
+    return (DATASET_REGISTRY[name].folders or (name,))[0]
+
+
+def _download_hint(name: str) -> str:
+    return DATASET_REGISTRY[name].download or name
 
 
 def substitution_allowed(scale: str) -> bool:
@@ -134,13 +105,10 @@ def substitution_allowed(scale: str) -> bool:
 def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], seed: int, log,
                 progress: bool = False) -> BenchmarkData:
     """Load `name` (train + official test split, or a seeded 80/20 split when it has none)."""
-    from cdgfast.data import load_dataset
-
-    loader = DATASET_SOURCES[name][0]
+    loader = DATASET_REGISTRY[name].loader
     if name == "digits":
         ds = load_dataset("digits", image_size=image_size)
-        tr, ev = _split(ds, 0.2, seed)
-        return BenchmarkData("digits", name, tr.x, tr.y, ev.x, ev.y, ds.num_classes,
+        return BenchmarkData("digits", name, *train_eval_split(ds, 0.2, seed),
                              "scikit-learn digits (bundled), seeded 80/20 train/eval split")
     if name == "imagefolder" and not data_root:
         raise DataUnavailable("dataset imagefolder: pass the folder with --data-root (root/<class>/*.png, or "
@@ -158,31 +126,26 @@ def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], 
                                 progress=progress)
             if loader == "imagefolder" and len(test) == len(train):
                 raise FileNotFoundError("no separate test split")
-            return BenchmarkData(name, name, train.x, train.y, test.x, test.y, train.num_classes,
-                                 f"{name} from {d} (official train / test splits)")
+            return BenchmarkData(name, name, train, test, f"{name} from {d} (official train / test splits)")
         except (FileNotFoundError, ValueError):
-            tr, ev = _split(train, 0.2, seed)
-            return BenchmarkData(name, name, tr.x, tr.y, ev.x, ev.y, train.num_classes,
+            return BenchmarkData(name, name, *train_eval_split(train, 0.2, seed),
                                  f"{name} from {d} (train split, seeded 80/20 train/eval split)")
-    where = ", ".join(str(r / DATASET_SOURCES[name][1][0]) if DATASET_SOURCES[name][1] else str(r)
+    where = ", ".join(str(r / _folder(name)) if DATASET_REGISTRY[name].folders else str(r)
                       for r in candidate_roots(data_root)[:3])
-    msg = (f"dataset {name}: not found. Download {DOWNLOAD_HINTS.get(name, name)} and put it in one of: {where} "
-           f"(or pass --data-root DIR with DIR/{(DATASET_SOURCES[name][1] or [name])[0]}/).")
+    msg = (f"dataset {name}: not found. Download {_download_hint(name)} and put it in one of: {where} "
+           f"(or pass --data-root DIR with DIR/{_folder(name)}/).")
     if errors:
         msg += " Tried: " + " | ".join(errors[:3])
     raise DataUnavailable(msg)
 
 
 def _mnist_test_set(data_root: Optional[str], image_size: Optional[int], seed: int) -> Optional[BenchmarkData]:
-    from cdgfast.data import load_dataset
-
     for d in _dataset_dirs("mnist", data_root):
         try:
             ds = load_dataset("mnist", root=d, train=False, image_size=image_size, download=False)
         except (FileNotFoundError, ValueError):
             continue
-        tr, ev = _split(ds, 0.2, seed)
-        return BenchmarkData("mnist-test", "mnist", tr.x, tr.y, ev.x, ev.y, ds.num_classes,
+        return BenchmarkData("mnist-test", "mnist", *train_eval_split(ds, 0.2, seed),
                              f"MNIST test set (t10k, 10,000 images) from {d}, seeded 80/20 train/eval split")
     return None
 
@@ -200,8 +163,7 @@ def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Opti
             log(f"WARNING: {missing_root} (digits are bundled with scikit-learn and need no data folder)")
         elif not substitution_allowed(scale):
             raise DataUnavailable(f"{missing_root}; at the {scale} scale nothing is substituted: pass the folder "
-                                  f"that holds {name} (DIR/{(DATASET_SOURCES[name][1] or [name])[0]}/). "
-                                  f"Download {DOWNLOAD_HINTS.get(name, name)}.")
+                                  f"that holds {name} (DIR/{_folder(name)}/). Download {_download_hint(name)}.")
         else:
             log(f"WARNING: {missing_root}: looking for {name} in the default data folders instead, and substituting "
                 f"another data set if it is not there")

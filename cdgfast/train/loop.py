@@ -14,6 +14,13 @@ methods not run in this session, and reports an unreadable checkpoint by name wh
 go on; --overwrite deletes nothing until the options and data have been checked; Ctrl-C says where
 the run stopped (RunInterrupted; the CLI prints the --resume command).
 
+`run()` is a list of stages (`_run`): `_open_session` (options, processes, output folder, log),
+`_load_inputs` (Inception weights, data, tasks), `_fingerprints` and `_start_outputs` (run.json),
+`_build_ruler` (the FID classifier / features and the evaluator), one `_MethodRun` per method
+(resume, then per task: train, end_task, evaluate, checkpoint), `_write_results`. `RunCallbacks`
+observe a run (`run(cfg, callbacks=...)`); the tests' crash, kill and Ctrl-C hooks are callbacks of
+theirs (tests/train_hooks.py), not part of the driver.
+
 Trainer-level method names (besides cdgfast.methods.available()):
   joint  non-continual upper bound: `finetune` trained at task k on the data of tasks 0..k together.
   gr     generative replay: `gd` with lam_gd = 0 (replayed samples in the task loss, no distillation term).
@@ -25,22 +32,26 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
+
+from cdgfast.data import ImageDataset, Task
 
 from . import distributed as D
 from .checkpoint import (UnreadableCheckpoint, atomic_write_text, checkpoint_path, drop_rank_state, load_checkpoint,
                          load_rank_state, method_checkpoint_files, read_checkpoint, save_checkpoint, save_rank_state)
 from .data import BenchmarkData, canonical_dataset, limit_per_class, load_benchmark_data
 from .presets import SCALES, Preset, ScaleConfig, get_preset
+
+if TYPE_CHECKING:
+    from cdgfast.diffusion import NoiseSchedule
 
 TRAINER_METHODS = {
     "joint": {"base": "finetune", "overrides": {}, "cumulative": True,
@@ -56,16 +67,18 @@ class RunError(Exception):
     """A clean, user-facing error (bad names, refused output directory, missing data); exit code 2."""
 
 
-class NonFiniteLoss(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run stopped on a failure it names (the CLI prints the message and exits with code 1); the
+    checkpoints of the tasks finished before it are kept. A `RunCallbacks` hook may raise a subclass
+    to stop a run on purpose."""
+
+
+class NonFiniteLoss(RunStopped):
     def __init__(self, method: str, task: int, step: int, term: str, value: float):
         self.method, self.task, self.step, self.term, self.value = method, task, step, term, value
         super().__init__(f"non-finite loss in method {method!r}, task {task + 1} (index {task}), step {step}: "
                          f"term {term!r} = {value}. The run stopped; the last good checkpoint (after task "
                          f"{task}) is kept.")
-
-
-class InjectedCrash(RuntimeError):
-    """Raised by the test hook CDGFAST_CRASH_AT=method:task:step (0-based task, 1-based step)."""
 
 
 class RunInterrupted(Exception):
@@ -75,6 +88,18 @@ class RunInterrupted(Exception):
     def __init__(self, where: str, out: Optional[Path], world_size: int = 1):
         self.where, self.out, self.world_size = where, out, world_size
         super().__init__(f"interrupted {where}")
+
+
+class RunCallbacks:
+    """Observers of a run, called by the driver at fixed points; this base class does nothing.
+
+    Pass one to `run(cfg, callbacks=...)` or `cdgfast.train.cli.main(argv, callbacks=...)`. A hook may
+    raise to stop the run where it is called, like an error there (a `RunStopped` subclass: the CLI
+    prints it and exits with code 1); the tests stop, kill and interrupt runs this way
+    (tests/train_hooks.py)."""
+
+    def on_step(self, method: str, task: int, step: int) -> None:
+        """After optimiser step `step` (1-based) of task `task` (0-based) of `method`, on every rank."""
 
 
 @dataclass
@@ -359,10 +384,10 @@ class Evaluator:
         self.log, self.progress = log, progress
         self.ref_stats = []
         for t in tasks:
-            mask = torch.zeros_like(data.eval_y, dtype=torch.bool)
+            mask = torch.zeros_like(data.eval.y, dtype=torch.bool)
             for c in t.classes:
-                mask |= data.eval_y == c
-            x, y = limit_per_class(data.eval_x[mask], data.eval_y[mask], sc.fid_real_per_class)
+                mask |= data.eval.y == c
+            x, y = limit_per_class(data.eval.x[mask], data.eval.y[mask], sc.fid_real_per_class)
             if x.shape[0] < 2:
                 raise RunError(f"data: task {t.index} has {x.shape[0]} evaluation images; FID needs at least 2")
             feats = extract_features(extractor, x, device=device)
@@ -413,14 +438,6 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------------------
-def _crash_spec(var: str = "CDGFAST_CRASH_AT"):
-    spec = os.environ.get(var)
-    if not spec:
-        return None
-    m, t, s = spec.rsplit(":", 2)
-    return m, int(t), int(s)
-
-
 def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args: Optional[Dict[str, dict]] = None):
     from cdgfast.methods import create
 
@@ -446,15 +463,12 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
 
 
 def _train_task(model, method, loader_factory, steps: int, lr: float, name: str, k: int, T: int, log, progress,
-                on_step: Optional[Callable] = None):
+                on_step: Callable[[str, int, int], None]):
     from tqdm.auto import tqdm
     from cdgfast._params import trainable_parameters
 
     params = trainable_parameters(model)
     opt = torch.optim.Adam(params, lr=lr)
-    crash = _crash_spec()
-    kill = _crash_spec("CDGFAST_KILL_AT")  # test hook: SIGKILL this process, no cleanup, at method:task:step
-    interrupt = _crash_spec("CDGFAST_INTERRUPT_AT")  # test hook: SIGINT (Ctrl-C) to this process
     rank, world = D.get_rank(), D.get_world_size()
     student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
     # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
@@ -490,16 +504,7 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
             bar.update(1)
             if step % 10 == 0 or step == steps:
                 bar.set_postfix({t: f"{v.item():.4f}" for t, v in terms.items()})
-            if on_step is not None:
-                on_step(name, k, step)
-            if crash is not None and crash == (name, k, step):
-                raise InjectedCrash(f"injected crash (CDGFAST_CRASH_AT) at {name}:{k}:{step}")
-            if kill is not None and kill == (name, k, step):
-                import signal
-                os.kill(os.getpid(), signal.SIGKILL)
-            if interrupt is not None and interrupt == (name, k, step):
-                import signal
-                os.kill(os.getpid(), signal.SIGINT)
+            on_step(name, k, step)
     bar.close()
     opt.zero_grad(set_to_none=True)
     return {t: v / max(1, steps) for t, v in sums.items()}
@@ -580,20 +585,6 @@ class _Where:
         kept = ([f"finished: {', '.join(self.finished)}"] if self.finished else []) + \
                ([f"checkpointed: {', '.join(partial)}"] if partial else [])
         return text + f". Kept in {self.out}: " + ("; ".join(kept) if kept else "no finished task yet")
-
-
-def run(cfg: RunConfig, on_step: Optional[Callable] = None) -> dict:
-    """Run a benchmark (see the module docstring); returns the results dict also written to results.json.
-    Ctrl-C raises RunInterrupted saying where the run stopped; the checkpoints of finished tasks stay."""
-    where = _Where()
-    try:
-        return _run(cfg, on_step, where)
-    except KeyboardInterrupt:
-        text = where.describe()
-        if where.log is not None:
-            where.log.to_file(f"INTERRUPTED (Ctrl-C) {text}")
-            where.log.close()
-        raise RunInterrupted(text, where.out, where.world_size) from None
 
 
 def _digest(obj) -> str:
@@ -702,267 +693,418 @@ def _earlier_results(out: Path, session: List[str], unreadable: Dict[str, str], 
     return found
 
 
-def _run(cfg: RunConfig, on_step: Optional[Callable], where: _Where) -> dict:
-    from cdgfast.data import Task, class_incremental_split, task_loader
-    from cdgfast.diffusion import NoiseSchedule
-    from cdgfast.metrics import CLASSIFIER_LABEL, ClassifierFeatures, InceptionFeatures, get_classifier
-    from cdgfast.models.unet import build_unet
-    from cdgfast.metrics.classifier import accuracy
+# -------------------------------------------------------------------------------------------------- the run
+def run(cfg: RunConfig, callbacks: Optional[RunCallbacks] = None) -> dict:
+    """Run a benchmark (see the module docstring); returns the results dict also written to results.json.
+    `callbacks` observe the run (RunCallbacks). Ctrl-C raises RunInterrupted saying where the run
+    stopped; the checkpoints of finished tasks stay."""
+    if callbacks is not None and not isinstance(callbacks, RunCallbacks):
+        raise ValueError(f"callbacks: expected a cdgfast.train.RunCallbacks or None, got {type(callbacks).__name__}")
+    where = _Where()
+    try:
+        return _run(cfg, callbacks or RunCallbacks(), where)
+    except KeyboardInterrupt:
+        text = where.describe()
+        if where.log is not None:
+            where.log.to_file(f"INTERRUPTED (Ctrl-C) {text}")
+            where.log.close()
+        raise RunInterrupted(text, where.out, where.world_size) from None
 
+
+def _run(cfg: RunConfig, callbacks: RunCallbacks, where: _Where) -> dict:
+    """The stages of a run, in order. What a run refuses on its inputs (options, output folder, data,
+    other run settings on --resume) is refused before `_start_outputs` writes anything."""
+    session = _open_session(cfg, callbacks, where)
+    inputs = _load_inputs(session)
+    prints = _fingerprints(session, inputs)
+    run_info = _start_outputs(session, inputs, prints)
+    ruler = _build_ruler(session, inputs)
+    results: Dict[str, dict] = {}
+    unreadable: Dict[str, str] = {}  # method -> what to do about its checkpoint
+    for name in session.methods:
+        summary = _MethodRun(session, inputs, ruler, prints, name).run(unreadable)
+        if summary is not None:
+            results[name] = summary
+    return _write_results(session, inputs, ruler, run_info, results, unreadable)
+
+
+@dataclass
+class _Session:
+    """What `_open_session` settles: the checked options, the processes, the output folder and the log."""
+
+    cfg: RunConfig
+    preset: Preset
+    sc: ScaleConfig
+    methods: List[str]
+    dataset: str
+    info: D.DistInfo
+    out: Path
+    log: Logger
+    where: _Where
+    callbacks: RunCallbacks
+    t_start: float
+    c_start: float
+
+    @property
+    def main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def progress(self) -> bool:
+        return self.cfg.progress and self.info.is_main
+
+
+def _open_session(cfg: RunConfig, callbacks: RunCallbacks, where: _Where) -> _Session:
+    """Stage 1: check the options (names, --set values, sizes), join the other processes (torchrun),
+    choose and check the output folder, start the log (its file opens in `_start_outputs`)."""
     t_start, c_start = time.time(), time.process_time()
     preset, sc, methods, dataset = resolve(cfg)
     try:
         info = D.init_from_env(cfg.device)
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    main = info.is_main
     where.world_size = info.world_size
     out = Path(cfg.out) if cfg.out else default_out_dir(preset.name, cfg.scale, cfg.resume)
     prepare_out_dir(out, cfg.resume, cfg.overwrite)
-    log = Logger(out / "train.log", enabled=main)  # the file starts once the inputs are checked
+    log = Logger(out / "train.log", enabled=info.is_main)  # the file starts once the inputs are checked
     where.log = log
-    progress = cfg.progress and main
-    device = info.device
-    log(f"cdgfast.train: preset {preset.name}, scale {cfg.scale}, methods {methods}, seed {cfg.seed}, device {device}"
-        f", world size {info.world_size}, out {out}")
+    log(f"cdgfast.train: preset {preset.name}, scale {cfg.scale}, methods {methods}, seed {cfg.seed}, "
+        f"device {info.device}, world size {info.world_size}, out {out}")
+    return _Session(cfg=cfg, preset=preset, sc=sc, methods=methods, dataset=dataset, info=info, out=out, log=log,
+                    where=where, callbacks=callbacks, t_start=t_start, c_start=c_start)
 
-    where.phase = "loading the data"
+
+@dataclass
+class _Inputs:
+    """What `_load_inputs` loads: the data, its tasks, and the Inception network when asked for."""
+
+    data: BenchmarkData
+    tasks: List[Task]
+    inception: Optional[object]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+
+def _load_inputs(s: _Session) -> _Inputs:
+    """Stage 2: the Inception weights (--inception; checked first, so a bad path costs no data loading),
+    the data (substituted at the smoke / cpu scales when missing), and the class-incremental tasks."""
+    from cdgfast.data import class_incremental_split
+    from cdgfast.metrics import InceptionFeatures
+
+
+    cfg, sc, log = s.cfg, s.sc, s.log
+    s.where.phase = "loading the data"
     inception = None
-    if cfg.inception:  # fail before any training when the weights are missing
+    if cfg.inception:
         try:
-            inception = InceptionFeatures(cfg.inception, device=device)
+            inception = InceptionFeatures(cfg.inception, device=s.device)
         except (FileNotFoundError, ImportError, ValueError) as exc:
             raise RunError(str(exc)) from None
-    data = load_benchmark_data(dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
-                               seed=cfg.seed, log=log, progress=progress)
+    data = load_benchmark_data(s.dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
+                               seed=cfg.seed, log=log, progress=s.progress)
     if sc.max_train_per_class is not None:
-        data.train_x, data.train_y = limit_per_class(data.train_x, data.train_y, sc.max_train_per_class)
-    T, cpt, notes = task_structure(data.num_classes, preset, bool(data.substitutions), cfg.num_tasks)
+        data.train = ImageDataset(*limit_per_class(data.train.x, data.train.y, sc.max_train_per_class),
+                                  num_classes=data.num_classes, name=data.train.name)
+    T, cpt, notes = task_structure(data.num_classes, s.preset, bool(data.substitutions), cfg.num_tasks)
     for n in notes:
         data.substitutions.append(n)
         log(f"NOTE: {n}")
-    from cdgfast.data import ImageDataset
-    train_ds = ImageDataset(data.train_x, data.train_y, num_classes=data.num_classes, name=data.name)
-    tasks = class_incremental_split(train_ds.y, num_tasks=T, classes_per_task=cpt)
-    log(f"data: {data.source}; train {len(train_ds)}, eval {data.eval_x.shape[0]}, "
+    tasks = class_incremental_split(data.train.y, num_tasks=T, classes_per_task=cpt)
+    log(f"data: {data.source}; train {len(data.train)}, eval {len(data.eval)}, "
         f"{data.channels}x{data.image_size}x{data.image_size}; tasks {[t.classes for t in tasks]}")
+    return _Inputs(data=data, tasks=tasks, inception=inception)
 
-    # Two levels of fingerprint: the run's (what every method shares: data, tasks, scale, seed) must match
-    # on --resume; each method's (the run's + its resolved hyperparameters) decides whether its
-    # checkpoint continues or the method runs again, so a corrected --set reruns only that method.
-    run_fp_src = {"preset": preset.name, "scale": cfg.scale, "dataset": data.name, "seed": cfg.seed,
-                  "scale_config": asdict(sc), "tasks": [t.classes for t in tasks], "inception": bool(cfg.inception),
-                  "world_size": info.world_size}
-    run_fp = _digest(run_fp_src)
-    method_fps = {}
-    for name in methods:
-        m, cumulative = _build_method(name, preset, cfg.scale, cfg.seed, cfg.method_args)
-        method_fps[name] = _digest({"run": run_fp, "method": name, "config": m.config, "cumulative": cumulative})
+
+@dataclass
+class _Fingerprints:
+    """The run's fingerprint (what every method shares: data, tasks, scale, seed; must match on
+    --resume) and each method's (the run's + its resolved hyperparameters: decides whether its
+    checkpoint continues or it runs again, so a corrected --set reruns only that method)."""
+
+    run: str
+    source: dict
+    methods: Dict[str, str]
+
+
+def _fingerprints(s: _Session, inputs: _Inputs) -> _Fingerprints:
+    """Stage 3a: the fingerprints of the run and of this session's methods."""
+    cfg = s.cfg
+    source = {"preset": s.preset.name, "scale": cfg.scale, "dataset": inputs.data.name, "seed": cfg.seed,
+              "scale_config": asdict(s.sc), "tasks": [t.classes for t in inputs.tasks],
+              "inception": bool(cfg.inception), "world_size": s.info.world_size}
+    run_fp = _digest(source)
+    methods = {}
+    for name in s.methods:
+        m, cumulative = _build_method(name, s.preset, cfg.scale, cfg.seed, cfg.method_args)
+        methods[name] = _digest({"run": run_fp, "method": name, "config": m.config, "cumulative": cumulative})
+    return _Fingerprints(run=run_fp, source=source, methods=methods)
+
+
+def _start_outputs(s: _Session, inputs: _Inputs, prints: _Fingerprints) -> dict:
+    """Stage 3b: on --resume, refuse a run.json made with other run settings; then (only now, so that
+    a run refused on its inputs deletes nothing) clear the outputs of --overwrite, open train.log and
+    write run.json. Returns run.json's content."""
+    cfg, out = s.cfg, s.out
     old = _read_json(out / "run.json", "--resume") if cfg.resume else None
-    if old is not None and old.get("fingerprint") != run_fp:
-        src = old.get("fingerprint_source")
-        what = (", ".join(f"{k} {v!r} -> {_as_json(run_fp_src).get(k)!r}" for k, v in sorted(src.items())
-                          if _as_json(run_fp_src).get(k) != v) if isinstance(src, dict) else
-                f"fingerprint {old.get('fingerprint')} vs {run_fp}")
+    if old is not None and old.get("fingerprint") != prints.run:
+        src, now = old.get("fingerprint_source"), _as_json(prints.source)
+        what = (", ".join(f"{k} {v!r} -> {now.get(k)!r}" for k, v in sorted(src.items()) if now.get(k) != v)
+                if isinstance(src, dict) else f"fingerprint {old.get('fingerprint')} vs {prints.run}")
         raise RunError(f"--resume: {out} was started with other run settings ({what}); use the same options "
                        f"(--set values may differ: only the methods they change run again), or --overwrite")
     all_methods = list(dict.fromkeys(list((old or {}).get("all_methods") or (old or {}).get("config", {}).get(
-        "methods") or []) + methods))
-    run_info = {"command": "cdgfast.train", "config": {**asdict(cfg), "methods": methods, "dataset": dataset},
-                "scale_config": asdict(sc), "fingerprint": run_fp, "fingerprint_source": run_fp_src,
-                "method_fingerprints": {**((old or {}).get("method_fingerprints") or {}), **method_fps},
+        "methods") or []) + s.methods))
+    run_info = {"command": "cdgfast.train", "config": {**asdict(cfg), "methods": s.methods, "dataset": s.dataset},
+                "scale_config": asdict(s.sc), "fingerprint": prints.run, "fingerprint_source": prints.source,
+                "method_fingerprints": {**((old or {}).get("method_fingerprints") or {}), **prints.methods},
                 "all_methods": all_methods}
     D.barrier()
-    if main:
-        if cfg.overwrite:  # only now: a run refused on its inputs deletes nothing
+    if s.main:
+        if cfg.overwrite:
             clear_run_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
-        log.start_file()
+        s.log.start_file()
         atomic_write_text(out / "run.json", json.dumps(run_info, indent=1, default=str))
     D.barrier()
-    where.out, where.num_tasks = out, T
+    s.where.out, s.where.num_tasks = out, inputs.num_tasks
+    return run_info
 
-    # The classifier behind classifier-FID and the KLD, cached by data set / resolution / seed.
-    where.phase = "training the FID classifier"
+
+@dataclass
+class _Ruler:
+    """What `_build_ruler` builds to measure the methods with: the classifier behind classifier-FID and
+    the KLD, the FID features (Inception or the classifier's), the evaluator and the noise schedule."""
+
+    classifier_path: Optional[str]
+    classifier_accuracy: float
+    fid_label: str
+    schedule: NoiseSchedule
+    evaluator: Evaluator
+
+
+def _build_ruler(s: _Session, inputs: _Inputs) -> _Ruler:
+    """Stage 4: the classifier, cached by data set / resolution / seed (rank 0 trains and caches it, the
+    other ranks then load the cache), the FID features, and the reference statistics of every task."""
+    from cdgfast.diffusion import NoiseSchedule
+    from cdgfast.metrics import CLASSIFIER_LABEL, ClassifierFeatures, get_classifier
+    from cdgfast.metrics.classifier import accuracy
+
+    cfg, data, log = s.cfg, inputs.data, s.log
+    s.where.phase = "training the FID classifier"
     t0 = time.time()
     clf = clf_path = None
-    for turn in ("main", "others"):  # rank 0 trains and caches it; the other ranks then load the cache
-        if (turn == "main") == main:
-            clf, clf_path = get_classifier(f"{data.name}", data.train_x, data.train_y, data.num_classes,
-                                           seed=cfg.seed, epochs=sc.classifier_epochs, cache_dir=cfg.cache_dir,
-                                           device=device, progress=progress, log=log)
+    for turn in ("main", "others"):
+        if (turn == "main") == s.main:
+            clf, clf_path = get_classifier(f"{data.name}", data.train.x, data.train.y, data.num_classes,
+                                           seed=cfg.seed, epochs=s.sc.classifier_epochs, cache_dir=cfg.cache_dir,
+                                           device=s.device, progress=s.progress, log=log)
         D.barrier()
-    clf_acc = accuracy(clf, data.eval_x, data.eval_y)
+    clf_acc = accuracy(clf, data.eval.x, data.eval.y)
     log(f"classifier: held-out accuracy {clf_acc:.3f} ({time.time() - t0:.1f}s)")
-    extractor = inception if inception is not None else ClassifierFeatures(clf)
-    fid_label = extractor.label
-    if fid_label == CLASSIFIER_LABEL:
+    extractor = inputs.inception if inputs.inception is not None else ClassifierFeatures(clf)
+    if extractor.label == CLASSIFIER_LABEL:
         log("FID below is classifier-FID: Fréchet distance on the features of a small CNN trained on this data set; "
             "not comparable with published Inception FIDs (pass --inception PATH for those).")
     schedule = NoiseSchedule()
-    evaluator = Evaluator(data=data, tasks=tasks, extractor=extractor, classifier=clf, sc=sc, schedule=schedule,
-                          seed=cfg.seed, device=device, log=log, progress=progress)
+    evaluator = Evaluator(data=data, tasks=inputs.tasks, extractor=extractor, classifier=clf, sc=s.sc,
+                          schedule=schedule, seed=cfg.seed, device=s.device, log=log, progress=s.progress)
+    return _Ruler(classifier_path=clf_path, classifier_accuracy=clf_acc, fid_label=extractor.label,
+                  schedule=schedule, evaluator=evaluator)
 
-    def step_seen(m, k, step):
-        where.step = step
-        if on_step is not None:
-            on_step(m, k, step)
 
-    results: Dict[str, dict] = {}
-    unreadable: Dict[str, str] = {}  # method -> what to do about its checkpoint
-    for name in methods:
+# A method's metrics after each task, as its checkpoint and _method_summary hold them.
+_RECORD_KEYS = ("fid_rows", "kld", "gen_accuracy", "timings", "losses")
+
+
+class _MethodRun:
+    """Stage 5: one method through the tasks. Build it (the same initial weights for every method);
+    on --resume continue from its checkpoint when its fingerprint matches (else run it again from task
+    1); then for each task: train, end_task, evaluate, checkpoint."""
+
+    def __init__(self, s: _Session, inputs: _Inputs, ruler: _Ruler, prints: _Fingerprints, name: str):
+        self.s, self.inputs, self.ruler, self.name = s, inputs, ruler, name
+        self.run_fp, self.mfp = prints.run, prints.methods[name]
+        self.record: Dict[str, list] = {k: [] for k in _RECORD_KEYS}
+        self.start = 0  # the first task to run in this session
+
+    def run(self, unreadable: Dict[str, str]) -> Optional[dict]:
+        """Its results.json entry; None when its checkpoint cannot be read (then said in `unreadable`)."""
         t_method = time.time()
-        where.method, where.task, where.phase = name, None, "setting up"
-        method, cumulative = _build_method(name, preset, cfg.scale, cfg.seed, cfg.method_args)
-        mfp = method_fps[name]
+        self._build()
+        if self.s.cfg.resume and not self._resume(unreadable):
+            return None
+        for k in range(self.start, self.inputs.num_tasks):
+            self._task(k)
+        return self._finish(t_method)
+
+    def _build(self) -> None:
+        from cdgfast.models.unet import build_unet
+
+        s, name, data, device, schedule = self.s, self.name, self.inputs.data, self.s.device, self.ruler.schedule
+        cfg, sc = s.cfg, s.sc
+        s.where.method, s.where.task, s.where.phase = name, None, "setting up"
+        method, self.cumulative = _build_method(name, s.preset, cfg.scale, cfg.seed, cfg.method_args)
         seed_everything(derive_seed(cfg.seed, "init"))  # the same initial weights for every method
         model = build_unet(sc.unet, num_classes=data.num_classes, in_channels=data.channels,
                            sample_size=data.image_size).to(device)
         D.broadcast_parameters(model)
         method.setup(num_classes=data.num_classes, schedule=schedule, device=device)
-        fid_rows: List[List[float]] = []
-        klds: List[float] = []
-        accs: List[float] = []
-        timings: List[dict] = []
-        losses: List[dict] = []
-        start = 0
-        ck = None
-        if cfg.resume:
-            try:
-                ck = load_checkpoint(out, name)
-            except UnreadableCheckpoint as exc:
-                unreadable[name] = _unreadable_message(name, exc)
-                log(f"ERROR: {unreadable[name]}. Going on with the other methods.")
-                continue
-            if ck is not None and ck.get("fingerprint") != mfp:
-                log(f"{name}: its checkpoint (after task {ck['completed_task'] + 1}) was made with other settings "
-                    f"({_changes(ck.get('method_config'), method.config)}); running {name} again from task 1")
-                ck = None
-            elif ck is None:
-                log(f"{name}: no checkpoint in {out / 'checkpoints'}; running it from task 1")
-        if ck is not None:
-            try:
-                model.load_state_dict(ck["model"])
-            except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
-                model = ck["model_object"].to(device)
-            method.load_state_dict(_rank_method_state(out, name, ck))
-            fid_rows, klds, accs = ck["fid_rows"], ck["kld"], ck["gen_accuracy"]
-            timings, losses = ck["timings"], ck["losses"]
-            start = ck["completed_task"] + 1
-            where.saved[name] = ck["completed_task"]
-            if start >= T:
-                log(f"{name}: finished in an earlier session (all {T} tasks); kept, nothing to run again")
-            else:
-                log(f"{name}: resuming after task {start} of {T} from {out / 'checkpoints'}")
-        for k in range(start, T):
-            seed_everything(derive_seed(cfg.seed, k))
-            task = tasks[k]
-            if cumulative:
-                task = Task(index=k, classes=[c for t in tasks[:k + 1] for c in t.classes],
-                            indices=torch.cat([t.indices for t in tasks[:k + 1]]).sort().values)
-            if sc.steps_per_task:
-                steps = sc.first_task_steps if (k == 0 and sc.first_task_steps) else sc.steps_per_task
-            else:
-                steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size))
-            data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, k, "data"))
-            where.task, where.phase, where.step, where.steps = k, "training", 0, steps
+        self.method, self.model = method, model
 
-            def loader_factory(task=task, g=data_gen):
-                return task_loader(train_ds, task, sc.batch_size, shuffle=True, generator=g)
+    def _resume(self, unreadable: Dict[str, str]) -> bool:
+        """Continue from the checkpoint if it matches; False when it cannot be read."""
+        s, name, out, log, mfp, T = self.s, self.name, self.s.out, self.s.log, self.mfp, self.inputs.num_tasks
+        try:
+            ck = load_checkpoint(out, name)
+        except UnreadableCheckpoint as exc:
+            unreadable[name] = _unreadable_message(name, exc)
+            log(f"ERROR: {unreadable[name]}. Going on with the other methods.")
+            return False
+        if ck is not None and ck.get("fingerprint") != mfp:
+            log(f"{name}: its checkpoint (after task {ck['completed_task'] + 1}) was made with other settings "
+                f"({_changes(ck.get('method_config'), self.method.config)}); running {name} again from task 1")
+            return True
+        if ck is None:
+            log(f"{name}: no checkpoint in {out / 'checkpoints'}; running it from task 1")
+            return True
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
+            self.model = ck["model_object"].to(s.device)
+        self.method.load_state_dict(_rank_method_state(out, name, ck))
+        self.record = {k: ck[k] for k in _RECORD_KEYS}
+        self.start = ck["completed_task"] + 1
+        s.where.saved[name] = ck["completed_task"]
+        if self.start >= T:
+            log(f"{name}: finished in an earlier session (all {T} tasks); kept, nothing to run again")
+        else:
+            log(f"{name}: resuming after task {self.start} of {T} from {out / 'checkpoints'}")
+        return True
 
-            t0, c0 = time.time(), time.process_time()
-            method.begin_task(model, task)
-            D.decorrelate_generators(method)  # each rank its own noise for its rows while training
-            with D.sharded_estimators(progress=progress):  # the methods' data-parallel hooks (CCD's regressor)
-                loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
-                                         step_seen)
-            t1 = time.time()
-            where.phase = "end of task: Fisher / replay pool / buffers"
+    def _task_and_steps(self, k: int):
+        """Task k (for a cumulative method, the union of tasks 0..k) and its number of training steps."""
+        tasks, sc = self.inputs.tasks, self.s.sc
+        task = tasks[k]
+        if self.cumulative:
+            task = Task(index=k, classes=[c for t in tasks[:k + 1] for c in t.classes],
+                        indices=torch.cat([t.indices for t in tasks[:k + 1]]).sort().values)
+        if sc.steps_per_task:
+            steps = sc.first_task_steps if (k == 0 and sc.first_task_steps) else sc.steps_per_task
+        else:
+            steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size))
+        return task, steps
 
-            def task_data(task=task):
-                return task_loader(train_ds, task, sc.batch_size, shuffle=False)
+    def _task(self, k: int) -> None:
+        """Train task k, run end_task, evaluate on the tasks so far, checkpoint."""
+        from cdgfast.data import task_loader
 
-            # the global stream, as in one process: the sharded estimators take each rank's share
-            end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
-            D.sync_generators(method)
-            with D.sharded_estimators(progress=progress), _method_bars(progress):
-                method.end_task(model, end_data)
-                method.post_task_phase(model, end_data)
-            t2 = time.time()
-            where.phase = "evaluation"
-            row, kld, gen_acc, xs, ys = evaluator.evaluate(model, k, name)
-            t3 = time.time()
-            fid_rows.append(row)
-            klds.append(kld)
-            accs.append(gen_acc)
-            losses.append(loss_means)
-            timings.append({"train_s": t1 - t0, "end_task_s": t2 - t1, "eval_s": t3 - t2, "steps": steps,
-                            "cpu_s": time.process_time() - c0})
-            log(f"{name} task {k + 1}/{T}: steps {steps}, loss {loss_means.get('task', float('nan')):.4f}, "
-                f"{fid_label} per task {[round(v, 2) for v in row]}, KLD {kld:.3f}, classifier acc on samples "
-                f"{gen_acc:.2f}, time train {t1 - t0:.1f}s end_task {t2 - t1:.1f}s eval {t3 - t2:.1f}s")
-            where.phase = "writing the checkpoint"
-            if info.world_size > 1 and not main:  # rank-local method state (replay buffers) first
-                save_rank_state(out, name, info.rank, k, {"fingerprint": mfp, "completed_task": k,
-                                                           "method_state": method.state_dict()})
-            D.barrier()
-            if main:
-                from .report import save_sample_grid
-                save_sample_grid(xs, ys, out / "samples" / f"{name}_task{k + 1}.png", per_class=sc.grid_per_class)
-                state = {"version": 2, "fingerprint": mfp, "run_fingerprint": run_fp, "method": name,
-                         "completed_task": k, "num_tasks": T, "method_config": dict(method.config),
-                         "model": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
-                         "model_object": None, "method_state": method.state_dict(), "fid_rows": fid_rows,
-                         "kld": klds, "gen_accuracy": accs, "timings": timings, "losses": losses}
-                if _structure_changed(model, data, sc):
-                    state["model_object"] = model
-                save_checkpoint(out, name, state)
-            D.barrier()
-            where.saved[name] = k
-            if info.world_size > 1 and not main:
-                drop_rank_state(out, name, info.rank, k - 1)
-        summary = _method_summary({"num_tasks": T, "fid_rows": fid_rows, "kld": klds, "gen_accuracy": accs,
-                                   "timings": timings, "losses": losses, "method_config": method.config,
-                                   "fingerprint": mfp})
-        results[name] = summary
-        where.finished.append(name)
-        log(f"{name}: MF {summary['mf']:.2f}, forgetting {summary['forgetting']}, IMF {summary['imf']:.2f}, "
-            f"KLD {summary['kld']:.3f} ({time.time() - t_method:.1f}s this session)")
+        s, name, method, model = self.s, self.name, self.method, self.model
+        cfg, sc, log, progress, where, T = s.cfg, s.sc, s.log, s.progress, s.where, self.inputs.num_tasks
+        train_ds = self.inputs.data.train
+        seed_everything(derive_seed(cfg.seed, k))
+        task, steps = self._task_and_steps(k)
+        data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, k, "data"))
+        where.task, where.phase, where.step, where.steps = k, "training", 0, steps
 
-    where.method, where.task, where.phase = None, None, "writing the results"
-    kept = _earlier_results(out, methods, unreadable, run_fp, T, log) if cfg.resume else {}
+        def loader_factory(task=task, g=data_gen):
+            return task_loader(train_ds, task, sc.batch_size, shuffle=True, generator=g)
+
+        def step_seen(m, k, step):
+            where.step = step
+            s.callbacks.on_step(m, k, step)
+
+        t0, c0 = time.time(), time.process_time()
+        method.begin_task(model, task)
+        D.decorrelate_generators(method)  # each rank its own noise for its rows while training
+        with D.sharded_estimators(progress=progress):  # the methods' data-parallel hooks (CCD's regressor)
+            loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
+                                     step_seen)
+        t1 = time.time()
+        where.phase = "end of task: Fisher / replay pool / buffers"
+
+        def task_data(task=task):
+            return task_loader(train_ds, task, sc.batch_size, shuffle=False)
+
+        # the global stream, as in one process: the sharded estimators take each rank's share
+        end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
+        D.sync_generators(method)
+        with D.sharded_estimators(progress=progress), _method_bars(progress):
+            method.end_task(model, end_data)
+            method.post_task_phase(model, end_data)
+        t2 = time.time()
+        where.phase = "evaluation"
+        row, kld, gen_acc, xs, ys = self.ruler.evaluator.evaluate(model, k, name)
+        t3 = time.time()
+        rec = self.record
+        rec["fid_rows"].append(row)
+        rec["kld"].append(kld)
+        rec["gen_accuracy"].append(gen_acc)
+        rec["losses"].append(loss_means)
+        rec["timings"].append({"train_s": t1 - t0, "end_task_s": t2 - t1, "eval_s": t3 - t2, "steps": steps,
+                               "cpu_s": time.process_time() - c0})
+        log(f"{name} task {k + 1}/{T}: steps {steps}, loss {loss_means.get('task', float('nan')):.4f}, "
+            f"{self.ruler.fid_label} per task {[round(v, 2) for v in row]}, KLD {kld:.3f}, classifier acc on "
+            f"samples {gen_acc:.2f}, time train {t1 - t0:.1f}s end_task {t2 - t1:.1f}s eval {t3 - t2:.1f}s")
+        self._checkpoint(k, xs, ys)
+
+    def _checkpoint(self, k: int, xs, ys) -> None:
+        """The sample grid and the checkpoint after task k (rank 0), each rank's own method state first
+        (replay buffers) under torchrun."""
+        s, name, method, model, mfp = self.s, self.name, self.method, self.model, self.mfp
+        out, info, main, sc = s.out, s.info, s.main, s.sc
+        s.where.phase = "writing the checkpoint"
+        if info.world_size > 1 and not main:  # rank-local method state (replay buffers) first
+            save_rank_state(out, name, info.rank, k, {"fingerprint": mfp, "completed_task": k,
+                                                       "method_state": method.state_dict()})
+        D.barrier()
+        if main:
+            from .report import save_sample_grid
+            save_sample_grid(xs, ys, out / "samples" / f"{name}_task{k + 1}.png", per_class=sc.grid_per_class)
+            state = {"version": 2, "fingerprint": mfp, "run_fingerprint": self.run_fp, "method": name,
+                     "completed_task": k, "num_tasks": self.inputs.num_tasks, "method_config": dict(method.config),
+                     "model": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
+                     "model_object": None, "method_state": method.state_dict(), **self.record}
+            if _structure_changed(model):
+                state["model_object"] = model
+            save_checkpoint(out, name, state)
+        D.barrier()
+        s.where.saved[name] = k
+        if info.world_size > 1 and not main:
+            drop_rank_state(out, name, info.rank, k - 1)
+
+    def _finish(self, t_method: float) -> dict:
+        summary = _method_summary({"num_tasks": self.inputs.num_tasks, **self.record,
+                                   "method_config": self.method.config, "fingerprint": self.mfp})
+        self.s.where.finished.append(self.name)
+        self.s.log(f"{self.name}: MF {summary['mf']:.2f}, forgetting {summary['forgetting']}, IMF "
+                   f"{summary['imf']:.2f}, KLD {summary['kld']:.3f} ({time.time() - t_method:.1f}s this session)")
+        return summary
+
+
+def _write_results(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict, results: Dict[str, dict],
+                   unreadable: Dict[str, str]) -> dict:
+    """Stage 6: results.json / results.csv / report.md / afid.png from this session's methods and (on
+    --resume) the finished ones kept from earlier sessions, in the run's order of methods; then an
+    unreadable checkpoint is a RunError naming it. Returns results.json's content."""
+    cfg, out, log = s.cfg, s.out, s.log
+    s.where.method, s.where.task, s.where.phase = None, None, "writing the results"
+    kept = (_earlier_results(out, s.methods, unreadable, run_info["fingerprint"], inputs.num_tasks, log)
+            if cfg.resume else {})
     ordered = {}
-    for name in all_methods + list(kept):
+    for name in run_info["all_methods"] + list(kept):
         if name in results or name in kept:
             ordered.setdefault(name, results[name] if name in results else kept[name])
-    total = time.time() - t_start
-    cpu_total = time.process_time() - c_start
-    payload = {
-        "preset": preset.name, "description": preset.description, "scale": cfg.scale,
-        "config": run_info["config"], "scale_config": asdict(sc), "versions": versions(),
-        "world_size": info.world_size, "device": str(device),
-        "data": {"used": data.name, "requested": data.requested, "source": data.source,
-                 "substitutions": data.substitutions, "num_train": len(train_ds), "num_eval": int(data.eval_x.shape[0]),
-                 "image_size": data.image_size, "channels": data.channels, "num_classes": data.num_classes,
-                 "tasks": [t.classes for t in tasks]},
-        "metric": {"fid": fid_label, "fid_reference": "held-out evaluation images of each task's classes",
-                   "fid_samples_per_class": sc.fid_samples_per_class, "ddim_steps": sc.ddim_steps,
-                   "classifier_cache": clf_path, "classifier_eval_accuracy": clf_acc,
-                   "inception_weights": cfg.inception,
-                   "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
-                                   "afid_at_k": "mean_{i<=k} FID_i(m_k)",
-                                   "forgetting": "mean_{k<T} FID_k(m_T) - FID_k(m_k)",
-                                   "mf": "AFID@T", "imf": "mean_k AFID@k",
-                                   "kld": "KL(uniform over seen classes || classifier histogram of samples)"}},
-        "methods": ordered,
-        "kept_from_earlier_sessions": [n for n in ordered if n not in results],
-        "paper": {"source": preset.paper_source, "metric": preset.paper_metric, "values": preset.paper},
-        "timings": {"wall_s_this_session": total, "cpu_s_this_session": cpu_total, "resumed": bool(cfg.resume),
-                    "torch_threads": torch.get_num_threads()},
-        "fingerprint": run_fp,
-        "method_fingerprints": run_info["method_fingerprints"],
-    }
-    if main and ordered:
+    total = time.time() - s.t_start
+    cpu_total = time.process_time() - s.c_start
+    payload = _results_payload(s, inputs, ruler, run_info, ordered, [n for n in ordered if n not in results],
+                               total, cpu_total)
+    if s.main and ordered:
         from .report import write_outputs
         write_outputs(out, payload, log)
     log(f"done in {total:.1f}s wall ({cpu_total:.1f}s CPU, {torch.get_num_threads()} threads); outputs in {out}")
@@ -974,6 +1116,37 @@ def _run(cfg: RunConfig, on_step: Optional[Callable], where: _Where) -> dict:
     return payload
 
 
-def _structure_changed(model, data, sc) -> bool:
+def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict, ordered: Dict[str, dict],
+                     kept: List[str], total: float, cpu_total: float) -> dict:
+    """results.json: the run's settings, data, metric definitions, the methods' results, timings."""
+    cfg, sc, preset, data = s.cfg, s.sc, s.preset, inputs.data
+    return {
+        "preset": preset.name, "description": preset.description, "scale": cfg.scale,
+        "config": run_info["config"], "scale_config": asdict(sc), "versions": versions(),
+        "world_size": s.info.world_size, "device": str(s.device),
+        "data": {"used": data.name, "requested": data.requested, "source": data.source,
+                 "substitutions": data.substitutions, "num_train": len(data.train), "num_eval": len(data.eval),
+                 "image_size": data.image_size, "channels": data.channels, "num_classes": data.num_classes,
+                 "tasks": [t.classes for t in inputs.tasks]},
+        "metric": {"fid": ruler.fid_label, "fid_reference": "held-out evaluation images of each task's classes",
+                   "fid_samples_per_class": sc.fid_samples_per_class, "ddim_steps": sc.ddim_steps,
+                   "classifier_cache": ruler.classifier_path, "classifier_eval_accuracy": ruler.classifier_accuracy,
+                   "inception_weights": cfg.inception,
+                   "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
+                                   "afid_at_k": "mean_{i<=k} FID_i(m_k)",
+                                   "forgetting": "mean_{k<T} FID_k(m_T) - FID_k(m_k)",
+                                   "mf": "AFID@T", "imf": "mean_k AFID@k",
+                                   "kld": "KL(uniform over seen classes || classifier histogram of samples)"}},
+        "methods": ordered,
+        "kept_from_earlier_sessions": kept,
+        "paper": {"source": preset.paper_source, "metric": preset.paper_metric, "values": preset.paper},
+        "timings": {"wall_s_this_session": total, "cpu_s_this_session": cpu_total, "resumed": bool(cfg.resume),
+                    "torch_threads": torch.get_num_threads()},
+        "fingerprint": run_info["fingerprint"],
+        "method_fingerprints": run_info["method_fingerprints"],
+    }
+
+
+def _structure_changed(model) -> bool:
     """True when the model has parameters a fresh build_unet lacks (LoRA adapters)."""
     return any("lora" in n.lower() for n, _ in model.named_parameters())

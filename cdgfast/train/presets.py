@@ -45,7 +45,7 @@ class ScaleConfig:
 class Preset:
     name: str
     description: str
-    dataset: str                     # a name of cdgfast.train.data.DATASET_NAMES
+    dataset: str                     # a name of cdgfast.data.DATASET_REGISTRY
     num_tasks: int
     classes_per_task: int
     methods: List[str]

@@ -1,9 +1,11 @@
-"""Command line: `python -m cdgfast.analyze fisher --dataset digits --timesteps 100,200,...,900
+"""Command line: `python -m cdgfast.analysis fisher --dataset digits --timesteps 100,200,...,900
 --samples 1024 [--checkpoint PATH] --out DIR [--device cpu] [--seed 0] [--train-steps S]`.
 
 Writes DIR/geometry.json, the figures fig1_mse.png, fig2_cosine.png, fig3a_mean_grad_cosine.png,
 fig3b_eigenvalues.png, fig3c_eig_ratio.png, fig3d_rel_frobenius.png and (when it trains) DIR/model.pt.
 A DIR that holds a previous analysis, or anything else, is refused unless --overwrite.
+
+`python -m cdgfast.analyze` is an alias (cdgfast/analyze forwards here).
 
 Exit codes: 0 success; 2 bad input (every option, the data and the checkpoint are checked before any
 work; nothing is written then); 130 interrupted with Ctrl-C.
@@ -30,10 +32,13 @@ def _timesteps(text: str) -> List[int]:
             f"expected comma-separated integers (e.g. 100,200,300) or start:stop:step, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+PROG = "python -m cdgfast.analysis"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from ..data import DATASETS
 
-    parser = argparse.ArgumentParser(prog="python -m cdgfast.analyze",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Fisher-geometry analysis of a diffusion model.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fisher", help="rank-1 paper section 3.2: eigenvalues, cosines, rank-1 vs diagonal",
@@ -62,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, *, prog: str = PROG) -> int:
+    """Run the command line on `argv` (default sys.argv[1:]); `prog` names the command in usage and
+    error messages (the cdgfast.analyze alias passes its own)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
-    from ..analysis.experiment import run_fisher_analysis
+    from .experiment import run_fisher_analysis
 
     try:
         result = run_fisher_analysis(
