@@ -159,7 +159,7 @@ TRITON_AOT = r"""
 import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from cdgfast.kernels import bregman as kb, dc_scores as kd, fisher_update as kf, penalties as kp
+from cdgfast.kernels import bregman as kb, dc as kd, fisher_update as kf, penalties as kp
 
 def compile_for(fn, sig, const, arch):
     sig = dict(sig, **{k: "constexpr" for k in const})

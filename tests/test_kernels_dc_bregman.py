@@ -1,4 +1,4 @@
-"""Triton launchers of kernels/dc_scores.py and kernels/bregman.py on CPU tensors (TRITON_INTERPRET=1,
+"""Triton launchers of kernels/dc.py and kernels/bregman.py on CPU tensors (TRITON_INTERPRET=1,
 set by conftest.py) against the PyTorch composites, plus the CUDA-registration wiring and the GPU
 launch path (autotuned kernels, GPU tile heuristic) exercised in the interpreter."""
 import pytest
@@ -10,7 +10,7 @@ import cdgfast._dispatch  # noqa: E402
 import cdgfast.ops.bregman as bregman_ops  # noqa: E402
 import cdgfast.ops.dc as dc_ops  # noqa: E402
 from cdgfast.kernels import bregman as kb  # noqa: E402
-from cdgfast.kernels import dc_scores as kd  # noqa: E402
+from cdgfast.kernels import dc as kd  # noqa: E402
 
 TOL = {
     torch.float64: (1e-12, 1e-10),

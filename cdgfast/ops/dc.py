@@ -11,7 +11,7 @@ Public functions (validate, then call the registered ops ``torch.ops.cdgfast.*``
     dc_cross_entropy(eps_pred, eps, target, tau=1.0, reduction="mean")
 
 Registered ops (CPU composite = plain PyTorch; CUDA = the Triton kernels in
-``cdgfast.kernels.dc_scores`` when ``cdgfast._dispatch.use_triton`` says so, else the composite):
+``cdgfast.kernels.dc`` when ``cdgfast._dispatch.use_triton`` says so, else the composite):
 
     cdgfast::dc_errors(eps_pred, eps) -> err[B, K]
     cdgfast::dc_errors_backward(grad, eps_pred, eps) -> (grad_eps_pred, grad_eps)
@@ -83,7 +83,7 @@ def _apply_coef_composite(eps_pred: Tensor, eps: Tensor, coef: Tensor) -> Tuple[
     return g.to(eps_pred.dtype).reshape(eps_pred.shape), (-g.sum(1)).to(eps.dtype).reshape(eps.shape)
 
 
-_apply_coef = triton_or_composite("dc_scores", "dc_apply_coef", _apply_coef_composite)
+_apply_coef = triton_or_composite("dc", "dc_apply_coef", _apply_coef_composite)
 
 
 def _errors_composite(eps_pred: Tensor, eps: Tensor) -> Tensor:
@@ -136,7 +136,7 @@ def _dc_errors_op(eps_pred: Tensor, eps: Tensor) -> Tensor:
     return _errors_ref(eps_pred, eps)
 
 
-_dc_errors_cuda = _dc_errors_op.register_kernel("cuda")(triton_or_composite("dc_scores", "dc_errors", _errors_ref))
+_dc_errors_cuda = _dc_errors_op.register_kernel("cuda")(triton_or_composite("dc", "dc_errors", _errors_ref))
 
 
 @_dc_errors_op.register_fake
@@ -177,7 +177,7 @@ def _dc_scores_op(eps_pred: Tensor, eps: Tensor, tau: float) -> Tensor:
     return _scores_ref(eps_pred, eps, tau)
 
 
-_dc_scores_cuda = _dc_scores_op.register_kernel("cuda")(triton_or_composite("dc_scores", "dc_scores", _scores_ref))
+_dc_scores_cuda = _dc_scores_op.register_kernel("cuda")(triton_or_composite("dc", "dc_scores", _scores_ref))
 
 
 @_dc_scores_op.register_fake
@@ -223,7 +223,7 @@ def _dc_ce_op(eps_pred: Tensor, eps: Tensor, q: Tensor, tau: float) -> Tuple[Ten
     return _ce_composite(eps_pred, eps, q, tau)
 
 
-_dc_ce_cuda = _dc_ce_op.register_kernel("cuda")(triton_or_composite("dc_scores", "dc_cross_entropy", _ce_composite))
+_dc_ce_cuda = _dc_ce_op.register_kernel("cuda")(triton_or_composite("dc", "dc_cross_entropy", _ce_composite))
 
 
 @_dc_ce_op.register_fake
