@@ -69,10 +69,13 @@ class NoiseSchedule:
         out = torch.where(bad, float("nan"), out)  # only reached where the eager range check cannot run
         return out.view(-1, *([1] * (like.dim() - 1)))
 
-    def gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] ([B] integer timesteps in [0, T)) in `like`'s dtype, reshaped to broadcast against
-        `like` ([B, 1, 1, ...]); NaN for a timestep out of range where it cannot raise (module docstring)."""
-        return self._lookup(values, t, like, like.dtype)
+    def gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """values[t] ([B] integer timesteps in [0, T)) in `dtype` (default: `like`'s), reshaped to broadcast
+        against `like` ([B, 1, 1, ...]); NaN for a timestep out of range where it cannot raise (module
+        docstring). Pass `dtype=torch.float32` for half-precision `like` before forming 1 - abar: near t = 0
+        it is ~1e-4, which bf16 rounds to 0."""
+        return self._lookup(values, t, like, like.dtype if dtype is None else dtype)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, computed in float32 or wider and returned in the

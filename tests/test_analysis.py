@@ -246,6 +246,23 @@ def test_scaled_prediction_mse_reference():
         close(out[i], ((xt - math.sqrt(1 - ab) * 2 * xt) ** 2).mean())
 
 
+def test_scaled_prediction_mse_half_precision_near_t0():
+    """A bf16 model at t = 0: 1 - abar = 1e-4 rounds to 0 in bf16, which made x_hat = 0 (MSE = mean x_t^2)."""
+    sched = NoiseSchedule()
+
+    class Echo(torch.nn.Module):  # eps_hat = x_t / sqrt(1 - abar_0): then x_hat = x_t and the MSE is ~0
+        def forward(self, x, t, class_labels=None):
+            return x / math.sqrt(1 - float(sched.alphas_cumprod[0]))
+
+    x0 = torch.randn(4, 1, 3, 3)
+    eps = torch.randn_like(x0)
+    t = torch.zeros(4, dtype=torch.long)
+    batch = {"x": x0.bfloat16(), "t": t, "eps": eps.bfloat16()}
+    out = scaled_prediction_mse(Echo(), batch, sched)
+    x_t = sched.add_noise(batch["x"], batch["eps"], t).float()
+    assert float(out.max()) < 1e-2 * float(x_t.pow(2).mean()), out
+
+
 def test_bad_input():
     model, batch = small_setup(5)
     with pytest.raises(ValueError, match="batch"):

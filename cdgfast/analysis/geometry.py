@@ -340,6 +340,7 @@ def scaled_prediction_mse(model: torch.nn.Module, batch: Dict[str, torch.Tensor]
     with torch.no_grad():
         x_t = schedule.add_noise(x0, eps, t)
         eps_hat = predict_eps(model, x_t, t, batch.get("y"))
-        abar = schedule.gather(schedule.alphas_cumprod, t, x_t)
-        x_hat = (1 - abar).sqrt() * eps_hat
-        return (x_t - x_hat).pow(2).flatten(1).mean(1)
+        acc = torch.promote_types(x_t.dtype, torch.float32)  # 1 - abar in bf16 is 0 near t = 0
+        abar = schedule.gather(schedule.alphas_cumprod, t, x_t, dtype=acc)
+        x_hat = (1 - abar).sqrt() * eps_hat.to(acc)
+        return (x_t.to(acc) - x_hat).pow(2).flatten(1).mean(1)
