@@ -40,7 +40,7 @@ setup(
     include_package_data=True,
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
         "cuda": ["cupy-cuda12x"],
         "text": ["transformers>=4.30"],
         "vision": ["torchvision"],

@@ -140,7 +140,7 @@ def optional_import(module: str, name: Optional[str] = None):
     try:
         mod = importlib.import_module(module)
         return getattr(mod, name) if name else mod
-    except Exception as e:  # ImportError, or AttributeError while a helper is mid-edit
+    except Exception:  # ImportError, or AttributeError while a helper is mid-edit
         return None
 
 

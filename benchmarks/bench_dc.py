@@ -141,7 +141,7 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
         else:
             targets.append(C.target(f"DC-score step (K=5) / plain training step ({preset}, B={B}; informative)",
                                     t_dc / t_plain, "<= 5.5", t_dc / t_plain <= 5.5))
-        del model, opt
+        model = opt = None  # free before the next preset (the closures above are done with them)
     return C.fill_ratios(rows), targets
 
 

@@ -220,7 +220,7 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
             targets.append(C.target(f"diag_fisher peak memory / training step ({preset})", mem_diag / max(mem_step, 1),
                                     "<= 1.5", mem_diag <= 1.5 * mem_step,
                                     f"{mem_diag / 2**20:.1f} MB vs {mem_step / 2**20:.1f} MB"))
-        del model
+        model = None  # free before the next preset (the closures above are done with them)
     return C.fill_ratios(rows), targets
 
 

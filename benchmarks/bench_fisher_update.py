@@ -90,7 +90,6 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
         # small buffers: many repetitions, the medians of 50 us calls are noisy on a shared machine
         reps = cfg.reps if cfg.quick else (200 if P < (1 << 21) else 4 * cfg.reps)
         fp = _flattened(shapes, src, cfg.device) if flat_ok else None
-        grads = fp.grads() if fp is not None else None
 
         # bandwidth yardstick
         dst_copy = torch.empty(P, device=cfg.device)
@@ -139,7 +138,7 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
                   ("foreach (_foreach_mul_ + _foreach_add_ on prebuilt slices)", foreach_online)]
         _measure(rows, targets, cfg, case, impls, P, bw_copy, reps, tag, set_name)
         _check_correct(rows, acc_mod, fp is not None, cfg, shapes, tag)
-        del fp, grads
+        fp = None  # free before the next size (the closures above are done with them)
     return C.fill_ratios(rows), targets
 
 

@@ -117,7 +117,8 @@ def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
                 opt_step()
                 t_both = C.bench(opt_step, cfg)
                 rows.append(C.row(FAMILY, case + " in a step", "train_step + cdgfast.rank1_penalty", time_ms=t_both,
-                                  note=f"plain step {t_step:.1f} ms: {100 * (t_both - t_step) / t_step:+.1f}% measured (noisy difference)", **tag))
+                                  note=f"plain step {t_step:.1f} ms: {100 * (t_both - t_step) / t_step:+.1f}% measured "
+                                       "(noisy difference)", **tag))
                 if K == 5 and preset == "tiny":
                     targets.append(C.target(f"rank1_penalty K=5 fwd+bwd / training step ({preset}, B={B})",
                                             t_pen / t_step, "<= 0.05", t_pen / t_step <= 0.05,

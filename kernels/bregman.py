@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype as _acc_dtype
 from ._common import acc_scalar, chunk_grid, next_pow2, split_f32
 from ._common import use_tuned as _use_tuned
 

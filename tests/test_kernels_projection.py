@@ -85,7 +85,8 @@ def test_linear_sq_grad_sum_fp32_shapes(shape):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(dtype):
     B, T, cin, cout = 3, 7, 33, 5
-    x, gy, M, Mb = rand(B, T, cin, dtype=dtype), rand(B, T, cout, dtype=dtype), rand(cout, cin, dtype=dtype), rand(cout, dtype=dtype)
+    x, gy = rand(B, T, cin, dtype=dtype), rand(B, T, cout, dtype=dtype)
+    M, Mb = rand(cout, cin, dtype=dtype), rand(cout, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = naive_per_sample_grads(x, gy)
     dot = P.linear_grad_dot(x, gy, M, Mb)

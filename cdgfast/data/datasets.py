@@ -229,8 +229,8 @@ def _load_idx_dataset(name: str, root: Optional[PathLike], train: bool, image_si
         if train:
             t_img, t_lab = _idx_pair(dirs, "t10k")
             if t_img is not None and t_lab is not None:
-                msg += (f" Only the test set (t10k-*) is there: load it with train=False (or split='test') "
-                        f"and divide it with cdgfast.data.train_eval_split(dataset, eval_fraction, seed).")
+                msg += (" Only the test set (t10k-*) is there: load it with train=False (or split='test') "
+                        "and divide it with cdgfast.data.train_eval_split(dataset, eval_fraction, seed).")
         if why:
             msg += f" Automatic download: {why}."
         raise FileNotFoundError(msg)

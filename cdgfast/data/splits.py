@@ -24,9 +24,9 @@ def class_incremental_split(labels, *, num_tasks: int, classes_per_task: int,
     """Split a labelled set into `num_tasks` tasks of `classes_per_task` classes each.
 
     labels: LongTensor [N] (or anything with `.y`, e.g. an ImageDataset). Classes are 0..K-1 with K =
-    max(label) + 1 (or the dataset's num_classes if larger). class_order: a permutation of 0..K-1 (tasks take consecutive chunks of it); None
-    keeps 0..K-1 in order when seed == 0, and uses a permutation drawn from `seed` otherwise. Classes
-    beyond num_tasks * classes_per_task are left out.
+    max(label) + 1 (or the dataset's num_classes if larger). class_order: a permutation of 0..K-1 (tasks take
+    consecutive chunks of it); None keeps 0..K-1 in order when seed == 0,
+    and uses a permutation drawn from `seed` otherwise. Classes beyond num_tasks * classes_per_task are left out.
     """
     declared = None
     if hasattr(labels, "y") and isinstance(getattr(labels, "y"), torch.Tensor):

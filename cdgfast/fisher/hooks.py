@@ -9,10 +9,10 @@ gradients are then contractions of `x_i` and `gy_i` that are never materialised 
 
 | layer | g_i (weight) | direction . g_i | sum_i g_i * g_i |
 |---|---|---|---|
-| Linear on [B, *, Cin] | `gy_i^T x_i` | `sum_t (x_t @ M^T) . gy_t` | `(gy^2)^T x^2` (one token) or per-sample `bmm`s in chunks |
-| Conv2d (stride, padding incl. 'same' and non-zero modes, dilation, groups) | `gy_i (*) x_i` | `<conv2d(x_i, M), gy_i>` | `unfold` + `bmm` per group, chunks of samples |
-| GroupNorm / LayerNorm affine | `sum gy_i * xhat_i`, `sum gy_i` | contraction with M | squares of the same |
-| Embedding (no max_norm / scale_grad_by_freq) | rows `gy_i` scattered to `idx_i` | gather `M[idx_i] . gy_i` | per-(sample, row) sums, squared, scattered |
+| Linear on [B, *, Cin] | `gy_i^T x_i` | `sum_t (x_t @ M^T) . gy_t` | `(gy^2)^T x^2` (one token), else `bmm`s |
+| Conv2d (any stride, padding mode, dilation, groups) | `gy_i (*) x_i` | `<conv2d(x_i, M), gy_i>` | `unfold` + `bmm` per group |
+| Group/LayerNorm affine | `sum gy_i * xhat_i`, `sum gy_i` | contraction with M | squares of the same |
+| Embedding (no max_norm / scale_grad_by_freq) | rows `gy_i` at `idx_i` | `M[idx_i] . gy_i` | per-(sample, row) sums, squared |
 
 Biases use `sum_t gy_i,t`. The weight gradients of the batch are never computed, and `.grad` is not
 touched. On CUDA, Linear layers (and Conv2d's unfolded form for the squares) call the Triton kernels

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ INCEPTION_LABEL = "Inception-FID"
 CLASSIFIER_LABEL = "classifier-FID"
 
 
-def feature_statistics(features: torch.Tensor, name: str = "features", *, _stacklevel: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+def feature_statistics(features: torch.Tensor, name: str = "features", *,
+                       _stacklevel: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean [D] and unbiased covariance [D, D] (float64) of finite features [N, D], N >= 2.
 
     With N <= D the covariance is singular (rank N - 1 < D): a FID from it is still defined (module

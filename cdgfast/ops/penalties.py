@@ -107,9 +107,10 @@ def flat_parameters(params: Union[Tensor, Sequence[Tensor], torch.nn.Module], na
       storage and the backward gives each parameter a view of the flat gradient: no copy either way.
       Otherwise `torch.cat` makes the one copy a flat kernel needs (one launch on CUDA); the backward
       splits the flat gradient into per-parameter views in one op (a custom autograd function, which
-      measured ~10% cheaper on the CPU than cat's own backward through per-parameter reshape nodes). The copy costs one read and one write of P
-      elements, small next to the penalty's own (2K+1) P reads, and it keeps the kernels simple
-      (one contiguous buffer, no pointer tables). Mixed parameter dtypes are promoted by torch.cat.
+      measured ~10% cheaper on the CPU than cat's own backward through per-parameter reshape nodes).
+      The copy costs one read and one write of P elements, small next to the penalty's own (2K+1) P reads,
+      and it keeps the kernels simple (one contiguous buffer, no pointer tables).
+      Mixed parameter dtypes are promoted by torch.cat.
 
     Raises ValueError naming `name` for a non-tensor, a non-floating dtype, mixed devices or no elements.
     """
@@ -125,7 +126,8 @@ def flat_parameters(params: Union[Tensor, Sequence[Tensor], torch.nn.Module], na
     if len(plist) == 1:
         return plist[0].reshape(-1)
     flat = _shared_flat_buffer(plist)
-    if transform_active() or torch.compiler.is_compiling() or not (torch.is_grad_enabled() and any(p.requires_grad for p in plist)):
+    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in plist)
+    if transform_active() or torch.compiler.is_compiling() or not needs_grad:
         return flat if flat is not None else torch.cat([p.reshape(-1) for p in plist])
     return _Flatten.apply(flat, *plist)
 
