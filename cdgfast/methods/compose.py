@@ -76,7 +76,7 @@ class Compose(Method):
         for m in self.members:
             if m is self.primary:
                 continue
-            m.steps_in_task += 1
+            m.start_step(model)  # its own opening; only its penalties are added
             for k, v in m.extra_terms(model, batch).items():
                 if k in terms:
                     raise ValueError(f"term {k!r} of member {m.name!r} clashes with another member's term")

@@ -13,13 +13,15 @@ import torch
 from . import _deps
 from ._deps import rank1_penalty
 from ._hparams import count, nonneg
-from .base import Method, flat_params, params_of
+from ._registry import register, register_composition
+from .base import Method, TinyRun, flat_params, params_of
 
 
+@register("rank1", order=100)
 class Rank1(Method):
-    name = "rank1"
     defaults = {"lam": 15000.0, "fisher_max_samples": None}
     specs = {"lam": nonneg(), "fisher_max_samples": count(none=True, none_means="the whole task")}
+    tiny = TinyRun(terms={"rank1"})
     _state_attrs = ("anchors", "directions", "coeffs")
 
     def __init__(self, **overrides):
@@ -47,3 +49,9 @@ class Rank1(Method):
             self.anchors = torch.cat([self.anchors, theta[None]])
             self.directions = torch.cat([self.directions, mu[None]])
             self.coeffs = torch.cat([self.coeffs, c])
+
+
+register_composition("rank1+gd", "rank1", "gd", order=120)
+
+
+__all__ = ["Rank1"]
