@@ -15,6 +15,10 @@ reference loop written in the test).
 
 Random draws, in order, from `generator`: the initial noise x_T, then (only when eta > 0) one noise
 tensor per step. Draws are made on the generator's device and moved to the model's device.
+
+The state x_t and the update run in float32 for a half-precision model (which sees x_t in its own
+dtype): x0_hat divides by sqrt(a_t), about 6e-3 at t = T-1, which would amplify the rounding of a
+half-precision x_t by 150x, and 50 steps accumulate it.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 from diffusers import DDIMScheduler
 
+from ._validation import check_generator, check_probability
 from .diffusion import NoiseSchedule, predict_eps
 
 
@@ -87,7 +92,8 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
     the result is a deterministic function of the initial noise (so of `generator`'s state).
     """
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point
+                or labels.dtype.is_complex or labels.dtype == torch.bool):
             raise ValueError(f"labels: expected an integer tensor [B], got {getattr(labels, 'shape', type(labels))}")
         if labels.numel() == 0:
             raise ValueError("labels: expected at least one label, got an empty tensor")
@@ -95,8 +101,9 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
         if n_embeds is not None and (int(labels.min()) < 0 or int(labels.max()) >= n_embeds):
             raise ValueError(f"labels: expected values in [0, {n_embeds - 1}] (the last one is the null class), "
                              f"got [{int(labels.min())}, {int(labels.max())}]")
-    if not isinstance(eta, (int, float)) or eta < 0:
-        raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
+    # eta > 1 would make sigma^2 exceed 1 - a_prev, so the eps coefficient's square root would be negative
+    eta = check_probability("eta", eta)
+    check_generator("generator", generator)
     if shape is None:
         if labels is None:
             raise ValueError("shape: needed when labels is None (unconditional sampling)")
@@ -108,12 +115,13 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
         raise ValueError(f"shape: batch size {shape[0]} does not match labels ({labels.shape[0]})")
     sched = make_ddim_scheduler(schedule, num_steps, clip_sample=clip_sample, timestep_spacing=timestep_spacing)
     device, dtype = _model_device_dtype(model)
+    state = torch.promote_types(dtype, torch.float32)
     gen_device = generator.device if generator is not None else device
     if labels is not None:
         labels = labels.to(device)
 
     def noise():
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, state)
 
     was_training = model.training
     model.eval()
@@ -130,8 +138,8 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
                 steps = tqdm(steps, desc="DDIM", leave=False)
             for i, t in enumerate(steps):
                 tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-                eps = predict_eps(model, x, tt, labels)
-                x = _ddim_update(x, eps, a[i], a_prev[i], float(eta), noise if eta > 0 else None, clip_sample)
+                eps = predict_eps(model, x.to(dtype), tt, labels).to(state)
+                x = _ddim_update(x, eps, a[i], a_prev[i], eta, noise if eta > 0 else None, clip_sample)
     finally:
         model.train(was_training)
-    return x.clamp_(-1.0, 1.0)
+    return x.clamp_(-1.0, 1.0).to(dtype)

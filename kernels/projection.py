@@ -18,14 +18,20 @@ output positions) and `gy = grad_output` laid out `[B, L, Cout]`, the per-sample
 `gy_i^T x_i` reshaped like `weight` (channel-major, then kernel rows and columns, the order of both
 `F.unfold` and `weight.reshape(Cout, -1)`). `conv2d_as_linear` builds that layout (plain torch);
 for `groups > 1` it returns the layout of one group (`group=g`), whose rows are
-`weight[g*Cout/G:(g+1)*Cout/G]`; `conv2d_grad_dot` / `conv2d_sq_grad_sum` loop over the groups.
-The unfolded input is `kh*kw` times the input's size: callers that cannot afford it process the
-batch in chunks (the contractions are sums over samples and positions).
+`weight[g*Cout/G:(g+1)*Cout/G]`. `conv2d_sq_grad_sum` unfolds the padded input in chunks of whole
+samples (the unfolded input is `kh*kw` times the input's size) and contracts it per group;
+`conv2d_grad_dot` needs no unfold in plain torch: `<g_i, M> = <conv2d(x_i, M), gy_i>`.
 
 Launchers (`linear_grad_dot`, `linear_sq_grad_sum`) always run the Triton kernels: on CUDA tensors
-normally, on CPU tensors only under `TRITON_INTERPRET=1` (the tests). `*_torch` functions are the
-plain-PyTorch equivalents for the CPU path. Accumulation is fp32 for fp16/bf16/fp32 inputs (fp32
-matmuls use IEEE precision, not TF32, unless `allow_tf32=True`) and fp64 for fp64 inputs.
+normally, on CPU tensors only under `TRITON_INTERPRET=1` (the tests). The plain-PyTorch functions
+(`linear_grad_dot_torch`, `linear_sq_grad_sum_torch`, `bias_sq_grad_sum`, `conv2d_grad_dot`,
+`conv2d_sq_grad_sum`, `conv2d_bias_sq_grad_sum`; the conv functions call the launchers when
+`use_kernel`) are the only copy of these contractions: `cdgfast.fisher.hooks` runs them (and the
+launchers on CUDA), and the tests check both against naive references. They take `acc`, the
+accumulation dtype (the hook path passes its own); the launchers accumulate in fp32 for
+fp16/bf16/fp32 inputs (fp32 matmuls use IEEE precision, not TF32, unless `allow_tf32=True`) and fp64
+for fp64 inputs, and so do the torch functions by default. Sample i may own r consecutive rows of a
+Conv2d's input (`rows_per_sample=r`): its gradient is the sum over them.
 """
 from __future__ import annotations
 
@@ -46,9 +52,12 @@ __all__ = [
     "bias_sq_grad_sum",
     "linear_grad_dot_torch",
     "linear_sq_grad_sum_torch",
+    "conv_padded_input",
     "conv2d_as_linear",
     "conv2d_grad_dot",
     "conv2d_sq_grad_sum",
+    "conv2d_bias_sq_grad_sum",
+    "MAX_ELEMENTS",
 ]
 
 # Fixed tiles under the interpreter (tl.dot needs every tile dimension >= 16; masks pad odd sizes).
@@ -324,63 +333,93 @@ def _single_token_sq_sum(x, gy, out, scale, acc_dt, accumulate):
         out.copy_(res.mul_(scale))
 
 
-def bias_sq_grad_sum(gy: torch.Tensor, out: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+# --------------------------------------------------------------------------------------------------
+# Plain-PyTorch contractions: the CPU path of cdgfast.fisher.hooks (the one copy)
+# --------------------------------------------------------------------------------------------------
+# Per-sample intermediates (per-sample weight gradients, unfolded inputs) of at most this many
+# elements exist at once.
+MAX_ELEMENTS = 1 << 24
+
+
+def _add_into(out: torch.Tensor, res: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 1.0:
+        return out.add_(res.to(out.dtype))
+    return out.add_(res.to(out.dtype), alpha=scale)
+
+
+def linear_grad_dot_torch(x: torch.Tensor, gy: torch.Tensor, M: Optional[torch.Tensor] = None,
+                          Mb: Optional[torch.Tensor] = None, *, acc: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`linear_grad_dot` in plain PyTorch: [B], `<gy_i^T x_i, M> + Mb . sum_t gy_i,t` (materialises
+    x_i M^T, [B, T, Cout]). M or Mb may be None (that term is left out). acc: the accumulation dtype
+    (default float32, float64 if an input is float64)."""
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    terms = [gy, x]
+    if M is not None:
+        check_tensor("M", M, ndim=2)
+        check_shape("M", M, (COUT, CIN), "[Cout, Cin] like the layer weight")
+        terms.append(M)
+    if Mb is not None:
+        check_tensor("Mb", Mb, ndim=1)
+        check_shape("Mb", Mb, (COUT,), "[Cout] like the layer bias")
+        terms.append(Mb)
+    if acc is None:
+        acc = _compute_dtypes(*terms)[1]
+    ga = gy.to(acc)
+    res = None
+    if M is not None:
+        xa, Ma = x.to(acc), M.to(acc)
+        if T == 1:
+            res = ((xa[:, 0] @ Ma.t()) * ga[:, 0]).sum(1)
+        else:
+            res = (torch.matmul(xa, Ma.t()) * ga).sum(dim=(1, 2))
+    if Mb is not None:
+        b = ga.sum(1) @ Mb.to(acc)
+        res = b if res is None else res + b
+    return torch.zeros(B, dtype=acc, device=x.device) if res is None else res
+
+
+def linear_sq_grad_sum_torch(x: torch.Tensor, gy: torch.Tensor, out: Optional[torch.Tensor] = None,
+                             scale: float = 1.0, *, acc: Optional[torch.dtype] = None,
+                             max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+    """`linear_sq_grad_sum` in plain PyTorch: [Cout, Cin] `sum_i (gy_i^T x_i)^2`. With T = 1 one
+    matmul of the squares; else per-sample gradients by `bmm`, in chunks of samples so that at most
+    `max_elements` intermediates exist at once. `out += scale * sum` when `out` is given."""
+    B, T, CIN, COUT = _check_linear_inputs(x, gy)
+    if out is not None:
+        check_tensor("out", out, ndim=2)
+        check_shape("out", out, (COUT, CIN), "[Cout, Cin] like the layer weight")
+        check_same_device(x=x, out=out)
+    if acc is None:
+        acc = _compute_dtypes(x, gy)[1]
+    if T == 1:  # g_i = outer(gy_i, x_i): the squares factor
+        res = torch.zeros(COUT, CIN, device=x.device, dtype=acc)
+        _single_token_sq_sum(x, gy, res, 1.0, acc, False)
+    else:
+        step = max(1, max_elements // max(1, COUT * CIN + T * (CIN + COUT)))
+        res = torch.zeros(COUT, CIN, device=x.device, dtype=acc)
+        for i0 in range(0, B, step):
+            g = torch.bmm(gy[i0:i0 + step].to(acc).transpose(1, 2), x[i0:i0 + step].to(acc))
+            res += g.square().sum(0)
+    if out is None:
+        return res if scale == 1.0 else res.mul_(scale)
+    return _add_into(out, res, scale)
+
+
+def bias_sq_grad_sum(gy: torch.Tensor, out: Optional[torch.Tensor] = None, scale: float = 1.0, *,
+                     acc: Optional[torch.dtype] = None) -> torch.Tensor:
     """`sum_i (sum_t gy_i,t)^2` [Cout]: the squared per-sample bias gradients of a Linear layer (or of
     a Conv2d with gy laid out [B, L, Cout]). Plain torch (one reduction; no kernel needed). Accumulated
     into `out` (`out += scale * ...`) when given; else float32 (float64 for float64 input)."""
     check_tensor("gy", gy, ndim=3, nonempty=False)
-    acc_dt = torch.float64 if gy.dtype == torch.float64 else torch.float32
-    s = gy.sum(dim=1, dtype=acc_dt)
-    res = (s * s).sum(dim=0)
+    if acc is None:
+        acc = torch.float64 if gy.dtype == torch.float64 else torch.float32
+    res = gy.to(acc).sum(1).square().sum(0)
     if out is None:
-        return res.mul_(scale)
+        return res if scale == 1.0 else res.mul_(scale)
     check_tensor("out", out, ndim=1)
     check_shape("out", out, (gy.shape[2],), "[Cout] like the layer bias")
     check_same_device(gy=gy, out=out)
-    out.add_(res.to(out.dtype), alpha=scale)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Plain-PyTorch equivalents (the CPU path)
-# --------------------------------------------------------------------------------------------------
-def linear_grad_dot_torch(x: torch.Tensor, gy: torch.Tensor, M: torch.Tensor,
-                          Mb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Same result as `linear_grad_dot`, in plain PyTorch (materialises x_i M^T, [B, T, Cout])."""
-    B, T, CIN, COUT = _check_linear_inputs(x, gy)
-    check_tensor("M", M, ndim=2)
-    check_shape("M", M, (COUT, CIN), "[Cout, Cin] like the layer weight")
-    _, acc_dt, _ = _compute_dtypes(x, gy, M, *([Mb] if Mb is not None else []))
-    gya = gy.to(acc_dt)
-    res = (torch.matmul(x.to(acc_dt), M.to(acc_dt).t()) * gya).sum(dim=(1, 2))
-    if Mb is not None:
-        check_tensor("Mb", Mb, ndim=1)
-        check_shape("Mb", Mb, (COUT,), "[Cout] like the layer bias")
-        res = res + gya.sum(dim=1) @ Mb.to(acc_dt)
-    return res
-
-
-def linear_sq_grad_sum_torch(x: torch.Tensor, gy: torch.Tensor, out: Optional[torch.Tensor] = None,
-                             scale: float = 1.0, *, max_elements: int = 1 << 24) -> torch.Tensor:
-    """Same result as `linear_sq_grad_sum`, in plain PyTorch: per-sample gradients by `bmm`, in
-    chunks of samples so that at most `max_elements` of them exist at once."""
-    B, T, CIN, COUT = _check_linear_inputs(x, gy)
-    _, acc_dt, _ = _compute_dtypes(x, gy)
-    res = torch.zeros(COUT, CIN, device=x.device, dtype=acc_dt)
-    step = max(1, max_elements // max(COUT * CIN, 1))
-    if T == 1:
-        if B > 0:
-            _single_token_sq_sum(x, gy, res, 1.0, acc_dt, True)
-    else:
-        for i0 in range(0, B, step):
-            g = torch.bmm(gy[i0:i0 + step].to(acc_dt).transpose(1, 2), x[i0:i0 + step].to(acc_dt))
-            res += (g * g).sum(dim=0)
-    if out is None:
-        return res.mul_(scale)
-    check_tensor("out", out, ndim=2)
-    check_shape("out", out, (COUT, CIN), "[Cout, Cin] like the layer weight")
-    out.add_(res.to(out.dtype), alpha=scale)
-    return out
+    return _add_into(out, res, scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,45 +483,129 @@ def _kernel_wanted(use_kernel: Optional[bool], t: torch.Tensor) -> bool:
     return use_triton(t) if use_kernel is None else bool(use_kernel)
 
 
+def _check_conv(input, grad_output, conv_module, rows_per_sample):
+    if not isinstance(conv_module, torch.nn.Conv2d):
+        raise ValueError(f"conv_module: expected a torch.nn.Conv2d, got {type(conv_module).__name__}")
+    check_tensor("input", input, ndim=4)
+    check_tensor("grad_output", grad_output, ndim=4)
+    check_same_device(input=input, grad_output=grad_output)
+    if grad_output.shape[:2] != (input.shape[0], conv_module.out_channels):
+        raise ValueError(f"grad_output: expected shape ({input.shape[0]}, {conv_module.out_channels}, Ho, Wo), "
+                         f"got {tuple(grad_output.shape)}")
+    if (isinstance(rows_per_sample, bool) or not isinstance(rows_per_sample, int) or rows_per_sample < 1
+            or input.shape[0] % rows_per_sample):
+        raise ValueError(f"rows_per_sample: expected a positive integer dividing the {input.shape[0]} input rows, "
+                         f"got {rows_per_sample!r}")
+
+
 def conv2d_grad_dot(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
-                    M: torch.Tensor, Mb: Optional[torch.Tensor] = None, *,
-                    use_kernel: Optional[bool] = None) -> torch.Tensor:
-    """`<g_i, M> (+ Mb . bias grad_i)` for a Conv2d, M shaped like `weight`, Mb like `bias`: [B].
-    Triton when `use_kernel` (default: on CUDA), else plain torch; groups handled one at a time."""
-    check_tensor("M", M, ndim=4)
-    check_shape("M", M, tuple(conv_module.weight.shape), "like conv_module.weight")
-    G = conv_module.groups
-    og = conv_module.out_channels // G
-    fn = linear_grad_dot if _kernel_wanted(use_kernel, input) else linear_grad_dot_torch
-    total = None
-    for g in range(G):
-        x, gy = conv2d_as_linear(input, grad_output, conv_module, g)
-        mg = M[g * og:(g + 1) * og].reshape(og, -1)
-        mbg = Mb[g * og:(g + 1) * og] if Mb is not None else None
-        r = fn(x, gy, mg, mbg)
-        total = r if total is None else total + r
-    return total
+                    M: Optional[torch.Tensor] = None, Mb: Optional[torch.Tensor] = None, *,
+                    use_kernel: Optional[bool] = None, acc: Optional[torch.dtype] = None,
+                    rows_per_sample: int = 1) -> torch.Tensor:
+    """`<g_i, M> (+ Mb . bias grad_i)` for a Conv2d, M shaped like `weight`, Mb like `bias` (either may
+    be None): [B]. Plain torch: `<conv2d(x_i, M), gy_i>` (one convolution of the padded input with the
+    direction). `use_kernel` (default: on CUDA): the Triton `linear_grad_dot` on the unfolded input,
+    one group at a time. rows_per_sample r: the rows are B samples of r consecutive rows each (sample
+    i's result is the sum over its rows)."""
+    _check_conv(input, grad_output, conv_module, rows_per_sample)
+    if M is not None:
+        check_tensor("M", M, ndim=4)
+        check_shape("M", M, tuple(conv_module.weight.shape), "like conv_module.weight")
+    if Mb is not None:
+        check_tensor("Mb", Mb, ndim=1)
+        check_shape("Mb", Mb, (conv_module.out_channels,), "like conv_module.bias")
+    if acc is None:
+        acc = _compute_dtypes(input, grad_output, *[t for t in (M, Mb) if t is not None])[1]
+    mod = conv_module
+    if _kernel_wanted(use_kernel, input) and M is not None:
+        G = mod.groups
+        og = mod.out_channels // G
+        res = None
+        for g in range(G):
+            x, gy = conv2d_as_linear(input, grad_output, mod, g)
+            mbg = Mb[g * og:(g + 1) * og] if Mb is not None else None
+            r = linear_grad_dot(x, gy, M[g * og:(g + 1) * og].reshape(og, -1), mbg).to(acc)
+            res = r if res is None else res + r
+    else:
+        res = torch.zeros(input.shape[0], dtype=acc, device=input.device)  # per row
+        g = grad_output.to(acc)
+        if M is not None:
+            y = F.conv2d(conv_padded_input(input.to(acc), mod), M.to(acc), None, mod.stride, 0, mod.dilation,
+                         mod.groups)
+            res += (y * g).flatten(1).sum(1)
+        if Mb is not None:
+            res += g.sum(dim=(2, 3)) @ Mb.to(acc)
+    return res.view(-1, rows_per_sample).sum(1) if rows_per_sample > 1 else res
 
 
 def conv2d_sq_grad_sum(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
                        out: Optional[torch.Tensor] = None, scale: float = 1.0, *,
-                       use_kernel: Optional[bool] = None) -> torch.Tensor:
+                       use_kernel: Optional[bool] = None, acc: Optional[torch.dtype] = None,
+                       rows_per_sample: int = 1, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
     """`sum_i g_i^2` for a Conv2d weight, shaped like `weight` ([Cout, Cin/G, kh, kw]); accumulated into
     `out` (`out += scale * ...`, same shape, e.g. a view of a flat Fisher buffer) when given.
-    The bias term is `bias_sq_grad_sum(grad_output.flatten(2).transpose(1, 2))`."""
-    wshape = tuple(conv_module.weight.shape)
+
+    The padded input is unfolded in chunks of whole samples (at most `max_elements` intermediates);
+    per group, the per-sample gradients `gy_i^T cols_i` are formed by `einsum`, or squared and summed by
+    the Triton `linear_sq_grad_sum` when `use_kernel` (default: on CUDA). rows_per_sample r: a sample's
+    r consecutive rows become r times the output positions. The bias term is
+    `conv2d_bias_sq_grad_sum(grad_output)`."""
+    _check_conv(input, grad_output, conv_module, rows_per_sample)
+    mod = conv_module
+    wshape = tuple(mod.weight.shape)
     if out is not None:
         check_tensor("out", out, ndim=4)
         check_shape("out", out, wshape, "like conv_module.weight")
-    fn = linear_sq_grad_sum if _kernel_wanted(use_kernel, input) else linear_sq_grad_sum_torch
-    G = conv_module.groups
-    og = conv_module.out_channels // G
-    res = out
-    if res is None:
-        acc_dt = torch.float64 if torch.float64 in (input.dtype, grad_output.dtype) else torch.float32
-        res = torch.zeros(wshape, device=input.device, dtype=acc_dt)
-    for g in range(G):
-        x, gy = conv2d_as_linear(input, grad_output, conv_module, g)
-        view = res[g * og:(g + 1) * og].view(og, -1)  # weight slices are contiguous row blocks
-        fn(x, gy, out=view, scale=scale)
-    return res
+        check_same_device(input=input, out=out)
+    if acc is None:
+        acc = _compute_dtypes(input, grad_output)[1]
+    kern = _kernel_wanted(use_kernel, input)
+    group = rows_per_sample
+    N = input.shape[0]  # rows: B * group
+    G = mod.groups
+    cout = mod.out_channels
+    og = cout // G
+    kk = mod.kernel_size[0] * mod.kernel_size[1]
+    cg = mod.in_channels // G
+    L = grad_output.shape[2] * grad_output.shape[3]
+    per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
+    step = max(1, max_elements // max(1, per_sample)) * group  # whole samples per chunk
+    res = torch.zeros(G, og, cg * kk, dtype=acc, device=input.device)
+    for s in range(0, N, step):
+        xp = conv_padded_input(input[s:s + step].to(acc), mod)
+        c = xp.shape[0]
+        cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
+        if cols.shape[-1] != L:
+            raise ValueError(f"grad_output: expected {cols.shape[-1]} output positions for this input and conv, "
+                             f"got shape {tuple(grad_output.shape)}")
+        cols = cols.view(c, G, cg * kk, L)  # unfold's row order (channel, kh, kw) matches weight
+        g = grad_output[s:s + step].to(acc).reshape(c, G, og, L)
+        if group > 1:  # a sample's rows become more positions: [c/r, G, ., r*L]
+            cols = cols.view(c // group, group, G, cg * kk, L).permute(0, 2, 3, 1, 4).reshape(
+                c // group, G, cg * kk, group * L)
+            g = g.view(c // group, group, G, og, L).permute(0, 2, 3, 1, 4).reshape(c // group, G, og, group * L)
+        if kern:
+            for gi in range(G):
+                res[gi] += linear_sq_grad_sum(cols[:, gi].transpose(1, 2), g[:, gi].transpose(1, 2)).to(acc)
+        else:
+            per = torch.einsum("bgol,bgkl->bgok", g, cols)  # per-sample weight gradients of the chunk
+            res += per.square().sum(0)
+    res = res.view(wshape)
+    if out is None:
+        return res if scale == 1.0 else res.mul_(scale)
+    return _add_into(out, res, scale)
+
+
+def conv2d_bias_sq_grad_sum(grad_output: torch.Tensor, out: Optional[torch.Tensor] = None, scale: float = 1.0, *,
+                            acc: Optional[torch.dtype] = None, rows_per_sample: int = 1) -> torch.Tensor:
+    """`sum_i (sum over positions and rows of gy_i)^2` [Cout]: the squared per-sample bias gradients of a
+    Conv2d, grad_output [B * rows_per_sample, Cout, Ho, Wo]."""
+    check_tensor("grad_output", grad_output, ndim=4)
+    N, cout = grad_output.shape[:2]
+    if (isinstance(rows_per_sample, bool) or not isinstance(rows_per_sample, int) or rows_per_sample < 1
+            or N % rows_per_sample):
+        raise ValueError(f"rows_per_sample: expected a positive integer dividing the {N} rows, got {rows_per_sample!r}")
+    if acc is None:
+        acc = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
+    per_row = grad_output.to(acc).sum(dim=(2, 3))
+    return bias_sq_grad_sum(per_row.reshape(N // rows_per_sample, rows_per_sample, cout), out, scale, acc=acc)

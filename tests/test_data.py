@@ -368,6 +368,56 @@ def test_buffer_state_roundtrip_and_sample(cls):
         a.add(torch.randn(2, 4), ys[:2])
 
 
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedBuffer])
+def test_buffer_first_add_under_inference_mode(cls):
+    """(3) storage allocated by a first add under inference_mode was an inference tensor: every later
+    add outside it failed. The buffer now owns normal tensors, whatever mode it is filled in."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(12, 2, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
+    a, ref = cls(5, seed=1), cls(5, seed=1)
+    with torch.inference_mode():
+        a.add(xs[:4], ys[:4])
+    ref.add(xs[:4], ys[:4])
+    a.add(xs[4:], ys[4:])
+    ref.add(xs[4:], ys[4:])
+    assert not a.x.is_inference() and torch.equal(a.data()[0], ref.data()[0]) and torch.equal(a.data()[1], ref.data()[1])
+    with torch.inference_mode():
+        b = cls(5, seed=1)
+        b.load_state_dict(ref.state_dict())
+    b.add(xs[:2], ys[:2])
+
+
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedBuffer])
+def test_buffer_labels_generator_and_state_checked(cls):
+    """(6) boolean labels were stored as classes 0/1, negative ones failed later in class_counts; a
+    state with size > capacity loaded silently."""
+    a = cls(4)
+    with pytest.raises(ValueError, match="y.*integer"):
+        a.add(torch.randn(2, 3), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="y.*non-negative"):
+        a.add(torch.randn(2, 3), torch.tensor([-1, 2]))
+    assert len(a) == 0
+    a.add(torch.randn(3, 3), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="generator"):
+        a.sample(2, generator=3)
+    st = a.state_dict()
+    with pytest.raises(ValueError, match="state: size"):
+        cls(4).load_state_dict({**st, "size": 10})
+    with pytest.raises(ValueError, match="state: missing"):
+        ClassBalancedBuffer(4).load_state_dict(ReservoirBuffer(4).state_dict())
+
+
+def test_split_class_without_samples_refused():
+    """(6) a class inside 0..K-1 with no samples made a task that listed it but held none of it."""
+    with pytest.raises(ValueError, match="labels: class \\[2\\] of task 1"):
+        class_incremental_split(torch.tensor([0, 1, 3, 3]), num_tasks=2, classes_per_task=2)
+    with pytest.raises(ValueError, match="seed"):
+        class_incremental_split(torch.tensor([0, 1]), num_tasks=1, classes_per_task=2, seed=0.5)
+    ds = ImageDataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]), num_classes=2, name="tiny")
+    with pytest.raises(ValueError, match="task.*non-negative"):
+        task_loader(ds, Task(0, [0], torch.tensor([-1, 0])), 2)
+
+
 # ------------------------------------------------------------------------------------------ replay pools
 def test_replay_pool_resume(tmp_path):
     torch.manual_seed(0)

@@ -624,3 +624,374 @@ def test_rows_per_sample_keeps_the_hook_path(monkeypatch):
     assert calls == []
     per_sample_sq_grad_sum(model, _rows_loss, batch)
     assert calls == [len(list(model.parameters())) - 2]  # all but lin0's weight and bias
+
+
+# --------------------------------------------------------------------------------------------------
+# The hook path proves which dim holds the samples (issue 10): layers whose leading dim equals B by
+# coincidence, permuted / transposed / reshaped inputs, cross-sample mixing, r-row losses
+# --------------------------------------------------------------------------------------------------
+def per_row_grads(model, loss_fn, batch):
+    """[B, P]: g_i = d l_i / d theta in the batched forward (the definition when samples couple)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = loss_fn(model, batch)
+    rows = []
+    for i in range(losses.shape[0]):
+        gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+    return torch.stack(rows)
+
+
+def assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "auto", "jvp", "autograd"),
+                            tol=1e-10, **kw):
+    """Every estimator against per-sample gradients G [B, P] (float64)."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(G.shape[1], generator=g, dtype=torch.float64)
+    for method in dot_methods:
+        assert rel_err(per_sample_grad_dot(model, loss_fn, batch, d, method=method, **kw), G @ d) < tol, method
+    for method in ("hooks", "autograd"):
+        assert rel_err(per_sample_sq_grad_sum(model, loss_fn, batch, method=method, **kw), (G * G).sum(0)) < tol, method
+    assert rel_err(diag_fisher(model, loss_fn, [batch], **kw), (G * G).mean(0)) < tol
+    mu = G.mean(0)
+    r = rank1_fisher(model, loss_fn, [batch], method="hooks")
+    assert rel_err(r.mean_grad, mu) < tol
+    coeff = ((G @ mu) ** 2).mean() / mu.norm() ** 4
+    assert abs(r.coeff - coeff.item()) <= tol * coeff.item()
+
+
+def _fallback_counter(monkeypatch):
+    import cdgfast.fisher.hooks as H
+
+    calls = []
+    real = H.per_sample_grads_autograd
+    monkeypatch.setattr(H, "per_sample_grads_autograd",
+                        lambda losses, ps, **kw: calls.append(len(ps)) or real(losses, ps, **kw))
+    return calls
+
+
+def _seq_loss(model, batch):
+    """Batch-first data [B, T, C] through a sequence-first model ([T, B, C] in and out)."""
+    out = model(batch["x"].transpose(0, 1))
+    return (torch.tanh(out) * batch["w"].transpose(0, 1)).sum((0, 2)) + out.pow(2).mean((0, 2))
+
+
+@pytest.mark.parametrize("T,B", [(4, 4), (3, 4)])
+def test_sequence_first_transformer_layer(T, B, monkeypatch):
+    """nn.TransformerEncoderLayer(batch_first=False) on [T, B, C]: with T == B the leading dim of its
+    Linear / LayerNorm inputs equals B but holds the tokens. Both cases are exact, and both keep the
+    hook path for every layer the rules cover (only the attention's in_proj / out_proj fall back)."""
+    torch.manual_seed(11)
+    model = nn.TransformerEncoderLayer(6, 2, 10, dropout=0.0).double().eval()
+    g = torch.Generator().manual_seed(T * 10 + B)
+    batch = {"x": torch.randn(B, T, 6, generator=g, dtype=torch.float64),
+             "w": torch.randn(B, T, 6, generator=g, dtype=torch.float64)}
+    G = naive_grads(model, _seq_loss, batch, B)
+    assert_estimators_match(model, _seq_loss, batch, G)
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, _seq_loss, batch)
+    assert calls == [4]  # self_attn.in_proj_weight / in_proj_bias / out_proj.weight / out_proj.bias
+
+
+class Transposing(nn.Module):
+    """[B, T, C] -> Linear -> [T, B, C] -> Linear on the tokens-first layout -> token-mixing Linear over
+    T on [B, C, T] -> back to [B, T, C]."""
+
+    def __init__(self, t, c):
+        super().__init__()
+        self.inp = nn.Linear(c, c)
+        self.mid = nn.Linear(c, c)
+        self.mix = nn.Linear(t, t)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).transpose(0, 1)               # [T, B, C]
+        h = self.norm(torch.tanh(self.mid(h)))                      # sequence-first layers
+        h = self.mix(h.permute(1, 2, 0))                            # [B, C, T]: mixes tokens, not samples
+        return h.transpose(1, 2)                                    # [B, T, C]
+
+
+def _transposing_loss(model, batch):
+    return (model(batch["x"]) - batch["w"]).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("T,B", [(3, 3), (2, 3)])
+def test_transposing_module_against_naive(T, B, monkeypatch):
+    torch.manual_seed(12)
+    model = Transposing(T, 5).double()
+    g = torch.Generator().manual_seed(T + B)
+    batch = {"x": torch.randn(B, T, 5, generator=g, dtype=torch.float64),
+             "w": torch.randn(B, T, 5, generator=g, dtype=torch.float64)}
+    G = naive_grads(model, _transposing_loss, batch, B)
+    assert_estimators_match(model, _transposing_loss, batch, G)
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, _transposing_loss, batch)
+    assert calls == []  # every layer's sample dim is proven, transposed or not
+
+
+class Flipped(nn.Module):
+    """A Linear applied to the batch in reverse order (rows permuted), then the order restored."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.flip(0)))).flip(0)
+
+
+class MixedView(nn.Module):
+    """A view that interleaves two samples' features into each row, a Linear on it, and the inverse
+    view: the Linear's rows (dim 0, size B = 2) are not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):                                   # x [2, 6]
+        h = self.a(torch.tanh(x).reshape(6, 2).t())         # [2, 6], each row holds both samples
+        return self.b(torch.tanh(h.t().reshape(2, 6)))      # per-sample rows again
+
+
+class Centered(nn.Module):
+    """Batch-norm-like mixing without a BatchNorm module: h - mean over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("make,per_sample", [(Flipped, True), (MixedView, False), (Centered, False)],
+                         ids=["flip", "mixed_view", "centered"])
+def test_permuted_reshaped_and_mixing_layouts_are_exact(make, per_sample):
+    """Models whose hooked layers see B rows that are not the samples: the numbers must match the
+    definition (a naive per-sample loop where samples stay separate, else per-row gradients of the
+    batched forward, as for train-mode BatchNorm)."""
+    torch.manual_seed(13)
+    model = make().double()
+    B = 2
+    x = torch.randn(B, 6 if make is MixedView else 3, dtype=torch.float64)
+    batch = {"x": x}
+    G = naive_grads(model, _once_loss, batch, B) if per_sample else per_row_grads(model, _once_loss, batch)
+    assert_estimators_match(model, _once_loss, batch, G, dot_methods=("hooks", "auto", "autograd"))
+
+
+def _once_loss(model, batch):
+    out = model(batch["x"])  # one call: a layer run twice would fall back anyway
+    return out.pow(2).sum(1) + out.sum(1)
+
+
+class KMajor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.emb = nn.Embedding(5, 4)
+
+    def forward(self, x, cond):                              # x [B, 3], cond [B, K]
+        B, K = cond.shape
+        h = self.a(x.repeat(K, 1))                           # [K*B, 4], sample-minor: row k*B + i
+        return torch.tanh(h + self.emb(cond.t().reshape(-1))).view(K, B, 4)
+
+
+def test_rows_per_sample_promise_is_checked():
+    """rows_per_sample=K promises K consecutive rows per sample (repeat_interleave); a loss that lays
+    its B*K rows out K-major (repeat) breaks the promise. The hook path must notice, not trust it."""
+    torch.manual_seed(14)
+    model = KMajor().double()
+    g = torch.Generator().manual_seed(2)
+    batch = {"x": torch.randn(3, 3, generator=g, dtype=torch.float64), "cond": torch.randint(0, 5, (3, 2), generator=g)}
+    loss_fn = lambda m, b: m(b["x"], b["cond"]).pow(2).sum((0, 2))  # noqa: E731
+    G = naive_grads(model, loss_fn, batch, 3)
+    assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "autograd"), rows_per_sample=2)
+
+
+def test_inplace_activations_keep_the_hook_path(monkeypatch):
+    """nn.ReLU(inplace=True) right after hooked layers rewrites their outputs in place: separable, so
+    the layers keep the hook path (and stay exact)."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(inplace=True), nn.GroupNorm(1, 3), nn.Flatten(),
+                          nn.Linear(48, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).double()
+    batch = {"x": torch.randn(3, 2, 4, 4, dtype=torch.float64)}
+    loss_fn = lambda m, b: m(b["x"]).pow(2).sum(1)  # noqa: E731
+    G = naive_grads(model, loss_fn, batch, 3)
+    assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "auto"))
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    per_sample_grad_dot(model, loss_fn, batch, G[0], method="hooks")
+    assert calls == []
+
+
+def test_unet_layers_stay_on_the_hook_path(monkeypatch):
+    """The layout proof covers every layer of the diffusers UNet, with the plain loss and with the
+    ewc_dc loss's B x K condition rows: no parameter takes the per-sample autograd fallback."""
+    from cdgfast.methods.dc import EWCDC
+
+    model, loss_fn, batch = unet_setup(torch.float32, 3, seed=15)
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    per_sample_grad_dot(model, loss_fn, batch, torch.randn(num_trainable(model)), method="hooks")
+    m = EWCDC(k=3)
+    m.setup(num_classes=3)
+    m.seen_classes, m.current_classes = [0, 1], [2]
+    batch = dict(batch, y=batch["y"].clamp(max=2))
+    batch["cond"] = m.conditions(batch["y"])
+    per_sample_sq_grad_sum(model, m.ewc_loss_fn, batch, rows_per_sample=3)
+    assert calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses without a graph, grad-mode contexts, transforms, dtypes, devices (issue 10, item 6 and audit)
+# --------------------------------------------------------------------------------------------------
+def _small():
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = {"x": torch.randn(5, 3, dtype=torch.float64)}
+    return model, batch
+
+
+def _small_loss(m, b):
+    return m(b["x"]).pow(2).sum(1)
+
+
+def _under_no_grad(m, b):
+    with torch.no_grad():
+        return _small_loss(m, b)
+
+
+def _under_inference(m, b):
+    with torch.inference_mode():
+        return _small_loss(m, b)
+
+
+_OTHER = nn.Linear(3, 2).double()
+NO_GRAPH = {
+    "no_grad": _under_no_grad,
+    "inference_mode": _under_inference,
+    "detached": lambda m, b: _small_loss(m, b).detach(),
+    "other_parameters": lambda m, b: _OTHER(b["x"]).pow(2).sum(1),
+    "constant": lambda m, b: b["x"].sum(1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_GRAPH))
+def test_losses_without_graph_raise(case):
+    """Every function refuses losses that cannot carry gradients (they used to give zeros)."""
+    model, batch = _small()
+    bad = NO_GRAPH[case]
+    P = num_trainable(model)
+    calls = [lambda: per_sample_sq_grad_sum(model, bad, batch),
+             lambda: per_sample_sq_grad_sum(model, bad, batch, method="autograd"),
+             lambda: diag_fisher(model, bad, [batch]),
+             lambda: rank1_fisher(model, bad, [batch]),
+             lambda: rank1_fisher(model, bad, [batch], method="jvp")]
+    calls += [lambda m=m: per_sample_grad_dot(model, bad, batch, torch.ones(P, dtype=torch.float64), method=m)
+              for m in ("hooks", "autograd", "auto") + (() if case == "no_grad" else ("jvp",))]
+    for call in calls:
+        with pytest.raises(ValueError, match="loss_fn.*trainable parameters"):
+            call()
+
+
+def test_jvp_accepts_a_no_grad_loss():
+    """Forward-mode AD differentiates under torch.no_grad(): the JVP path is right there."""
+    model, batch = _small()
+    G = naive_grads(model, _small_loss, batch, 5)
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    assert rel_err(per_sample_grad_dot(model, _under_no_grad, batch, d, method="jvp"), G @ d) < 1e-10
+
+
+def test_loss_dtype_and_device_are_checked():
+    model, batch = _small()
+    with pytest.raises(ValueError, match="loss_fn.*floating"):
+        per_sample_sq_grad_sum(model, lambda m, b: _small_loss(m, b).long(), batch)
+    with pytest.raises(ValueError, match="loss_fn.*device"):
+        per_sample_sq_grad_sum(model, lambda m, b: _small_loss(m, b).to("meta"), batch)
+    with pytest.raises(ValueError, match="loss_fn.*device"):
+        rank1_fisher(model, lambda m, b: _small_loss(m, b).to("meta"), [batch])
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_called_under_no_grad_or_inference_mode(context):
+    """The functions enable autograd for their own computation (results are detached); a batch made
+    under inference_mode is cloned into normal tensors."""
+    model, batch = _small()
+    G = naive_grads(model, _small_loss, batch, 5)
+    d = torch.randn(G.shape[1], dtype=torch.float64)
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    with ctx():
+        inner = {"x": batch["x"].clone()}  # an inference tensor under inference_mode
+        dots = [per_sample_grad_dot(model, _small_loss, inner, d, method=m) for m in ("hooks", "jvp", "autograd")]
+        sq = per_sample_sq_grad_sum(model, _small_loss, inner)
+        diag = diag_fisher(model, _small_loss, [inner])
+        r = rank1_fisher(model, _small_loss, [inner])
+    for dot in dots:
+        assert rel_err(dot, G @ d) < 1e-10
+    assert rel_err(sq, (G * G).sum(0)) < 1e-10 and rel_err(diag, (G * G).mean(0)) < 1e-10
+    assert rel_err(r.mean_grad, G.mean(0)) < 1e-10 and not r.mean_grad.is_inference()
+
+
+def test_refused_inside_torch_func_transforms():
+    from torch.autograd import forward_ad
+
+    model, batch = _small()
+    P = num_trainable(model)
+    for method in ("hooks", "jvp"):
+        with pytest.raises(ValueError, match="per_sample_grad_dot.*torch.func"):
+            torch.func.vmap(lambda d: per_sample_grad_dot(model, _small_loss, batch, d, method=method))(
+                torch.randn(2, P, dtype=torch.float64))
+    with forward_ad.dual_level():
+        with pytest.raises(ValueError, match="per_sample_sq_grad_sum.*torch.func"):
+            per_sample_sq_grad_sum(model, _small_loss, batch)
+        with pytest.raises(ValueError, match="diag_fisher.*torch.func"):
+            diag_fisher(model, _small_loss, [batch])
+        with pytest.raises(ValueError, match="rank1_fisher.*torch.func"):
+            rank1_fisher(model, _small_loss, [batch])
+
+
+def test_half_precision_accumulates_in_float32():
+    """float16 / bfloat16 models: results in float32; a half-precision `out` buffer is refused
+    (summing batches into it would round every partial sum)."""
+    model, batch = _small()
+    for dt in (torch.float16, torch.bfloat16):
+        m = copy.deepcopy(model).to(dt)
+        b = {"x": batch["x"].to(dt)}
+        P = num_trainable(m)
+        assert per_sample_sq_grad_sum(m, _small_loss, b).dtype == torch.float32
+        assert diag_fisher(m, _small_loss, [b]).dtype == torch.float32
+        assert rank1_fisher(m, _small_loss, [b]).mean_grad.dtype == torch.float32
+        assert per_sample_grad_dot(m, _small_loss, b, torch.ones(P), method="jvp").dtype == torch.float32
+        with pytest.raises(ValueError, match="out.*float32"):
+            per_sample_sq_grad_sum(m, _small_loss, b, out=torch.zeros(P, dtype=dt))
+
+
+def test_complex_parameters_refused():
+    model = nn.Linear(3, 2).to(torch.complex64)
+    loss_fn = lambda m, b: m(b["x"].to(torch.complex64)).abs().pow(2).sum(1)  # noqa: E731
+    with pytest.raises(ValueError, match="model.*real floating"):
+        per_sample_sq_grad_sum(model, loss_fn, {"x": torch.randn(2, 3)})
+
+
+def test_progress_bars_off_by_default(capsys):
+    model, batch = _small()
+    rank1_fisher(model, _small_loss, [batch])
+    diag_fisher(model, _small_loss, [batch])
+    assert "Fisher" not in capsys.readouterr().err
+    diag_fisher(model, _small_loss, [batch], progress=True)
+    rank1_fisher(model, _small_loss, [batch], progress=True)
+    err = capsys.readouterr().err
+    assert "diag Fisher" in err and "rank1 Fisher" in err
+
+
+def test_swapped_parameter_is_not_credited():
+    """A loss that swaps a layer's weight for another tensor (torch.func.functional_call): the layer's
+    output gradients say nothing about the model's own weight, whose per-sample gradients are zero."""
+    model, batch = _small()
+    subst = {"0.weight": model[0].weight.detach().clone().requires_grad_()}
+    loss_fn = lambda m, b: torch.func.functional_call(m, subst, (b["x"],)).pow(2).sum(1)  # noqa: E731
+    G = naive_grads(model, loss_fn, batch, 5)
+    assert G[:, :12].abs().max() == 0  # 0.weight is not used
+    assert_estimators_match(model, loss_fn, batch, G, dot_methods=("hooks", "autograd"))

@@ -704,3 +704,18 @@ def test_flatten_parameters_bad_input_names_the_argument():
         flatten_parameters_(mixed)
     with pytest.raises(ValueError, match=r"model\[0\].*Parameter"):
         flatten_parameters_([torch.ones(2)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_running_sums_are_refused(dtype):
+    """A bf16 sum of 4096 ones stops at 256: half-precision running sums would be a quietly wrong Fisher."""
+    total = torch.zeros((), dtype=dtype)
+    for _ in range(4096):
+        total += 1
+    assert float(total) < 4096  # why: the running sum stalls in this dtype
+    with pytest.raises(ValueError, match="dtype.*float32 or torch.float64"):
+        FisherAccumulator(3, dtype=dtype)
+    acc = FisherAccumulator(3)  # half-precision inputs into float32 sums are fine
+    for _ in range(4096):
+        acc.add_sq_grads(torch.ones(3, dtype=dtype), 1)
+    assert torch.equal(acc.diagonal(), torch.ones(3))

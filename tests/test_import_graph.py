@@ -140,3 +140,61 @@ def test_no_import_cycles():
     assert not found, msg
     stale = [sorted(c) for c in EXPECTED_CYCLES if c not in {frozenset(x) for x in cycles(graph)}]
     assert not stale, f"EXPECTED_CYCLES lists cycles that are gone, remove them: {stale}"
+
+
+# The architecture as an import rule: data flows one way, data -> train -> methods -> fisher/ops -> kernels.
+# A module may import modules of its own package, of a LOWER layer, and (only in the foundation layer) of its
+# own layer. A new top-level module or package must be given a layer here.
+LAYERS: Tuple[Tuple[str, ...], ...] = (
+    ("cdgfast._validation", "cdgfast._dispatch", "cdgfast._params", "cdgfast.params", "cdgfast._cuda",
+     "cdgfast.parallel", "cdgfast.diffusion", "cdgfast.sampling"),   # foundation
+    ("cdgfast.kernels",),                                              # Triton / CUDA launchers
+    ("cdgfast.ops",),                                                  # drop-in ops
+    ("cdgfast.fisher",),                                               # Fisher estimators, accumulator
+    ("cdgfast.data", "cdgfast.models", "cdgfast.metrics"),             # data sets, model presets, metrics
+    ("cdgfast.methods",),                                              # consolidation methods
+    ("cdgfast.analysis", "cdgfast.train"),                             # drivers
+    ("cdgfast.analyze",),                                              # command aliases
+)
+
+
+def _unit(module: str) -> str:
+    """The top-level module or package of cdgfast a module belongs to (cdgfast.ops.dc -> cdgfast.ops)."""
+    return ".".join(module.split(".")[:2])
+
+
+def _layer(unit: str) -> int:
+    for i, units in enumerate(LAYERS):
+        if unit in units:
+            return i
+    raise AssertionError(f"{unit} has no layer in tests/test_import_graph.py::LAYERS: give it one")
+
+
+def layer_violations(graph) -> List[str]:
+    bad = []
+    for src, targets in graph.items():
+        if src == "cdgfast":  # the package root only re-exports its version
+            continue
+        for dst, where in targets.items():
+            a, b = _unit(src), _unit(dst)
+            if a == b or dst == "cdgfast":
+                continue
+            la, lb = _layer(a), _layer(b)
+            if lb > la or (lb == la and la != 0):
+                bad.append(f"{src} (layer {la}) imports {dst} (layer {lb}) at {where}")
+    return sorted(bad)
+
+
+def test_imports_follow_the_layers():
+    """No module in kernels/ imports ops/, no module in ops/ or fisher/ imports methods/ or train/, ..."""
+    bad = layer_violations(import_graph())
+    assert not bad, "imports against the data flow:\n" + "\n".join(bad)
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    fake = {"cdgfast.ops.dc": {"cdgfast.methods.base": "ops/dc.py:3"}, "cdgfast.methods.base": {},
+            "cdgfast.data.a": {"cdgfast.models.unet": "data/a.py:1"}, "cdgfast.models.unet": {},
+            "cdgfast.sampling": {"cdgfast.diffusion": "sampling.py:1"}, "cdgfast.diffusion": {}}
+    assert layer_violations(fake) == [
+        "cdgfast.data.a (layer 4) imports cdgfast.models.unet (layer 4) at data/a.py:1",
+        "cdgfast.ops.dc (layer 2) imports cdgfast.methods.base (layer 5) at ops/dc.py:3"]

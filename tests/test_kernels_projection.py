@@ -1,8 +1,10 @@
 """cdgfast.kernels.projection: per-sample gradient contractions for Linear / Conv2d layers.
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors here (tests/conftest.py), on CUDA
-where there is a GPU. References: per-sample gradients built sample by sample in float64 (outer
-products over tokens), and autograd per-sample gradients of real nn.Linear / nn.Conv2d modules.
+where there is a GPU. The plain-PyTorch functions are the hook path's CPU contractions
+(cdgfast.fisher.hooks runs them; the last tests check that it does) and are tested without Triton.
+References: per-sample gradients built sample by sample in float64 (outer products over tokens), and
+autograd per-sample gradients of real nn.Linear / nn.Conv2d modules.
 """
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn as nn
 from cdgfast._dispatch import triton_available
 from cdgfast.kernels import projection as P
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton not installed")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Relative tolerance (to the reference's max magnitude) per input dtype. The reference uses the very
@@ -50,6 +52,7 @@ def rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=torch.float64).to(device=DEV, dtype=dtype)
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_grad_dot_fp32_shapes(shape, bias):
@@ -66,6 +69,7 @@ def test_linear_grad_dot_fp32_shapes(shape, bias):
     assert_close_rel(P.linear_grad_dot_torch(x, gy, M, Mb), ref, RTOL[torch.float32])
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 def test_linear_sq_grad_sum_fp32_shapes(shape):
     B, T, cin, cout = shape
@@ -77,6 +81,7 @@ def test_linear_sq_grad_sum_fp32_shapes(shape):
     assert_close_rel(P.linear_sq_grad_sum_torch(x, gy, max_elements=cout * cin), ref, RTOL[torch.float32])
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(dtype):
     B, T, cin, cout = 3, 7, 33, 5
@@ -92,6 +97,7 @@ def test_dtypes(dtype):
     assert_close_rel(sq, (g ** 2).sum(dim=0), RTOL[dtype])
 
 
+@needs_triton
 def test_mixed_dtypes_use_fp32_direction():
     # A half-precision layer with an fp32 direction: the direction must not be rounded to fp16.
     B, T, cin, cout = 2, 3, 17, 4
@@ -102,6 +108,7 @@ def test_mixed_dtypes_use_fp32_direction():
     assert_close_rel(got, ref, 1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
 def test_sq_grad_sum_accumulates_into_out(out_dtype):
     B, T, cin, cout = 3, 5, 19, 6
@@ -121,6 +128,7 @@ def test_sq_grad_sum_accumulates_into_out(out_dtype):
     assert_close_rel(view, ref2, 2e-6)
 
 
+@needs_triton
 def test_scale_fp64_is_exact():
     x, gy = rand(2, 3, 5, dtype=torch.float64), rand(2, 3, 4, dtype=torch.float64)
     scale = 1.0 / 3.0  # not representable in fp32
@@ -128,6 +136,7 @@ def test_scale_fp64_is_exact():
     assert_close_rel(got, scale * (naive_per_sample_grads(x, gy) ** 2).sum(0), 1e-12)
 
 
+@needs_triton
 def test_non_contiguous_inputs_and_out():
     B, T, cin, cout = 3, 6, 9, 5
     x = rand(B, cin, T).transpose(1, 2)  # [B, T, Cin] with stride(2) != 1
@@ -150,6 +159,7 @@ def test_bias_sq_grad_sum():
     assert_close_rel(out, 1 + 2 * ref, 1e-6)
 
 
+@needs_triton
 def test_empty_batch():
     x, gy = rand(0, 3, 5), rand(0, 3, 4)
     assert P.linear_grad_dot(x, gy, rand(4, 5)).shape == (0,)
@@ -178,6 +188,7 @@ def batch_io_grads(module, inputs, loss_of_output):
     return inputs.detach(), out.grad.detach()
 
 
+@needs_triton
 def test_linear_tokens_vs_autograd():
     torch.manual_seed(1)
     B, T, cin, cout = 3, 7, 5, 3
@@ -220,7 +231,7 @@ def test_conv2d_vs_autograd(cfg):
     Mb = torch.randn(cfg["out_channels"], dtype=torch.float64) if conv.bias is not None else None
     ref_dot = torch.stack([(g["weight"] * Mw).sum() + ((g["bias"] * Mb).sum() if Mb is not None else 0) for g in per])
     ref_sq = sum(g["weight"] ** 2 for g in per)
-    for use_kernel in (False, True):
+    for use_kernel in (False, True) if triton_available() else (False,):
         d_in, d_out = xin.to(DEV), gout.to(DEV)
         got_dot = P.conv2d_grad_dot(d_in, d_out, conv.to(DEV), Mw.to(DEV), None if Mb is None else Mb.to(DEV),
                                     use_kernel=use_kernel)
@@ -245,6 +256,7 @@ def test_conv2d_as_linear_layout():
 
 
 # --- bad input -------------------------------------------------------------------------------------
+@needs_triton
 def test_errors_name_the_argument():
     x, gy = rand(2, 3, 5), rand(2, 3, 4)
     with pytest.raises(ValueError, match="gy"):
@@ -270,8 +282,115 @@ def test_errors_name_the_argument():
         P.conv2d_as_linear(torch.randn(1, 3, 5, 5), torch.randn(1, 4, 3, 3), conv, group=1)
 
 
+@needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
 def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="x: Triton kernels need CUDA"):
         P.linear_sq_grad_sum(torch.randn(2, 3, 5), torch.randn(2, 3, 4))
+
+
+# --- the plain-PyTorch contractions (the hook path's CPU copy) --------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+def test_torch_linear_contractions_vs_naive(shape, acc):
+    """No Triton needed. acc: the hook path passes the model's accumulation dtype; float64
+    accumulation of float32 inputs is exact to float64 rounding against the float64 reference."""
+    B, T, cin, cout = shape
+    x, gy, M, Mb = rand(B, T, cin), rand(B, T, cout), rand(cout, cin), rand(cout)
+    g = naive_per_sample_grads(x, gy)
+    tol = 1e-12 if acc == torch.float64 else RTOL[torch.float32]
+    dot = P.linear_grad_dot_torch(x, gy, M, Mb, acc=acc)
+    assert dot.dtype == acc
+    assert_close_rel(dot, (g * M.double().cpu()).sum((1, 2)) + gy.double().cpu().sum(1) @ Mb.double().cpu(), tol)
+    assert_close_rel(P.linear_grad_dot_torch(x, gy, None, Mb, acc=acc), gy.double().cpu().sum(1) @ Mb.double().cpu(),
+                     tol)
+    assert_close_rel(P.linear_grad_dot_torch(x, gy, M, acc=acc), (g * M.double().cpu()).sum((1, 2)), tol)
+    ref_sq = (g ** 2).sum(0)
+    for max_elements in (1, 1 << 24):  # one sample per chunk, and one chunk
+        assert_close_rel(P.linear_sq_grad_sum_torch(x, gy, acc=acc, max_elements=max_elements), ref_sq, tol)
+    out = torch.ones(cout, cin, dtype=torch.float64, device=DEV)
+    assert P.linear_sq_grad_sum_torch(x, gy, out=out, scale=0.5, acc=acc) is out
+    assert_close_rel(out, 1 + 0.5 * ref_sq, tol)
+    ref_b = torch.stack([gy[i].double().cpu().sum(0) ** 2 for i in range(B)]).sum(0)
+    assert_close_rel(P.bias_sq_grad_sum(gy, acc=acc), ref_b, tol)
+
+
+def _grouped_conv_reference(conv, x, loss, r):
+    """Per-sample gradients of a conv whose input rows are B samples of r consecutive rows each:
+    sample i's gradient is the sum of its rows' single-row gradients (float64, one row at a time)."""
+    rows = per_sample_autograd(conv, x, loss)
+    out = []
+    for i in range(x.shape[0] // r):
+        out.append({n: sum(rows[i * r + j][n] for j in range(r)) for n in rows[0]})
+    return out
+
+
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"k{c['kernel_size']}g{c.get('groups', 1)}")
+@pytest.mark.parametrize("r", [1, 3])
+def test_torch_conv_contractions_rows_per_sample(cfg, r):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(**cfg).double()
+    B = 2
+    x = torch.randn(B * r, cfg["in_channels"], 6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        w = torch.randn_like(conv(x))
+    loss = lambda y, i: (torch.sin(y) * w[i]).sum()  # noqa: E731
+    per = _grouped_conv_reference(conv, x, loss, r)
+    xin, gout = batch_io_grads(conv, x, loss)
+    Mw = torch.randn_like(conv.weight)
+    Mb = torch.randn(cfg["out_channels"], dtype=torch.float64) if conv.bias is not None else None
+    ref_dot = torch.stack([(g["weight"] * Mw).sum() + ((g["bias"] * Mb).sum() if Mb is not None else 0) for g in per])
+    got = P.conv2d_grad_dot(xin, gout, conv, Mw, Mb, use_kernel=False, rows_per_sample=r)
+    assert got.shape == (B,)
+    assert_close_rel(got, ref_dot, 1e-12)
+    for max_elements in (1, 1 << 24):  # one sample (r rows) per unfold chunk, and one chunk
+        sq = P.conv2d_sq_grad_sum(xin, gout, conv, use_kernel=False, rows_per_sample=r, max_elements=max_elements)
+        assert_close_rel(sq, sum(g["weight"] ** 2 for g in per), 1e-12)
+    if conv.bias is not None:
+        assert_close_rel(P.conv2d_bias_sq_grad_sum(gout, rows_per_sample=r), sum(g["bias"] ** 2 for g in per), 1e-12)
+        assert_close_rel(P.conv2d_grad_dot(xin, gout, conv, None, Mb, rows_per_sample=r),
+                         torch.stack([(g["bias"] * Mb).sum() for g in per]), 1e-12)
+    if triton_available():  # the Triton squares on the unfolded input, same chunks
+        sq = P.conv2d_sq_grad_sum(xin.to(DEV), gout.to(DEV), conv.to(DEV), use_kernel=True, rows_per_sample=r)
+        assert_close_rel(sq, sum(g["weight"] ** 2 for g in per), 1e-10)
+        conv.cpu()
+
+
+def test_torch_contraction_errors_name_the_argument():
+    conv = nn.Conv2d(2, 3, 3)
+    x, gy = torch.randn(4, 2, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="rows_per_sample"):
+        P.conv2d_sq_grad_sum(x, gy, conv, rows_per_sample=3)
+    with pytest.raises(ValueError, match="rows_per_sample"):
+        P.conv2d_bias_sq_grad_sum(gy, rows_per_sample=0)
+    with pytest.raises(ValueError, match="grad_output"):
+        P.conv2d_grad_dot(x, torch.randn(4, 2, 3, 3), conv, torch.randn(3, 2, 3, 3))
+    with pytest.raises(ValueError, match="grad_output"):
+        P.conv2d_sq_grad_sum(x, torch.randn(4, 3, 4, 4), conv)
+    with pytest.raises(ValueError, match="conv_module"):
+        P.conv2d_sq_grad_sum(x, gy, nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="M"):
+        P.linear_grad_dot_torch(torch.randn(2, 3, 5), torch.randn(2, 3, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="out"):
+        P.linear_sq_grad_sum_torch(torch.randn(2, 3, 5), torch.randn(2, 3, 4), out=torch.zeros(5, 4))
+
+
+def test_hook_path_runs_these_contractions(monkeypatch):
+    """One copy: cdgfast.fisher.hooks computes Linear / Conv2d contractions with these functions."""
+    from cdgfast.fisher import per_sample_grad_dot, per_sample_sq_grad_sum
+
+    called = set()
+    for name in ("linear_grad_dot_torch", "linear_sq_grad_sum_torch", "bias_sq_grad_sum", "conv2d_grad_dot",
+                 "conv2d_sq_grad_sum", "conv2d_bias_sq_grad_sum"):
+        real = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, _n=name, _f=real, **k: called.add(_n) or _f(*a, **k))
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    batch = {"x": torch.randn(3, 2, 4, 4)}
+    loss_fn = lambda m, b: m(b["x"]).pow(2).sum(1)  # noqa: E731
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    per_sample_grad_dot(model, loss_fn, batch, torch.randn(sum(p.numel() for p in model.parameters())),
+                        method="hooks")
+    assert called == {"linear_grad_dot_torch", "linear_sq_grad_sum_torch", "bias_sq_grad_sum", "conv2d_grad_dot",
+                      "conv2d_sq_grad_sum", "conv2d_bias_sq_grad_sum"}

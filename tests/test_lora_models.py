@@ -176,3 +176,47 @@ def test_conv_target_unfolded_orientation():
         w = (A @ B).t().reshape(base.weight.shape)
         ref = torch.nn.functional.conv2d(x, w, stride=base.stride, padding=base.padding)
     torch.testing.assert_close(change, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ issue 10 classes, LoRA and presets
+def test_add_lora_twice_refused(lora_unet):
+    """(6) peft re-initialises an adapter of the same name: a second add_lora silently discarded the
+    trained LoRA (the delta changed, no error)."""
+    randomise_lora(lora_unet, 3)
+    before = lora_delta(lora_unet)
+    with pytest.raises(ValueError, match="adapter_name.*already"):
+        add_lora(lora_unet, rank=3, alpha=6.0, seed=1)
+    after = lora_delta(lora_unet)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for dropout in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="dropout"):
+            add_lora(build_unet("tiny", num_classes=2, sample_size=8), dropout=dropout)
+
+
+def test_merge_deltas_shapes_and_weights(lora_unet):
+    """(1) deltas of different shapes broadcast into a delta of the wrong shape; NaN weights ran."""
+    randomise_lora(lora_unet, 4)
+    d = lora_delta(lora_unet)
+    k = next(iter(d))
+    with pytest.raises(ValueError, match="deltas\\[1\\].*shape"):
+        merge_deltas([d, {n: v[:1] for n, v in d.items()}])
+    with pytest.raises(ValueError, match="deltas\\[0\\]"):
+        merge_deltas([{k: 1.0}, {k: 2.0}])
+    with pytest.raises(ValueError, match="weights\\[0\\]"):
+        merge_deltas([d, d], [float("nan"), 1.0])
+    with pytest.raises(ValueError, match="scale"):
+        add_deltas_to_base(lora_unet, d, scale=float("nan"))
+    with pytest.raises(ValueError, match="deltas\\["):
+        add_deltas_to_base(lora_unet, {k: 1.0})
+    merged = merge_deltas([d, {n: 3 * v for n, v in d.items()}], [0.25, 0.5])
+    torch.testing.assert_close(merged[k], 1.75 * d[k])
+
+
+def test_build_unet_sizes_checked():
+    """A sample_size the down/up path cannot halve and double back failed only in the first forward."""
+    for kw, what in ((dict(sample_size=15), "sample_size.*multiple of 2"),
+                     (dict(preset="small", sample_size=6), "sample_size.*multiple of 4"),
+                     (dict(num_classes=2.5), "num_classes"), (dict(num_classes=True), "num_classes"),
+                     (dict(in_channels=0), "in_channels")):
+        with pytest.raises(ValueError, match=what):
+            build_unet(**kw)

@@ -1,13 +1,15 @@
 """cdgfast.metrics: Fréchet distance against an independent reference and closed forms, continual-learning
 summaries against loops, KLD, class-balanced labels, the cached classifier and the Inception loader."""
 import math
+import warnings
 
 import pytest
 import torch
 
 from cdgfast.metrics import (ClassifierFeatures, InceptionFeatures, SmallCNN, afid_at_k, class_balanced_labels,
                              class_histogram, class_kld, extract_features, feature_statistics, fid_from_features,
-                             forgetting, frechet_distance, get_classifier, imf, kl_divergence, mf, summarize)
+                             forgetting, frechet_distance, get_classifier, imf, kl_divergence, mf, summarize,
+                             train_classifier)
 
 
 def ref_frechet(mu1, s1, mu2, s2):
@@ -202,3 +204,73 @@ def test_small_cnn_shapes():
     assert m.features(x).shape == (2, 5) and m(x).shape == (2, 7)
     with pytest.raises(ValueError, match="SmallCNN"):
         SmallCNN(0, 7)
+
+
+# ------------------------------------------------------------------ issue 10 classes, metrics
+def test_bad_values_refused_not_dropped():
+    """(6) a NaN probability dropped out of the KL sum (a finite, wrong KLD); a negative class index
+    wrapped around to the last class; a float total was truncated; a NaN feature was reported as a
+    covariance error, ragged FID rows as a bare tensor error."""
+    with pytest.raises(ValueError, match="p_true.*NaN"):
+        kl_divergence(torch.tensor([float("nan"), 1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="p_gen.*NaN"):
+        kl_divergence(torch.tensor([0.5, 0.5]), torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(ValueError, match="eps"):
+        kl_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0]), eps=-1e-3)
+    with pytest.raises(ValueError, match="non-empty"):
+        kl_divergence(torch.tensor([]), torch.tensor([]))
+    for classes, what in (([-1], "classes.*\\[0, 10\\)|classes.*non-negative"), ([10], "classes.*\\[0, 10\\)"),
+                          ([1, 1], "classes.*distinct"), ([1.5], "classes.*integer")):
+        with pytest.raises(ValueError, match=what):
+            class_kld(torch.tensor([9, 9]), classes, 10)
+    with pytest.raises(ValueError, match="predictions"):
+        class_histogram(torch.tensor([True, False]), 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        class_histogram(torch.tensor([1, 0]), 2.5)
+    with pytest.raises(ValueError, match="total"):
+        class_balanced_labels([1, 2], 4.5)
+    with pytest.raises(ValueError, match="classes.*distinct"):
+        class_balanced_labels([1, 1], 4)
+    f = torch.randn(30, 3, dtype=torch.float64)
+    bad = f.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="fake.*NaN.*\\[4\\]"):
+        fid_from_features(f, bad)
+    with pytest.raises(ValueError, match="real"):
+        fid_from_features(f.tolist(), f)
+    with pytest.raises(ValueError, match="fid.*square"):
+        afid_at_k([[1.0], [2.0, 3.0]])
+    with pytest.raises(ValueError, match="kld"):
+        summarize([[1.0]], kld="0.5")
+    assert summarize([[1.0]], kld=float("nan"))["kld"] is None
+
+
+def test_singular_covariance_warns():
+    """Fewer samples than feature dimensions: the FID is defined but biased, and a warning says so."""
+    g = torch.Generator().manual_seed(0)
+    few, many = torch.randn(7, 8, generator=g), torch.randn(9, 8, generator=g)
+    with pytest.warns(RuntimeWarning, match="real: 7 samples of 8 features.*singular"):
+        fid_from_features(few, many)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fid_from_features(many, many + 0.1) > 0
+
+
+def test_extract_features_rows_and_batch_size():
+    """(1) an extractor that returns one row per chunk instead of per image gave N / batch_size rows;
+    a negative batch_size returned no features at all."""
+    x = torch.randn(6, 1, 2, 2)
+    with pytest.raises(ValueError, match="extractor.*3 rows"):
+        extract_features(lambda xb: xb.reshape(1, -1), x, batch_size=3)
+    for bs in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            extract_features(lambda xb: xb.flatten(1), x, batch_size=bs)
+    torch.testing.assert_close(extract_features(lambda xb: xb.flatten(1), x, batch_size=4), x.flatten(1))
+
+
+def test_train_classifier_labels_checked():
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(ValueError, match="y.*integer"):
+        train_classifier(x, torch.zeros(8), 2, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="y.*\\[0, 2\\)"):
+        train_classifier(x, torch.full((8,), 5), 2, epochs=1, progress=False)

@@ -126,3 +126,48 @@ def test_bad_inputs():
         ddim_sample(m, torch.tensor([0, 1]), schedule=s, num_steps=2, shape=(3, 1, 8, 8))
     with pytest.raises(ValueError, match="schedule"):
         ddim_sample(m, torch.tensor([0]), schedule="linear", num_steps=2)
+
+
+class _Linear(torch.nn.Module):
+    """eps_theta(x_t) = w * x_t[:, :channels], in the parameter's dtype."""
+
+    def __init__(self, w, dtype, channels=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
+        self.channels = channels
+
+    def forward(self, x, t, class_labels=None):
+        out = self.w * x
+        return out if self.channels is None else out[:, :self.channels]
+
+
+def test_bad_values_refused_not_propagated():
+    """(6) eta = NaN / inf gave an all-NaN sample, eta > 1 a clamped (wrong) variance, eta = True ran
+    as 1; a non-generator failed deep inside; a model with fewer output channels broadcast."""
+    s = NoiseSchedule(20)
+    m = _Linear(0.5, torch.float32)
+    kw = dict(schedule=s, num_steps=2, shape=(2, 1, 3, 3))
+    for eta in (float("nan"), float("inf"), 1.5, True):
+        with pytest.raises(ValueError, match="eta"):
+            ddim_sample(m, None, eta=eta, **kw)
+    with pytest.raises(ValueError, match="generator"):
+        ddim_sample(m, None, generator=5, **kw)
+    with pytest.raises(ValueError, match="labels"):
+        ddim_sample(build_unet("tiny", num_classes=2, sample_size=8), torch.tensor([True]), schedule=s, num_steps=2)
+    with pytest.raises(ValueError, match="model.*shape"):
+        ddim_sample(_Linear(0.5, torch.float32, channels=1), None, schedule=s, num_steps=2, shape=(2, 3, 3, 3))
+    assert torch.isfinite(ddim_sample(m, None, eta=1.0, generator=torch.Generator().manual_seed(0), **kw)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clip", [False, True])
+def test_half_precision_model_state_in_float32(dtype, clip):
+    """(4) x0_hat divides by sqrt(a_t) ~ 6e-3: a half-precision state amplified its rounding and 50
+    steps accumulated it (4-5x one ulp). The state now stays in float32; the result is within one
+    ulp (machine epsilon at 1) of a float64 run of the same model."""
+    w = float(torch.tensor(0.9, dtype=dtype))  # the same weight in both models
+    kw = dict(schedule=NoiseSchedule(), num_steps=50, shape=(3, 1, 5, 7), clip_sample=clip)
+    out = ddim_sample(_Linear(w, dtype), None, generator=torch.Generator().manual_seed(0), **kw)
+    ref = ddim_sample(_Linear(w, torch.float64), None, generator=torch.Generator().manual_seed(0), **kw)
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max() <= torch.finfo(dtype).eps

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._validation import check_generator
+
 
 class _BufferBase:
     def __init__(self, capacity: int, *, seed: int = 0):
@@ -40,14 +42,22 @@ class _BufferBase:
         y = torch.as_tensor(y)
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y: expected labels [B] with B = {x.shape[0]}, got shape {tuple(y.shape)}")
-        if y.dtype.is_floating_point:
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise ValueError(f"y: expected integer labels, got {y.dtype}")
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"y: expected non-negative class labels, got minimum {int(y.min())}")
         if self.x is None:
-            self.x = torch.empty((self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            self.y = torch.empty(self.capacity, dtype=torch.long, device=x.device)
+            self._allocate(x.shape[1:], x.dtype, x.device)
         elif tuple(x.shape[1:]) != tuple(self.x.shape[1:]):
             raise ValueError(f"x: expected items of shape {tuple(self.x.shape[1:])}, got {tuple(x.shape[1:])}")
         return x.detach().to(self.x.device, self.x.dtype), y.to(self.y.device, torch.long)
+
+    def _allocate(self, item_shape, dtype, device) -> None:
+        # Storage made under inference_mode would be an inference tensor, which a later add outside it
+        # cannot write into: the buffer always owns normal tensors.
+        with torch.inference_mode(False):
+            self.x = torch.empty((self.capacity, *item_shape), dtype=dtype, device=device)
+            self.y = torch.empty(self.capacity, dtype=torch.long, device=device)
 
     def _rand_below(self, n: int) -> int:
         return int(torch.randint(0, n, (1,), generator=self._gen))
@@ -57,6 +67,9 @@ class _BufferBase:
         Uses `generator` if given (CPU generator), else the buffer's own."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: expected a positive integer, got {n!r}")
+        check_generator("generator", generator)
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator: expected a CPU generator, got one on {generator.device}")
         if self.size == 0:
             raise ValueError("n: cannot sample from an empty buffer (add samples first)")
         g = generator if generator is not None else self._gen
@@ -86,19 +99,31 @@ class _BufferBase:
                 "rng": self._gen.get_state(), **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self._state_keys()) - set(state))
+        if missing:
+            raise ValueError(f"state: missing {missing} (a {type(self).__name__} state_dict() was expected)")
         if int(state["capacity"]) != self.capacity:
             raise ValueError(f"state: capacity {state['capacity']} does not match this buffer's {self.capacity}")
-        self.seed, self.size, self.num_seen = int(state["seed"]), int(state["size"]), int(state["num_seen"])
+        size = int(state["size"])
+        rows = 0 if state["x"] is None else int(state["x"].shape[0])
+        if not 0 <= size <= self.capacity or rows != size or (state["y"] is not None and state["y"].shape != (rows,)):
+            raise ValueError(f"state: size {size} must lie in [0, {self.capacity}] and match the stored x rows "
+                             f"({rows}) and y")
+        self.seed, self.size, self.num_seen = int(state["seed"]), size, int(state["num_seen"])
         self._gen.set_state(state["rng"])
         if state["x"] is None:
             self.x = self.y = None
         else:
             x, y = state["x"], state["y"]
-            self.x = torch.empty((self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            self.y = torch.empty(self.capacity, dtype=torch.long, device=x.device)
+            self._allocate(x.shape[1:], x.dtype, x.device)
             self.x[:self.size] = x
             self.y[:self.size] = y
         self._load_extra_state(state)
+
+    def _state_keys(self):
+        return ("capacity", "seed", "size", "num_seen", "x", "y", "rng", *self._extra_keys)
+
+    _extra_keys: Tuple[str, ...] = ()
 
     def _extra_state(self) -> dict:
         return {}
@@ -144,6 +169,8 @@ class ReservoirBuffer(_BufferBase):
 class ClassBalancedBuffer(_BufferBase):
     """Class-balanced reservoir sampling (module docstring): equal shares per seen class, evicting from
     the largest class; uniform within each class."""
+
+    _extra_keys = ("seen_per_class",)
 
     def __init__(self, capacity: int, *, seed: int = 0):
         super().__init__(capacity, seed=seed)

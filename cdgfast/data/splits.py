@@ -41,6 +41,8 @@ def class_incremental_split(labels, *, num_tasks: int, classes_per_task: int,
     for name, v in (("num_tasks", num_tasks), ("classes_per_task", classes_per_task)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
     num_classes = max(int(labels.max()) + 1, int(declared or 0))
     if class_order is None:
         if seed == 0:
@@ -64,6 +66,11 @@ def class_incremental_split(labels, *, num_tasks: int, classes_per_task: int,
         idx = torch.nonzero(mask).flatten().long()
         if idx.numel() == 0:
             raise ValueError(f"labels: task {k} (classes {classes}) has no samples")
+        # a class inside 0..K-1 without samples would be trained on nothing yet generated and scored
+        empty = [c for c in classes if not bool((labels == c).any())]
+        if empty:
+            raise ValueError(f"labels: class{'es' if len(empty) > 1 else ''} {empty} of task {k} "
+                             f"(classes {classes}) ha{'ve' if len(empty) > 1 else 's'} no samples")
         tasks.append(Task(index=k, classes=list(classes), indices=idx))
     return tasks
 
@@ -80,6 +87,8 @@ class TaskLoader:
             raise ValueError(f"task: expected a cdgfast.data.Task, got {type(task).__name__}")
         if len(task) and int(task.indices.max()) >= len(dataset):
             raise ValueError(f"task: indices reach {int(task.indices.max())} but the dataset has {len(dataset)} rows")
+        if len(task) and int(task.indices.min()) < 0:  # would wrap around to the last rows
+            raise ValueError(f"task: expected non-negative row indices, got minimum {int(task.indices.min())}")
         self.dataset, self.task, self.batch_size = dataset, task, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.generator = generator if generator is not None else torch.Generator().manual_seed(task.index)

@@ -1,14 +1,17 @@
 """Shared pieces of cdgfast.fisher: argument checks, the flat parameter layout, the per-sample loss
-call, the model-state guard and the universal per-sample-autograd fallback."""
+call and its checks, the autograd context of a public call, the model-state guard and the universal
+per-sample-autograd fallback."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
-from cdgfast._params import split_like, trainable_parameters
+from cdgfast._dispatch import transform_active
+from cdgfast._params import split_like
 
 # Per-sample gradients of at most this many elements exist at once in the autograd fallback.
 _FALLBACK_MAX_ELEMENTS = 1 << 24
@@ -25,6 +28,9 @@ def trainable_named(model: torch.nn.Module) -> Tuple[List[str], List[torch.nn.Pa
             params.append(p)
     if not params:
         raise ValueError("model: expected at least one trainable parameter (requires_grad=True), got none")
+    for n, p in zip(names, params):
+        if not p.is_floating_point():  # g * g of a complex gradient is not its squared magnitude
+            raise ValueError(f"model: expected real floating trainable parameters, got {n} of dtype {p.dtype}")
     return names, params
 
 
@@ -88,6 +94,104 @@ def call_loss(loss_fn, model, batch) -> torch.Tensor:
         raise ValueError(f"loss_fn: returned {losses.shape[0]} losses but the batch holds {lead.shape[0]} samples; "
                          f"expected one loss per sample")
     return losses
+
+
+def _no_graph_error(detail: str) -> ValueError:
+    return ValueError(f"loss_fn: expected per-sample losses [B] that depend on the model's trainable parameters "
+                      f"through autograd, got {detail} (computed under torch.no_grad() or torch.inference_mode(), "
+                      f"detached, or from other parameters?)")
+
+
+def check_loss_graph(losses: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """The losses of a reverse-mode path must reach at least one trainable parameter through their
+    graph, and live on the parameters' device; without that every gradient would silently be zero."""
+    if losses.is_inference():
+        raise _no_graph_error("an inference tensor")
+    if not losses.requires_grad or losses.grad_fn is None:
+        raise _no_graph_error("a tensor without an autograd graph")
+    dev = params[0].device
+    if losses.device != dev:
+        raise ValueError(f"loss_fn: expected the losses on the model's device {dev}, got {losses.device}")
+    if not _reaches(losses.grad_fn, params):
+        raise _no_graph_error("losses whose graph reaches none of them")
+
+
+def _reaches(root, params: Sequence[torch.Tensor]) -> bool:
+    """Depth-first search of the autograd graph for an AccumulateGrad node of one of `params`."""
+    targets = {id(p) for p in params}
+    seen = set()
+    keep = []  # holding the node wrappers keeps their ids unique during the walk
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in targets:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def check_jvp_tangent(losses: torch.Tensor) -> None:
+    """Inside torch.func.jvp: losses without a tangent do not depend on the parameters (forward mode)."""
+    from torch.autograd import forward_ad
+
+    if forward_ad.unpack_dual(losses).tangent is None:
+        raise _no_graph_error("losses without a forward-mode tangent")
+
+
+def usable_batch(batch):
+    """The batch with tensors made under torch.inference_mode() cloned into normal tensors (same values):
+    autograd cannot save inference tensors. Other batches are returned as they are."""
+    found: list = []
+    tensors_in(batch, found)
+    if not any(t.is_inference() for t in found):
+        return batch
+    return _clone_inference(batch)
+
+
+def tensors_in(obj, out: list, depth: int = 0) -> None:
+    """Every tensor in `obj` (nested lists, tuples and mappings, a few levels deep)."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for o in obj:
+            tensors_in(o, out, depth + 1)
+    elif depth < 4 and isinstance(obj, Mapping):
+        for o in obj.values():
+            tensors_in(o, out, depth + 1)
+
+
+def _clone_inference(obj, depth: int = 0):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if depth < 4 and isinstance(obj, Mapping):
+        return {k: _clone_inference(v, depth + 1) for k, v in obj.items()}
+    if depth < 4 and isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_clone_inference(v, depth + 1) for v in obj))
+    if depth < 4 and isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_inference(v, depth + 1) for v in obj)
+    return obj
+
+
+def autograd_call(name: str):
+    """Decorator for the public functions: they differentiate the model, so they refuse to run inside a
+    torch.func transform or a forward-AD level (where torch.autograd.grad would see wrapped tensors) and
+    run with autograd on, also when called under torch.no_grad() or torch.inference_mode() (their
+    results are detached; no graph escapes)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if transform_active():
+                raise ValueError(f"{name}: expected to be called outside torch.func transforms (vmap, grad, jvp, "
+                                 f"...) and forward-AD dual levels; it differentiates the model itself")
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(*args, **kwargs)
+        return wrapper
+    return deco
 
 
 def direction_pieces(direction, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -421,8 +421,10 @@ class FisherAccumulator:
     def __init__(self, num_params: int, *, device=None, dtype: torch.dtype = torch.float32):
         if isinstance(num_params, bool) or not isinstance(num_params, numbers.Integral) or int(num_params) <= 0:
             raise ValueError(f"num_params: expected a positive integer, got {num_params!r}")
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
+        if dtype not in (torch.float32, torch.float64):
+            # running sums over thousands of samples in a half-precision buffer stop growing (bf16 keeps 8 bits):
+            # a quietly wrong Fisher. Half-precision inputs are fine; the sums are not.
+            raise ValueError(f"dtype: expected torch.float32 or torch.float64 for the running sums, got {dtype}")
         self.num_params = int(num_params)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else None

@@ -12,20 +12,28 @@ Conventions shared by every function here:
 * The model is left as it was: no hooks remain, `.grad` is not touched (only `torch.autograd.grad`
   is used), training flags, `requires_grad` and buffer values (BatchNorm running statistics) are
   restored, parameters are never written.
-* Results are detached, on the parameters' device, in the widest parameter dtype but at least float32.
+* Results are detached, on the parameters' device, in the widest parameter dtype but at least float32
+  (float16 / bfloat16 models accumulate in float32).
+* Every function runs with autograd on, also when called under `torch.no_grad()` or
+  `torch.inference_mode()` (batch tensors made in inference mode are cloned into normal tensors), and
+  refuses to run inside a `torch.func` transform or a forward-AD level.
+* `loss_fn`'s losses must depend on the trainable parameters through autograd: losses computed under
+  `torch.no_grad()` / `torch.inference_mode()`, detached, or from other parameters raise ValueError
+  (the forward-mode path accepts `no_grad`, under which forward AD still differentiates).
+* Progress bars (`progress=True`, tqdm) are off by default.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from cdgfast._params import split_like
 from cdgfast._validation import check_choice
 
-from ._common import (call_loss, check_batch, check_loss_fn, direction_pieces, param_device,
-                      preserved_state, result_dtype, trainable_named)
+from ._common import (autograd_call, call_loss, check_batch, check_loss_fn, check_loss_graph, direction_pieces,
+                      param_device, preserved_state, result_dtype, trainable_named, usable_batch)
 from .hooks import HookPlan, hooked_contractions
 from .jvp import jvp_grad_dot
 
@@ -56,6 +64,7 @@ def _tqdm(iterable, progress: bool, desc: str):
 # --------------------------------------------------------------------------------------------------
 # Per-batch primitives
 # --------------------------------------------------------------------------------------------------
+@autograd_call("per_sample_grad_dot")
 def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direction: Union[torch.Tensor, Sequence[torch.Tensor]],
                         method: str = "auto", *, rows_per_sample: int = 1) -> torch.Tensor:
     """`direction . g_i` for every sample i of `batch`: a tensor [B], without per-sample gradients.
@@ -65,7 +74,8 @@ def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direct
       * "jvp": forward-mode AD, `d/de l_i(theta + e*direction)` (about 2-3 forward costs; math SDPA
         backend and contiguous GroupNorm inputs during the call, see `cdgfast.fisher.jvp`);
       * "hooks": one batched forward + backward with per-layer contractions (Linear, Conv2d,
-        GroupNorm, LayerNorm, Embedding); parameters the rules do not cover get exact per-sample
+        GroupNorm, LayerNorm, Embedding) where the forward proves which dim holds the samples;
+        parameters the rules do not cover, or whose layout is not proven, get exact per-sample
         gradients from the same batched graph (see `cdgfast.fisher.hooks`);
       * "autograd": per-sample gradients of every parameter from the batched graph (vmapped backward
         over one-hot cotangents in chunks): slow, exact, a reference;
@@ -91,6 +101,7 @@ def per_sample_grad_dot(model: torch.nn.Module, loss_fn: Callable, batch, direct
                                    force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample).detach()
 
 
+@autograd_call("per_sample_sq_grad_sum")
 def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, method: str = "auto", *,
                            out: Optional[torch.Tensor] = None, rows_per_sample: int = 1) -> torch.Tensor:
     """`sum_i g_i * g_i` over the samples of `batch`: a flat tensor [P]; never a B x P tensor.
@@ -101,14 +112,15 @@ def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, met
     get exact per-sample gradients from the batched graph in chunks of samples, squared and summed:
     slower, documented in `cdgfast.fisher.hooks`. "autograd" sends every parameter that way.
 
-    out: optional flat [P] floating tensor on the parameters' device; the sum is added into it in
-    place and it is returned (how `diag_fisher` accumulates over batches). Else a new zero buffer.
+    out: optional flat [P] float32 / float64 tensor on the parameters' device; the sum is added into it
+    in place and it is returned (how `diag_fisher` accumulates over batches). Else a new zero buffer.
 
     rows_per_sample: r > 1 when `loss_fn` runs the model on r copies of every sample laid out
     sample-major (`x.repeat_interleave(r, 0)`, as the DC-score losses do with one row per condition).
     Layers that see B * r rows then keep the hook path, summing each sample's r rows; without it they
-    fall back to exact per-sample autograd (same numbers, about B times the cost). A layer that sees
-    another row count still falls back, but the r-row layout itself is the caller's promise.
+    fall back to exact per-sample autograd (same numbers, about B times the cost). The layout is
+    checked, not trusted: rows laid out otherwise (e.g. `x.repeat(r, 1)`), or another row count, fall
+    back as well (see `cdgfast.fisher.hooks`).
     """
     check_choice("method", method, SQ_METHODS)
     _check_rows(rows_per_sample)
@@ -119,10 +131,11 @@ def per_sample_sq_grad_sum(model: torch.nn.Module, loss_fn: Callable, batch, met
     acc = result_dtype(params)
     if out is None:
         out = torch.zeros(P, dtype=acc, device=dev)
-    elif not (isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == P and out.is_floating_point()
-              and out.device == dev):
+    elif not (isinstance(out, torch.Tensor) and out.dim() == 1 and out.numel() == P
+              and out.dtype in (torch.float32, torch.float64) and out.device == dev):
+        # a float16 / bfloat16 buffer would round every batch's sum: refuse rather than lose the mass
         got = f"shape {tuple(out.shape)}, {out.dtype}, {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"out: expected a flat floating tensor of P={P} elements on {dev}, got {got}")
+        raise ValueError(f"out: expected a flat float32 or float64 tensor of P={P} elements on {dev}, got {got}")
     check_batch(batch)
     with preserved_state(model):
         hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(out, params),
@@ -172,8 +185,9 @@ def _passes(batches, name: str = "batches", two_passes: bool = True) -> Callable
     return lambda: batches  # re-iterable (DataLoader, custom container)
 
 
+@autograd_call("rank1_fisher")
 def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
-                 progress: bool = True) -> Rank1Fisher:
+                 progress: bool = False) -> Rank1Fisher:
     """Rank-1 empirical Fisher of the task data (rank-1 paper, section 3.3; SPEC `rank1`).
 
     Pass 1: `mu = mean_i g_i`, one batched backward of the sum of each batch's losses (never per
@@ -182,42 +196,22 @@ def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: 
 
     batches: a list/tuple of batches (iterated twice: same t/eps in both passes), a re-iterable such
     as a DataLoader, or a callable returning a fresh iterable (how each pass gets fresh t/eps, as in
-    the paper). A one-shot iterator/generator raises ValueError. progress: tqdm bars over batches.
-    If `mu` is exactly zero, coeff is 0.0 (with a warning): the penalty vanishes either way.
+    the paper). A one-shot iterator/generator raises ValueError. progress: tqdm bars over batches
+    (off by default). If `mu` is exactly zero, coeff is 0.0 (with a warning): the penalty vanishes
+    either way.
     """
     check_choice("method", method, DOT_METHODS)
     check_loss_fn(loss_fn)
     get = _passes(batches)
     _, params = trainable_named(model)
-    dev = param_device(params)
-    acc = result_dtype(params)
-    P = sum(p.numel() for p in params)
-    # Pass 1 writes each batch gradient straight into one flat buffer through per-parameter views;
-    # pass 2 keeps the sum of squared projections in float64 on the device (no host sync per batch).
-    total = torch.zeros(P, dtype=acc, device=dev)
-    views = split_like(total, params)
-    n1 = 0
-    with preserved_state(model):
-        for batch in _tqdm(get(), progress, "rank1 Fisher: mean gradient"):
-            check_batch(batch)
-            with torch.enable_grad():
-                losses = call_loss(loss_fn, model, batch)
-                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) if losses.requires_grad \
-                    else [None] * len(params)
-            for v, g in zip(views, grads):
-                if g is not None:
-                    v.add_(g.detach())
-            n1 += losses.shape[0]
-            del losses, grads
+    param_device(params)
+    # Each pass reduces to sums over samples (a [P] gradient sum and a count; a squared-projection sum
+    # and a count): the only state that crosses batches, and what a data-parallel caller would reduce.
+    total, n1 = _grad_sum(model, loss_fn, get(), params, progress)
     if n1 == 0:
         raise ValueError("batches: expected at least one non-empty batch, got none")
     mu = total.div_(n1)
-
-    sq, n2 = torch.zeros((), dtype=torch.float64, device=dev), 0
-    for batch in _tqdm(get(), progress, "rank1 Fisher: projections"):
-        proj = per_sample_grad_dot(model, loss_fn, batch, mu, method=method).to(torch.float64)
-        sq += torch.dot(proj, proj)
-        n2 += proj.shape[0]
+    sq, n2 = _sq_projection_sum(model, loss_fn, get(), mu, method, progress)
     if n2 == 0:
         raise ValueError("batches: the second pass yielded no batches; pass a list or a callable returning a "
                          "fresh iterable each time")
@@ -233,40 +227,73 @@ def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: 
     return Rank1Fisher(mean_grad=mu, coeff=float(coeff), num_samples=int(n1))
 
 
+def _grad_sum(model, loss_fn, batches: Iterable, params: Sequence[torch.Tensor], progress: bool):
+    """(sum_i g_i as a flat [P] buffer, number of samples): one batched backward per batch, written
+    straight into the buffer through per-parameter views."""
+    total = torch.zeros(sum(p.numel() for p in params), dtype=result_dtype(params), device=params[0].device)
+    views = split_like(total, params)
+    n = 0
+    with preserved_state(model):
+        for batch in _tqdm(batches, progress, "rank1 Fisher: mean gradient"):
+            check_batch(batch)
+            losses = call_loss(loss_fn, model, usable_batch(batch))
+            check_loss_graph(losses, params)
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for v, g in zip(views, grads):
+                if g is not None:
+                    v.add_(g.detach())
+            n += losses.shape[0]
+            del losses, grads
+    return total, n
+
+
+def _sq_projection_sum(model, loss_fn, batches: Iterable, mu: torch.Tensor, method: str, progress: bool):
+    """(sum_i (mu . g_i)^2 as a float64 scalar tensor on the device (no host sync per batch), number
+    of samples)."""
+    sq, n = torch.zeros((), dtype=torch.float64, device=mu.device), 0
+    for batch in _tqdm(batches, progress, "rank1 Fisher: projections"):
+        proj = per_sample_grad_dot(model, loss_fn, batch, mu, method=method).to(torch.float64)
+        sq += torch.dot(proj, proj)
+        n += proj.shape[0]
+    return sq, n
+
+
+@autograd_call("diag_fisher")
 def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
-                progress: bool = True, rows_per_sample: int = 1) -> torch.Tensor:
+                progress: bool = False, rows_per_sample: int = 1) -> torch.Tensor:
     """Diagonal empirical Fisher `mean_i g_i * g_i` [P] from true per-sample gradients (not the
     square of a batch gradient), summed batch by batch into one flat buffer with
     `per_sample_sq_grad_sum(..., out=buffer)`. batches: as in `rank1_fisher` (one pass, so a
-    one-shot iterator is accepted here). progress: tqdm bar over batches. rows_per_sample: see
-    `per_sample_sq_grad_sum`."""
+    one-shot iterator is accepted here). progress: tqdm bar over batches (off by default).
+    rows_per_sample: see `per_sample_sq_grad_sum`."""
     check_choice("method", method, SQ_METHODS)
     _check_rows(rows_per_sample)
     check_loss_fn(loss_fn)
     get = _passes(batches, two_passes=False)
     _, params = trainable_named(model)
-    dev = param_device(params)
-    P = sum(p.numel() for p in params)
-    buf = torch.zeros(P, dtype=result_dtype(params), device=dev)
-    n = 0
-    for batch in _tqdm(get(), progress, "diag Fisher"):
-        check_batch(batch)
-        before = n
-        n += _batch_size_via_sq(model, loss_fn, batch, method, buf, rows_per_sample)
-        if n == before:
-            raise ValueError("batch: expected at least one sample")
+    param_device(params)
+    buf, n = _sq_grad_sum(model, loss_fn, get(), params, method, rows_per_sample, progress)
     if n == 0:
         raise ValueError("batches: expected at least one non-empty batch, got none")
     return buf.div_(n)
 
 
-def _batch_size_via_sq(model, loss_fn, batch, method, buf, rows_per_sample: int = 1) -> int:
-    """Add one batch's sum_i g_i^2 into buf and return its number of samples."""
-    _, params = trainable_named(model)
+def _sq_grad_sum(model, loss_fn, batches: Iterable, params: Sequence[torch.Tensor], method: str,
+                 rows_per_sample: int, progress: bool):
+    """(sum_i g_i * g_i as a flat [P] buffer, number of samples), one batch at a time."""
     acc = result_dtype(params)
-    with preserved_state(model):
-        return int(hooked_contractions(model, loss_fn, batch, params, acc, sq_views=split_like(buf, params),
-                                       force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample))
+    buf = torch.zeros(sum(p.numel() for p in params), dtype=acc, device=params[0].device)
+    views = split_like(buf, params)
+    n = 0
+    for batch in _tqdm(batches, progress, "diag Fisher"):
+        check_batch(batch)
+        with preserved_state(model):
+            count = int(hooked_contractions(model, loss_fn, batch, params, acc, sq_views=views,
+                                            force_fallback=(method == "autograd"), rows_per_sample=rows_per_sample))
+        if count == 0:
+            raise ValueError("batch: expected at least one sample")
+        n += count
+    return buf, n
 
 
 __all__ = ["Rank1Fisher", "per_sample_grad_dot", "per_sample_sq_grad_sum", "rank1_fisher", "diag_fisher"]

@@ -1,10 +1,11 @@
 """Per-sample gradient contractions from one batched forward and backward (SPEC section 4).
 
 One forward of the batch records, for every supported layer, its input `x` and a handle on its output
-(`torch.autograd.graph.get_gradient_edge`); one `torch.autograd.grad` of `sum_i l_i` with respect to
-those outputs gives `gy = d(sum_j l_j)/d out`, whose row i is `d l_i / d out_i` because samples are
-independent. Per-sample parameter gradients are then contractions of `x_i` and `gy_i` that are never
-materialised per sample:
+(`torch.autograd.graph.get_gradient_edge`); one `torch.autograd.grad` of `sum_j l_j` with respect to
+those outputs gives `gy = d(sum_j l_j)/d out`, whose row i is `d l_i / d out_i` provided that row i
+of the output influences no other loss. That proviso is proven, not assumed (`cdgfast.fisher._layout`:
+every tensor of the forward carries the dim that indexes the samples, op by op). Per-sample parameter
+gradients are then contractions of `x_i` and `gy_i` that are never materialised per sample:
 
 | layer | g_i (weight) | direction . g_i | sum_i g_i * g_i |
 |---|---|---|---|
@@ -21,85 +22,61 @@ says so and the module imports; elsewhere the plain-PyTorch contractions here ru
 **Fallback (documented rule).** A trainable parameter is *covered* when it is the weight or bias of a
 supported layer whose `forward` is the stock one, the parameter belongs to that layer only, and the
 model has no sample-coupling layer (BatchNorm in train mode or without running stats). During the
-forward a `TorchFunctionMode` also checks that every covered parameter enters the graph only inside
-its own layer's call, that the layer runs exactly once, and that the layer sees the samples in dim 0
-(`x.shape[0] == B`) and does not have its input modified in place afterwards. Every parameter that
+forward a `TorchFunctionMode` also checks that every covered parameter enters the graph inside its own
+layer's call and nowhere else, that the layer runs exactly once, that its input is not modified in
+place afterwards, and that the layout proof holds: the losses come out indexed by sample, and the
+layer's input and output carry the samples in one dim `d` (any dim for Linear / LayerNorm / Embedding,
+which the contractions move to the front, e.g. a sequence-first [T, B, C] activation; dim 0 for Conv2d
+/ GroupNorm), one row per sample or `rows_per_sample` consecutive rows per sample. Every parameter that
 fails any of these gets exact per-sample gradients from the same batched graph
 (`per_sample_grads_autograd`: vmapped backward of one-hot cotangents over chunks of samples, or one
-backward per sample) - slower, never a wrong number. With a coupling layer every parameter takes that
-path. Assumption that cannot be checked: hooked layers keep the sample index in dim 0 (not, e.g., a
-sequence-first [T, B, C] layout that happens to have T == B).
+backward per sample) - slower, never a wrong number. With a coupling layer, or when the proof fails
+for the losses themselves (an op that mixes samples, an op the proof has no rule for), every parameter
+takes that path. With one sample in the batch any layout is right.
 
 **Several rows per sample.** A loss that runs the model on r copies of each sample (the DC scores'
-B x K conditions, `x.repeat_interleave(K, 0)`) passes `rows_per_sample=r`: layers that see B * r rows
-then treat a sample's r consecutive rows as one more token / spatial dimension and keep the hook path
-(measured: ewc_dc's Fisher on the tiny UNet, B = 16, K = 4, from 6.3 s to 0.75 s on one CPU thread,
-against 0.34 s for a plain forward + backward of the same loss).
+B x K conditions, `x.repeat_interleave(K, 0)`) passes `rows_per_sample=r`: layers whose rows the proof
+finds laid out r per sample (consecutive) then treat a sample's r rows as one more token / spatial
+dimension and keep the hook path (measured: ewc_dc's Fisher on the tiny UNet, B = 16, K = 4, from
+6.3 s to 0.75 s on one CPU thread, against 0.34 s for a plain forward + backward of the same loss).
+Any other layout, or a promise the rows do not keep, falls back.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from cdgfast._dispatch import use_triton
-from cdgfast.kernels.projection import conv_padded_input  # plain torch; imports without triton
+from cdgfast.kernels import projection as P  # imports without triton (then only its torch functions run)
 
-from ._common import call_loss, per_sample_grads_autograd
-
-# Per-sample intermediates (per-sample weight gradients, unfolded inputs) of at most this many
-# elements exist at once.
-_MAX_ELEMENTS = 1 << 24
-
+from ._common import _leading_tensor, call_loss, check_loss_graph, per_sample_grads_autograd, tensors_in, usable_batch
+from ._layout import MIXED, SampleLayout
 
 # --------------------------------------------------------------------------------------------------
-# Triton dispatch (CUDA only)
+# The contractions: cdgfast.kernels.projection (Triton launchers on CUDA, its plain-PyTorch functions
+# elsewhere; one copy of each)
 # --------------------------------------------------------------------------------------------------
-def _triton_projection(x: torch.Tensor):
-    if not use_triton(x):
-        return None
-    try:
-        from cdgfast.kernels import projection
-    except Exception:  # kernels missing or broken: the PyTorch contraction is always correct
-        return None
-    if hasattr(projection, "linear_grad_dot") and hasattr(projection, "linear_sq_grad_sum"):
-        return projection
-    return None
+def _kernels(x: torch.Tensor) -> bool:
+    return use_triton(x) and P.triton is not None
 
 
-def _linear_dot(x3: torch.Tensor, gy3: torch.Tensor, M: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """[B]: sum_t (x_t @ M^T) . gy_t for x3 [B, T, Cin], gy3 [B, T, Cout], M [Cout, Cin]."""
-    kern = _triton_projection(x3)
-    if kern is not None:
-        return kern.linear_grad_dot(x3, gy3, M).to(acc)
-    xa, ga, Ma = x3.to(acc), gy3.to(acc), M.to(acc)
-    if xa.shape[1] == 1:
-        return ((xa[:, 0] @ Ma.t()) * ga[:, 0]).sum(1)
-    return (torch.matmul(xa, Ma.t()) * ga).sum(dim=(1, 2))
+def _linear_dot(x3, gy3, Mw, Mb, acc) -> torch.Tensor:
+    """[B]: Mw . g_i(weight) + Mb . g_i(bias) for x3 [B, T, Cin], gy3 [B, T, Cout]."""
+    if Mw is not None and _kernels(x3):
+        res = P.linear_grad_dot(x3, gy3, Mw).to(acc)
+        return res if Mb is None else res + P.linear_grad_dot_torch(x3, gy3, None, Mb, acc=acc)
+    return P.linear_grad_dot_torch(x3, gy3, Mw, Mb, acc=acc)
 
 
-def _linear_sq(x3: torch.Tensor, gy3: torch.Tensor, out: torch.Tensor, acc: torch.dtype) -> None:
-    """out [Cout, Cin] += sum_i (gy_i^T x_i)^2 for x3 [B, T, Cin], gy3 [B, T, Cout]."""
-    kern = _triton_projection(x3)
-    if kern is not None:
-        out.add_(kern.linear_sq_grad_sum(x3, gy3).to(out.dtype))
-        return
-    B, T, cin = x3.shape
-    cout = gy3.shape[2]
-    if T == 1:  # g_i = outer(gy_i, x_i): squares factor, one matmul
-        g2, x2 = gy3[:, 0].to(acc).square(), x3[:, 0].to(acc).square()
-        out.add_((g2.t() @ x2).to(out.dtype))
-        return
-    step = max(1, _MAX_ELEMENTS // max(1, cout * cin + T * (cin + cout)))
-    res = torch.zeros(cout, cin, dtype=acc, device=out.device)
-    for s in range(0, B, step):
-        g = torch.bmm(gy3[s:s + step].to(acc).transpose(1, 2), x3[s:s + step].to(acc))
-        res += g.square().sum(0)
-    out.add_(res.to(out.dtype))
+def _linear_sq(x3, gy3, out, acc) -> None:
+    """out [Cout, Cin] += sum_i (gy_i^T x_i)^2."""
+    if _kernels(x3):
+        out.add_(P.linear_sq_grad_sum(x3, gy3).to(out.dtype))
+    else:
+        P.linear_sq_grad_sum_torch(x3, gy3, out=out, acc=acc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +90,10 @@ class _Rule:
 
     def layout_ok(self, mod, x: torch.Tensor, B: int) -> bool:
         return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == B
+
+    def dim_ok(self, mod, x: torch.Tensor, dim: int) -> bool:
+        """Whether the samples may sit in `dim` of the input (the rule moves that dim to the front)."""
+        return dim == 0
 
     # `group` r > 1: the layer saw r rows per sample, sample-major (rows i*r .. i*r+r-1 are sample i's,
     # as repeat_interleave(r) makes them); sample i's gradient is the sum over its rows.
@@ -131,6 +112,9 @@ def _sample_major(t: torch.Tensor, group: int) -> torch.Tensor:
 class _LinearRule(_Rule):
     cls = nn.Linear
 
+    def dim_ok(self, mod, x, dim):  # any dim but the features (sequence-first [T, B, C] inputs)
+        return dim < x.dim() - 1
+
     @staticmethod
     def _flat(mod, x, gy):
         B = x.shape[0]
@@ -138,19 +122,14 @@ class _LinearRule(_Rule):
 
     def dot(self, mod, x, gy, Mw, Mb, acc, group=1):
         x3, g3 = self._flat(mod, _sample_major(x, group), _sample_major(gy, group))
-        res = torch.zeros(x3.shape[0], dtype=acc, device=x.device)
-        if Mw is not None:
-            res += _linear_dot(x3, g3, Mw, acc)
-        if Mb is not None:
-            res += g3.to(acc).sum(1) @ Mb.to(acc)
-        return res
+        return _linear_dot(x3, g3, Mw, Mb, acc)
 
     def sq(self, mod, x, gy, out_w, out_b, acc, group=1):
         x3, g3 = self._flat(mod, _sample_major(x, group), _sample_major(gy, group))
         if out_w is not None:
             _linear_sq(x3, g3, out_w, acc)
         if out_b is not None:
-            out_b.add_(g3.to(acc).sum(1).square().sum(0).to(out_b.dtype))
+            P.bias_sq_grad_sum(g3, out=out_b, acc=acc)
 
 
 class _Conv2dRule(_Rule):
@@ -160,49 +139,13 @@ class _Conv2dRule(_Rule):
         return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == B
 
     def dot(self, mod, x, gy, Mw, Mb, acc, group=1):
-        res = torch.zeros(x.shape[0], dtype=acc, device=x.device)  # per row; summed per sample below
-        g = gy.to(acc)
-        if Mw is not None:
-            y = F.conv2d(conv_padded_input(x.to(acc), mod), Mw.to(acc), None, mod.stride, 0, mod.dilation, mod.groups)
-            res += (y * g).flatten(1).sum(1)
-        if Mb is not None:
-            res += g.sum(dim=(2, 3)) @ Mb.to(acc)
-        return res.view(-1, group).sum(1) if group > 1 else res
+        return P.conv2d_grad_dot(x, gy, mod, Mw, Mb, use_kernel=False, acc=acc, rows_per_sample=group)
 
     def sq(self, mod, x, gy, out_w, out_b, acc, group=1):
-        N = x.shape[0]  # rows: N = B * group
         if out_b is not None:
-            out_b.add_(_sample_major(gy.to(acc).sum(dim=(2, 3)), group).reshape(N // group, -1, mod.out_channels)
-                       .sum(1).square().sum(0).to(out_b.dtype))
-        if out_w is None:
-            return
-        G = mod.groups
-        cout = mod.out_channels
-        og = cout // G
-        kk = mod.kernel_size[0] * mod.kernel_size[1]
-        cg = mod.in_channels // G
-        L = gy.shape[2] * gy.shape[3]
-        kern = _triton_projection(x)
-        per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
-        step = max(1, _MAX_ELEMENTS // max(1, per_sample)) * group  # whole samples per chunk
-        res = torch.zeros(G, og, cg * kk, dtype=acc, device=x.device)
-        for s in range(0, N, step):
-            xp = conv_padded_input(x[s:s + step].to(acc), mod)
-            c = xp.shape[0]
-            cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation, padding=0, stride=mod.stride)
-            cols = cols.view(c, G, cg * kk, L)  # unfold's row order (channel, kh, kw) matches weight
-            g = gy[s:s + step].to(acc).reshape(c, G, og, L)
-            if group > 1:  # a sample's rows become more positions: [c/r, G, ., r*L]
-                cols = cols.view(c // group, group, G, cg * kk, L).permute(0, 2, 3, 1, 4).reshape(
-                    c // group, G, cg * kk, group * L)
-                g = g.view(c // group, group, G, og, L).permute(0, 2, 3, 1, 4).reshape(c // group, G, og, group * L)
-            if kern is not None:
-                for gi in range(G):
-                    res[gi] += kern.linear_sq_grad_sum(cols[:, gi].transpose(1, 2), g[:, gi].transpose(1, 2)).to(acc)
-            else:
-                per = torch.einsum("bgol,bgkl->bgok", g, cols)  # per-sample weight gradients of the chunk
-                res += per.square().sum(0)
-        out_w.add_(res.view(cout, cg, *mod.kernel_size).to(out_w.dtype))
+            P.conv2d_bias_sq_grad_sum(gy, out=out_b, acc=acc, rows_per_sample=group)
+        if out_w is not None:
+            P.conv2d_sq_grad_sum(x, gy, mod, out=out_w, use_kernel=_kernels(x), acc=acc, rows_per_sample=group)
 
 
 class _NormRule(_Rule):
@@ -259,6 +202,9 @@ class _LayerNormRule(_NormRule):
     def layout_ok(self, mod, x, B):
         return isinstance(x, torch.Tensor) and x.dim() > len(mod.normalized_shape) and x.shape[0] == B
 
+    def dim_ok(self, mod, x, dim):
+        return dim < x.dim() - len(mod.normalized_shape)
+
     def _xhat(self, mod, x, acc):
         return F.layer_norm(x.to(acc), mod.normalized_shape, None, None, mod.eps)
 
@@ -276,6 +222,9 @@ class _EmbeddingRule(_Rule):
 
     def layout_ok(self, mod, x, B):
         return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
+
+    def dim_ok(self, mod, x, dim):
+        return dim < x.dim()
 
     @staticmethod
     def _flat(mod, idx, gy, acc):
@@ -383,60 +332,50 @@ def hook_coverage(model: nn.Module) -> List[bool]:
 # --------------------------------------------------------------------------------------------------
 # The hooked forward
 # --------------------------------------------------------------------------------------------------
-def _tensors_in(obj, out: list, depth: int = 0) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif depth < 4 and isinstance(obj, (list, tuple)):
-        for o in obj:
-            _tensors_in(o, out, depth + 1)
-    elif depth < 4 and isinstance(obj, dict):
-        for o in obj.values():
-            _tensors_in(o, out, depth + 1)
-
-
-class _UseTracker(TorchFunctionMode):
-    """Flags covered parameters that enter the autograd graph outside their own layer's call."""
+class _ForwardTracker(SampleLayout):
+    """The sample layout of every tensor (`SampleLayout`), plus: covered parameters that enter the
+    autograd graph outside their own layer's call (`foreign`), and those that do inside it (`used`;
+    a layer whose parameter was swapped for another tensor, e.g. by torch.func.functional_call,
+    computes nothing the contractions could attribute to that parameter)."""
 
     def __init__(self, owner_of: Dict[int, nn.Module], stack: List[nn.Module]):
         super().__init__()
         self.owner_of = owner_of
         self.stack = stack
         self.foreign: set = set()
+        self.used: set = set()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        found = []
-        _tensors_in(args, found)
-        _tensors_in(kwargs, found)
-        hits = [id(t) for t in found if id(t) in self.owner_of]
+    def observe(self, func, args, kwargs, result, inputs, pre=None):
+        super().observe(func, args, kwargs, result, inputs, pre)
+        hits = [id(t) for t in inputs if id(t) in self.owner_of]
         if hits and torch.is_grad_enabled():
             outs: list = []
-            _tensors_in(result, outs)
+            tensors_in(result, outs)
             if any(o.requires_grad for o in outs):  # metadata reads (.dtype, .shape) and detach() do not count
                 top = self.stack[-1] if self.stack else None
                 for h in hits:
-                    if self.owner_of[h] is not top:
-                        self.foreign.add(h)
-        return result
+                    (self.used if self.owner_of[h] is top else self.foreign).add(h)
 
 
 class _Record:
-    __slots__ = ("x", "version", "edge", "calls")
+    __slots__ = ("x", "version", "edge", "calls", "tag", "x_tag")
 
     def __init__(self):
         self.x = None
         self.version = None
         self.edge = None
         self.calls = 0
+        self.tag = MIXED  # sample layout of the layer's output
+        self.x_tag = MIXED  # ... and of its input
 
 
 def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
-    """Run loss_fn under hooks; return (losses, records, foreign parameter ids)."""
+    """Run loss_fn under hooks; return (losses, records, tracker)."""
     records: Dict[nn.Module, _Record] = {m: _Record() for m in plan.modules}
     owner_of = {id(plan.params[k]): m for m, roles in plan.modules.items() for k in roles.values()}
     stack: List[nn.Module] = []
     handles = []
+    tracker = _ForwardTracker(owner_of, stack)
 
     def pre_hook(mod, args, kwargs):
         stack.append(mod)
@@ -447,22 +386,48 @@ def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
         rec = records[mod]
         rec.calls += 1
         x = args[0] if args else kwargs.get("input")
-        if rec.calls == 1 and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+        if (rec.calls == 1 and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
+                and not x.is_inference()):  # a loss_fn under inference_mode: refused after the forward
             rec.x = x.detach()  # shares the version counter: an in-place change later is detected
             rec.version = x._version
+            rec.tag, rec.x_tag = tracker.tag(out), tracker.tag(x)
             if out.requires_grad:
                 rec.edge = torch.autograd.graph.get_gradient_edge(out)
 
+    lead = _leading_tensor(batch)
+    tracker.tag_inputs(batch, lead.shape[0] if lead is not None and lead.dim() >= 1 else None)
     try:
         for mod in plan.modules:
             handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
-        with torch.enable_grad(), _UseTracker(owner_of, stack) as tracker:
+        with torch.enable_grad(), tracker:
             losses = call_loss(loss_fn, model, batch)
     finally:
         for h in handles:
             h.remove()
-    return losses, records, tracker.foreign
+    return losses, records, tracker
+
+
+def _layer_layout(rule: "_Rule", mod: nn.Module, rec: _Record, B: int, rows_per_sample: int,
+                  proven: bool) -> Optional[Tuple[int, int]]:
+    """(sample dim, rows per sample) of a hooked layer's input and output, or None (fall back).
+
+    With one sample every row of the layer belongs to it, whatever the layout. Otherwise the tracked
+    layout must say that the layer's output rows along `dim` carry the sample labels (in groups of 1 or
+    `rows_per_sample` rows) and the losses are labelled by sample (`proven`)."""
+    x = rec.x
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return None
+    if B == 1:
+        rows = x.shape[0]
+        group = 1 if rows == 1 else (rows_per_sample if rows == rows_per_sample else 0)
+        return (0, group) if group else None
+    if not proven or rec.tag != rec.x_tag or not isinstance(rec.tag, tuple):
+        return None
+    dim, group = rec.tag
+    if group not in (1, rows_per_sample) or x.shape[dim] != B * group or not rule.dim_ok(mod, x, dim):
+        return None
+    return dim, group
 
 
 def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch.Tensor], acc: torch.dtype, *,
@@ -472,38 +437,50 @@ def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch
     """One hooked forward + backward. With `pieces` (direction per parameter) returns [B] projections;
     with `sq_views` (flat-buffer views per parameter) adds sum_i g_i*g_i into them and returns the
     number of samples. `force_fallback` sends every parameter through the per-sample autograd path.
-    `rows_per_sample` r: layers that see B * r rows get them as r sample-major rows per sample (the
-    caller's promise, e.g. a forward over repeat_interleave(r) copies); layers that see B rows as usual."""
+    `rows_per_sample` r: layers whose B * r rows the layout proof finds sample-major (a forward over
+    repeat_interleave(r) copies) sum each sample's r rows; layers that see B rows as usual."""
+    batch = usable_batch(batch)
     plan = HookPlan(model, params)
     if force_fallback:
         plan.owners = [None] * len(plan.params)
         plan.modules = {}
-    losses, records, foreign = _hooked_forward(model, loss_fn, batch, plan)
+    losses, records, tracker = _hooked_forward(model, loss_fn, batch, plan)
+    check_loss_graph(losses, params)
     B = losses.shape[0]
+    proven = not tracker.poisoned and tracker.tag(losses) == (0, 1)
+    foreign, used = tracker.foreign, tracker.used
+    tracker.clear()
 
     fallback = {k for k, o in enumerate(plan.owners) if o is None}
-    usable: List[Tuple[nn.Module, _Rule, _Record, int]] = []
+    usable: List[Tuple[nn.Module, _Rule, _Record, int, int]] = []
     for mod, roles in plan.modules.items():
         rec = records[mod]
         rule = plan.owners[next(iter(roles.values()))][1]
-        ok = (rec.calls <= 1 and not any(id(plan.params[k]) in foreign for k in roles.values()))
+        ok = (rec.calls <= 1 and not any(id(plan.params[k]) in foreign for k in roles.values())
+              and (rec.calls == 0 or all(id(plan.params[k]) in used for k in roles.values())))
         if ok and rec.calls == 1 and rec.edge is not None:
-            rows = rec.x.shape[0] if isinstance(rec.x, torch.Tensor) and rec.x.dim() >= 1 else -1
-            group = 1 if rows == B else (rows_per_sample if rows == B * rows_per_sample else 0)
-            ok = group > 0 and rule.layout_ok(mod, rec.x, rows) and rec.x._version == rec.version
+            layout = _layer_layout(rule, mod, rec, B, rows_per_sample, proven)
+            ok = layout is not None and rec.x._version == rec.version
             if ok:
-                usable.append((mod, rule, rec, group))
+                dim, group = layout
+                if dim != 0:
+                    rec.x = rec.x.movedim(dim, 0)
+                ok = rule.layout_ok(mod, rec.x, rec.x.shape[0])
+            if ok:
+                usable.append((mod, rule, rec, dim, group))
         if not ok:
             fallback.update(roles.values())
         # calls == 0 or an output without a gradient path: these parameters' gradients are exactly zero
 
     result = torch.zeros(B, dtype=acc, device=losses.device) if pieces is not None else None
-    if losses.requires_grad and usable:
-        gys = torch.autograd.grad(losses.sum(), [r.edge for _, _, r, _ in usable],
+    if usable:
+        gys = torch.autograd.grad(losses.sum(), [r.edge for _, _, r, _, _ in usable],
                                   retain_graph=bool(fallback), allow_unused=True)
-        for (mod, rule, rec, group), gy in zip(usable, gys):
+        for (mod, rule, rec, dim, group), gy in zip(usable, gys):
             if gy is None:
                 continue
+            if dim != 0:
+                gy = gy.movedim(dim, 0)
             roles = plan.modules[mod]
             kw, kb = roles.get("weight"), roles.get("bias")
             if pieces is not None:
@@ -514,7 +491,7 @@ def hooked_contractions(model: nn.Module, loss_fn, batch, params: Sequence[torch
                         None if kb is None else sq_views[kb], acc, group)
             rec.x = None  # free the activation as soon as it is used
         del gys
-    if fallback and losses.requires_grad:
+    if fallback:
         ks = sorted(fallback)
         fb_params = [plan.params[k] for k in ks]
         for start, grads in per_sample_grads_autograd(losses, fb_params):

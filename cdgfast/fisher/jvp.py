@@ -24,7 +24,7 @@ from typing import Iterator, List, Sequence
 import torch
 from torch.func import functional_call, jvp
 
-from ._common import call_loss
+from ._common import call_loss, check_jvp_tangent, usable_batch
 
 
 class _LossCall(torch.nn.Module):
@@ -36,7 +36,9 @@ class _LossCall(torch.nn.Module):
         self._loss_fn = loss_fn
 
     def forward(self, batch):
-        return call_loss(self._loss_fn, self.model, batch)
+        losses = call_loss(self._loss_fn, self.model, batch)
+        check_jvp_tangent(losses)
+        return losses
 
 
 def _contiguous_forward(fwd):
@@ -129,6 +131,7 @@ def jvp_grad_dot(model: torch.nn.Module, loss_fn, batch, names: Sequence[str], p
                  pieces: Sequence[torch.Tensor], acc_dtype: torch.dtype) -> torch.Tensor:
     """[B]: `direction . g_i` by forward-mode AD; `pieces[k]` is the direction for `params[k]` (named
     `names[k]` in `model.named_parameters()`). The caller restores training flags and buffers."""
+    batch = usable_batch(batch)
     try:
         out = _run_jvp(model, loss_fn, batch, names, params, pieces)
     except NotImplementedError:
@@ -138,6 +141,11 @@ def jvp_grad_dot(model: torch.nn.Module, loss_fn, batch, names: Sequence[str], p
             raise
         with _eager_attention(model):
             out = _run_jvp(model, loss_fn, batch, names, params, pieces)
+    except RuntimeError as e:
+        if "nference tensor" in str(e):  # functorch cannot wrap tensors a loss_fn made under inference_mode
+            raise ValueError("loss_fn: expected per-sample losses [B] that depend on the model's trainable "
+                             "parameters, got a computation under torch.inference_mode()") from e
+        raise
     return out.detach().to(acc_dtype)
 
 

@@ -86,6 +86,12 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
         raise ValueError(f"x: expected images [N, C, H, W], got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
         raise ValueError(f"y: expected labels [{x.shape[0]}], got {getattr(y, 'shape', type(y))}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"y: expected integer class labels, got {y.dtype}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"y: expected labels in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     if epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs}")
     from tqdm.auto import tqdm

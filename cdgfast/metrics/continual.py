@@ -14,14 +14,23 @@ Convention: `M[k, i] = FID_i(m_k)`, the FID on task i of the model after trainin
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._validation import check_nonnegative, check_real
+
 
 def _matrix(fid) -> torch.Tensor:
-    m = torch.as_tensor([[float("nan") if v is None else float(v) for v in row] for row in fid]
-                        if not isinstance(fid, torch.Tensor) else fid, dtype=torch.float64)
+    if isinstance(fid, torch.Tensor):
+        m = fid.detach().to(torch.float64)
+    else:
+        rows = [[float("nan") if v is None else float(v) for v in row] for row in fid]
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(f"fid: expected a square matrix [T, T] (row k = after task k, None above the "
+                             f"diagonal), got rows of lengths {[len(r) for r in rows]}")
+        m = torch.tensor(rows, dtype=torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
         raise ValueError(f"fid: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
                          f"got shape {tuple(m.shape)}")
@@ -57,14 +66,42 @@ def imf(fid) -> float:
     return sum(a) / len(a)
 
 
+def _check_num_classes(num_classes) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+
+
+def _check_classes(classes, num_classes: Optional[int] = None) -> List[int]:
+    """Distinct integer class indices (in [0, num_classes) when given); a negative index would
+    otherwise wrap around to the last classes."""
+    out = []
+    for c in classes:
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool):
+            raise ValueError(f"classes: expected integer class indices, got {c!r}")
+        out.append(int(c))
+    if not out:
+        raise ValueError("classes: expected at least one class")
+    if len(set(out)) != len(out):
+        raise ValueError(f"classes: expected distinct classes, got {out}")
+    if min(out) < 0:
+        raise ValueError(f"classes: expected non-negative class indices, got {out}")
+    if num_classes is not None and max(out) >= num_classes:
+        raise ValueError(f"classes: expected values in [0, {num_classes}) (num_classes = {num_classes}), got {out}")
+    return out
+
+
 def class_histogram(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Normalised histogram [num_classes] (float64) of integer predictions [N]."""
     if not isinstance(predictions, torch.Tensor) or predictions.dim() != 1 or predictions.dtype.is_floating_point:
         raise ValueError(f"predictions: expected an integer tensor [N], got {getattr(predictions, 'shape', type(predictions))}")
     if predictions.numel() == 0:
         raise ValueError("predictions: expected at least one prediction")
-    if num_classes < 1 or int(predictions.min()) < 0 or int(predictions.max()) >= num_classes:
-        raise ValueError(f"predictions: expected values in [0, {num_classes - 1}]")
+    if predictions.dtype == torch.bool or predictions.dtype.is_complex:
+        raise ValueError(f"predictions: expected integer class indices, got {predictions.dtype}")
+    _check_num_classes(num_classes)
+    if int(predictions.min()) < 0 or int(predictions.max()) >= num_classes:
+        raise ValueError(f"predictions: expected values in [0, {num_classes - 1}], got "
+                         f"[{int(predictions.min())}, {int(predictions.max())}]")
     h = torch.bincount(predictions.cpu(), minlength=num_classes).to(torch.float64)
     return h / h.sum()
 
@@ -74,8 +111,14 @@ def kl_divergence(p_true: torch.Tensor, p_gen: torch.Tensor, eps: float = 1e-6) 
     and renormalised."""
     p = torch.as_tensor(p_true, dtype=torch.float64)
     q = torch.as_tensor(p_gen, dtype=torch.float64)
-    if p.dim() != 1 or p.shape != q.shape:
-        raise ValueError(f"p_true, p_gen: expected two vectors of equal length, got {tuple(p.shape)} and {tuple(q.shape)}")
+    if p.dim() != 1 or p.shape != q.shape or p.numel() == 0:
+        raise ValueError(f"p_true, p_gen: expected two non-empty vectors of equal length, got {tuple(p.shape)} "
+                         f"and {tuple(q.shape)}")
+    check_nonnegative("eps", eps)
+    # a NaN entry passes `< 0` and `> 0` tests alike: it would drop out of the sum silently
+    for name, v in (("p_true", p), ("p_gen", q)):
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name}: contains NaN or Inf, got {v.tolist()}")
     if (p < 0).any() or (q < 0).any() or abs(float(p.sum()) - 1) > 1e-6 or abs(float(q.sum()) - 1) > 1e-6:
         raise ValueError("p_true, p_gen: expected probability vectors (non-negative, summing to 1)")
     q = (q + eps) / (1 + eps * q.numel())
@@ -87,20 +130,20 @@ def class_kld(predictions: torch.Tensor, classes: Sequence[int], num_classes: in
               true_probs: Optional[torch.Tensor] = None) -> float:
     """KLD between the true class distribution (uniform over `classes` unless given) and the
     histogram of a classifier's `predictions` on generated images."""
-    if len(classes) == 0:
-        raise ValueError("classes: expected at least one class")
+    _check_num_classes(num_classes)
+    classes = _check_classes(classes, num_classes)
     if true_probs is None:
         true_probs = torch.zeros(num_classes, dtype=torch.float64)
-        true_probs[list(classes)] = 1.0 / len(classes)
+        true_probs[classes] = 1.0 / len(classes)
     return kl_divergence(true_probs, class_histogram(predictions, num_classes))
 
 
 def class_balanced_labels(classes: Sequence[int], total: int) -> torch.Tensor:
     """`total` labels over `classes`, as balanced as possible (counts differ by at most one; the first
     classes get the extra ones), grouped by class."""
-    classes = [int(c) for c in classes]
-    if not classes:
-        raise ValueError("classes: expected at least one class")
+    classes = _check_classes(classes)
+    if not isinstance(total, numbers.Integral) or isinstance(total, bool):
+        raise ValueError(f"total: expected an integer, got {total!r}")
     if total < len(classes):
         raise ValueError(f"total: expected at least one sample per class ({len(classes)}), got {total}")
     base, extra = divmod(int(total), len(classes))
@@ -111,6 +154,8 @@ def class_balanced_labels(classes: Sequence[int], total: int) -> torch.Tensor:
 def summarize(fid, kld: Optional[float] = None) -> Dict[str, object]:
     """All summaries of one method's FID matrix as plain Python values (JSON-ready; NaN -> None)."""
     m = _matrix(fid)
+    if kld is not None and not (isinstance(kld, float) and math.isnan(kld)):  # NaN -> None below
+        kld = check_real("kld", kld, finite=False)
 
     def clean(v):
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v

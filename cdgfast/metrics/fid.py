@@ -18,6 +18,7 @@ Two feature sources:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Union
 
@@ -28,13 +29,24 @@ INCEPTION_LABEL = "Inception-FID"
 CLASSIFIER_LABEL = "classifier-FID"
 
 
-def feature_statistics(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and unbiased covariance [D, D] (float64) of features [N, D], N >= 2."""
-    if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError(f"features: expected a tensor [N, D], got {getattr(features, 'shape', type(features))}")
-    if features.shape[0] < 2:
-        raise ValueError(f"features: expected at least 2 rows to estimate a covariance, got {features.shape[0]}")
+def feature_statistics(features: torch.Tensor, name: str = "features", *, _stacklevel: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and unbiased covariance [D, D] (float64) of finite features [N, D], N >= 2.
+
+    With N <= D the covariance is singular (rank N - 1 < D): a FID from it is still defined (module
+    docstring) but biased and not comparable with FIDs from more samples, so a RuntimeWarning says so."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.dtype.is_complex:
+        raise ValueError(f"{name}: expected a real tensor [N, D], got {getattr(features, 'shape', type(features))}")
+    if features.shape[0] < 2 or features.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least 2 rows (to estimate a covariance) of at least 1 feature, "
+                         f"got shape {tuple(features.shape)}")
     f = features.detach().to(torch.float64)
+    if not torch.isfinite(f).all():
+        raise ValueError(f"{name}: contains NaN or Inf (rows {torch.nonzero(~torch.isfinite(f).all(1)).flatten()[:5].tolist()})")
+    n, d = f.shape
+    if n <= d:
+        warnings.warn(f"{name}: {n} samples of {d} features give a singular covariance (rank {n - 1} < {d}); "
+                      f"the FID is biased and not comparable with FIDs from more than {d} samples",
+                      RuntimeWarning, stacklevel=_stacklevel)
     mu = f.mean(0)
     c = f - mu
     sigma = c.T @ c / (f.shape[0] - 1)
@@ -71,11 +83,16 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 
 
 def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets [N1, D] and [N2, D]."""
-    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+    """FID between two feature sets [N1, D] and [N2, D].
+
+    Fewer samples than feature dimensions give a singular covariance: `feature_statistics` warns."""
+    for name, f in (("real", real), ("fake", fake)):
+        if not isinstance(f, torch.Tensor) or f.dim() != 2:
+            raise ValueError(f"{name}: expected a feature tensor [N, D], got {getattr(f, 'shape', type(f))}")
+    if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real, fake: expected feature tensors [N, D] with the same D, got "
                          f"{tuple(real.shape)} and {tuple(fake.shape)}")
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    return frechet_distance(*feature_statistics(real, "real", _stacklevel=3), *feature_statistics(fake, "fake", _stacklevel=3))
 
 
 @torch.no_grad()
@@ -84,12 +101,18 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], x: torch
     """Run `extractor` over images x [N, C, H, W] in [-1, 1] in chunks; returns float32 [N, D] on CPU."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected images [N, C, H, W], got {getattr(x, 'shape', type(x))}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     out = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size]
         if device is not None:
             xb = xb.to(device)
-        out.append(extractor(xb).float().flatten(1).cpu())
+        f = extractor(xb)
+        if not isinstance(f, torch.Tensor) or f.dim() < 1 or f.shape[0] != xb.shape[0]:
+            raise ValueError(f"extractor: expected one feature row per image ({xb.shape[0]} rows), got "
+                             f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+        out.append(f.float().flatten(1).cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
 
 

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._validation import check_real, check_same_device
+
 DEFAULT_TARGETS: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -50,6 +52,14 @@ def add_lora(unet: nn.Module, rank: int = 16, alpha: Optional[float] = None,
         raise ValueError(f"rank: expected a positive integer, got {rank!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"alpha: expected a positive number or None, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    from peft.tuners.lora import LoraLayer
+
+    # peft re-initialises an existing adapter of that name: a second call would silently discard it
+    if any(isinstance(m, LoraLayer) and adapter_name in m.lora_A for m in unet.modules()):
+        raise ValueError(f"adapter_name: the model already has a LoRA adapter {adapter_name!r}; use "
+                         f"reset_lora to re-initialise it, or another adapter_name")
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     if not targets:
         raise ValueError("target_modules: expected at least one module name")
@@ -103,13 +113,17 @@ def _base_weight(m: nn.Module) -> torch.Tensor:
 
 def add_deltas_to_base(unet: nn.Module, deltas: Dict[str, torch.Tensor], scale: float = 1.0,
                        adapter_name: str = "default") -> None:
-    """base weight += scale * delta (delta in the [d1, d2] orientation; transposed/reshaped back)."""
+    """base weight += scale * delta (delta in the [d1, d2] orientation; transposed/reshaped back).
+    A square layer (d1 = d2) cannot tell the orientation from the shape: pass lora_delta's."""
+    scale = check_real("scale", scale)
     mods = _lora_modules(unet, adapter_name)
     unknown = sorted(set(deltas) - set(mods))
     if unknown:
         raise ValueError(f"deltas: no LoRA layer named {unknown[:3]}{'...' if len(unknown) > 3 else ''}")
     with torch.no_grad():
         for n, d in deltas.items():
+            if not isinstance(d, torch.Tensor):
+                raise ValueError(f"deltas[{n!r}]: expected a tensor, got {type(d).__name__}")
             w = _base_weight(mods[n])
             flat = w.reshape(w.shape[0], -1)
             if tuple(d.shape) != (flat.shape[1], flat.shape[0]):
@@ -146,9 +160,19 @@ def merge_deltas(deltas: Sequence[Dict[str, torch.Tensor]], weights: Optional[Se
         weights = [1.0 / len(deltas)] * len(deltas)
     if len(weights) != len(deltas):
         raise ValueError(f"weights: expected {len(deltas)} weights, got {len(weights)}")
+    weights = [check_real(f"weights[{i}]", w) for i, w in enumerate(weights)]
     keys = set(deltas[0])
     if any(set(d) != keys for d in deltas):
         raise ValueError("deltas: every dict must have the same layer names")
+    for k in deltas[0]:
+        ref = deltas[0][k]
+        for i, d in enumerate(deltas):
+            # deltas of different shapes would broadcast into a delta of the wrong layer's shape
+            if not isinstance(d[k], torch.Tensor) or d[k].shape != getattr(ref, "shape", None):
+                got = tuple(d[k].shape) if isinstance(d[k], torch.Tensor) else type(d[k]).__name__
+                raise ValueError(f"deltas[{i}][{k!r}]: expected a tensor of shape "
+                                 f"{tuple(getattr(ref, 'shape', ()))} like deltas[0], got {got}")
+        check_same_device(**{f"deltas[{i}]": d[k] for i, d in enumerate(deltas)})
     return {k: sum(w * d[k] for w, d in zip(weights, deltas)) for k in deltas[0]}
 
 

@@ -29,8 +29,14 @@ UNET_PRESETS: Dict[str, dict] = {
 def build_unet(preset: str = "tiny", *, num_classes: int = 10, in_channels: int = 1, sample_size: int = 16) -> UNet2DModel:
     if preset not in UNET_PRESETS:
         raise ValueError(f"preset: expected one of {sorted(UNET_PRESETS)}, got {preset!r}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
+    for name, v in (("num_classes", num_classes), ("in_channels", in_channels), ("sample_size", sample_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    # each block but the last halves the resolution and the up path doubles it back: a size that does
+    # not divide evenly fails at the first skip connection of a forward pass
+    factor = 2 ** (len(UNET_PRESETS[preset]["block_out_channels"]) - 1)
+    if sample_size % factor:
+        raise ValueError(f"sample_size: expected a multiple of {factor} for preset {preset!r}, got {sample_size}")
     return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
                        num_class_embeds=num_classes + 1, **UNET_PRESETS[preset])
 
