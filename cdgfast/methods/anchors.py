@@ -10,8 +10,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import _deps
-from ._deps import diag_penalty, online_update
+from ..fisher import diag_fisher, online_update
+from ..ops import diag_penalty
 from ._hparams import count, flag, nonneg, positive
 from ._registry import register, register_composition
 from .base import Method, TinyRun, flat_grads, flat_params, params_of
@@ -76,7 +76,7 @@ class EWC(_AnchorPenalty):
 
     def fisher(self, model, data) -> torch.Tensor:
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        return _deps.diag_fisher(model, self.loss_fn, batches)
+        return diag_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
 
     def end_task(self, model, data):
         super().end_task(model, data)

@@ -31,6 +31,8 @@ import torch
 
 from .._params import flatten, flatten_detached, split_like, trainable_parameters
 from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
+from ..parallel import LOCAL, DataParallel, assign_grads
+from ..parallel import resolve as resolve_parallel
 from ._hparams import HP, count, merged_defaults, probability, validate_config
 
 Data = Any  # iterable of (x, y), or a callable returning a fresh iterable
@@ -112,16 +114,27 @@ class Method:
         self.current_classes: List[int] = []
         self.steps_in_task = 0
         self.generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        self.parallel: DataParallel = LOCAL
+        self.progress = False
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, *, num_classes: int, schedule: Optional[NoiseSchedule] = None, device=None) -> None:
+    def setup(self, *, num_classes: int, schedule: Optional[NoiseSchedule] = None, device=None,
+              parallel: Optional[DataParallel] = None, progress: bool = False) -> None:
+        """parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
+        estimators and the replay pool, and used by a method's own optimisation loop (`rows`,
+        `average_gradients`). progress: show the bars of the end-of-task work (off: library code is
+        quiet; the driver passes its --progress setting)."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress: expected True or False, got {progress!r}")
+        self.parallel = resolve_parallel(parallel)
+        self.progress = progress
         self.num_classes = num_classes
         self.schedule = schedule or NoiseSchedule()
         self.device = torch.device(device) if device is not None else None
@@ -327,12 +340,7 @@ def flat_grads(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def set_flat_grads(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    params = params_of(model)
-    for p, g in zip(params, split_like(flat, params)):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
+    assign_grads(params_of(model), flat)
 
 
 def trainable_names(model: torch.nn.Module) -> List[str]:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import NoiseSchedule, predict_eps
-from . import _deps
-from ._deps import ClassBalancedBuffer, bregman_distill, hutchinson_metric
+from ..data import ClassBalancedBuffer
+from ..ops import bregman_distill, hutchinson_metric
 from ._hparams import nonneg, positive
 from ._mixins import Buffered, Teacher
 from ._registry import register
@@ -124,7 +124,7 @@ class CCD(Teacher, Buffered, Method):
         with torch.enable_grad():
             ce = F.cross_entropy(self.regressor(feat), y)
             ce.backward()
-        _deps.average_gradients(list(self.regressor.parameters()))  # one regressor for all processes
+        self.parallel.average_gradients(list(self.regressor.parameters()))  # one regressor for all processes
         self.regressor_opt.step()
         self.regressor_opt.zero_grad(set_to_none=True)
         self.last_regressor_ce = float(ce.detach())

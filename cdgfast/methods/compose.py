@@ -63,9 +63,9 @@ class Compose(Method):
         return routed
 
     # hooks
-    def setup(self, *, num_classes, schedule=None, device=None):
+    def setup(self, *, num_classes, schedule=None, device=None, parallel=None, progress=False):
         for m in self.members:
-            m.setup(num_classes=num_classes, schedule=schedule, device=device)
+            m.setup(num_classes=num_classes, schedule=schedule, device=device, parallel=parallel, progress=progress)
 
     def begin_task(self, model, task=None):
         for m in self.members:

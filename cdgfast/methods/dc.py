@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..diffusion import predict_eps
-from . import _deps
-from ._deps import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
+from ..fisher import diag_fisher
+from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
 from ._hparams import count, nonneg, positive
 from ._registry import register
 from .anchors import EWC
@@ -82,7 +82,8 @@ class EWCDC(EWC):
 
         # every sample's K condition rows are consecutive (repeat_interleave), so the hook path applies
         rows = 2 + min(int(self.config["k"]) - 2, len(self.previous_classes()))
-        return _deps.diag_fisher(model, self.ewc_loss_fn, batches, rows_per_sample=rows)
+        return diag_fisher(model, self.ewc_loss_fn, batches, rows_per_sample=rows, parallel=self.parallel,
+                           progress=self.progress)
 
 
 @register("dsc", order=160)
@@ -157,7 +158,8 @@ class DSC(Method):
         device = params[0].device
         empty_run = 0
         done = 0
-        bar = tqdm(total=iters, desc="DSC", leave=False, disable=iters < 50)
+        bar = tqdm(total=iters, desc="DSC", leave=False,
+                   disable=not (self.progress and self.parallel.is_main) or iters < 50)
         while done < iters:
             x, y = next(stream)
             if x.shape[0] == 0:
@@ -175,14 +177,14 @@ class DSC(Method):
             batch = self.noisy_batch(x, y)
             # Under torchrun every process draws the same global batch and noise (so the generator stays
             # in step) and keeps its own rows: the B x K DC-score forwards are sharded.
-            *rows, c_j = _deps.local_rows(*batch.values(), c_j)
+            *rows, c_j = self.parallel.rows(*batch.values(), c_j)
             batch = dict(zip(batch.keys(), rows))
             opt.zero_grad(set_to_none=True)
             if c_j.shape[0] > 0:
                 terms = self.dsc_terms(model, teacher_n, teacher_j, batch, c_j)
                 sum(terms.values()).backward()
                 self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
-            _deps.average_gradients(params)  # a process without rows contributes zero gradients
+            self.parallel.average_gradients(params)  # a process without rows contributes zero gradients
             opt.step()
             done += 1
             bar.update(1)

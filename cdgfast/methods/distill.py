@@ -9,8 +9,9 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _deps
-from ._deps import bregman_distill, ddim_sample
+from ..data import generate_replay_pool
+from ..ops import bregman_distill
+from ..sampling import ddim_sample
 from ._hparams import HP, count, nonneg
 from ._mixins import Teacher
 from ._registry import register
@@ -69,11 +70,11 @@ class GD(Teacher):
         super().end_task(model, data)  # seen_classes updated, teacher frozen
         if self.config["replay"] == "pool":
             device = next(model.parameters()).device
-            x, y = _deps.generate_replay_pool(self.teacher, list(self.seen_classes), int(self.config["pool_per_class"]),
-                                              schedule=self.schedule, num_steps=int(self.config["pool_steps"]),
-                                              batch_size=int(self.config["pool_batch_size"]),
-                                              seed=int(self.config["seed"]) + 1000 * (self.task_index + 1),
-                                              device=device)
+            x, y = generate_replay_pool(self.teacher, list(self.seen_classes), int(self.config["pool_per_class"]),
+                                        schedule=self.schedule, num_steps=int(self.config["pool_steps"]),
+                                        batch_size=int(self.config["pool_batch_size"]),
+                                        seed=int(self.config["seed"]) + 1000 * (self.task_index + 1),
+                                        device=device, parallel=self.parallel, progress=self.progress)
             self.pool_x, self.pool_y = x.detach().cpu(), y.detach().cpu().long()
 
     def replay(self, n: int, like: torch.Tensor):

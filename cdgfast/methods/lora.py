@@ -11,10 +11,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._deps import lora_module, lora_overlap_penalty
+from ..ops import lora_overlap_penalty
 from ._hparams import HP, count, nonneg
 from ._registry import register
 from .base import Method, TinyRun
+
+
+def lora_module():
+    """cdgfast.models.lora, imported on first use (it imports peft, which only the LoRA methods need)."""
+    from ..models import lora
+    return lora
 
 
 class _LoRAMethod(Method):

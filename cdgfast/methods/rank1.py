@@ -10,8 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _deps
-from ._deps import rank1_penalty
+from ..fisher import rank1_fisher
+from ..ops import rank1_penalty
 from ._hparams import count, nonneg
 from ._registry import register, register_composition
 from .base import Method, TinyRun, flat_params, params_of
@@ -39,7 +39,7 @@ class Rank1(Method):
     def end_task(self, model, data):
         super().end_task(model, data)
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        est = _deps.rank1_fisher(model, self.loss_fn, batches)
+        est = rank1_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
         theta = flat_params(model)
         mu = est.mean_grad.detach().to(theta)
         c = torch.tensor([float(est.coeff)], dtype=theta.dtype, device=theta.device)
