@@ -4,6 +4,10 @@ Each method goes through the full hook sequence (setup, begin_task, loss, backwa
 after_step, end_task, post_task_phase); the checks: every term is a finite scalar, "task" is always
 there, the method's own terms appear once there is something to consolidate, their gradients reach the
 trainable parameters and never a frozen teacher, and the state kept after each task has the right shape.
+
+The generic tests run every registered name (`M.available()`) with what its class declares in `tiny`
+(a TinyRun: small hyperparameters, its terms, its frozen attributes, what the model must offer), so a
+new method is picked up without an edit here, and a method without a declaration fails.
 """
 import math
 import re
@@ -15,6 +19,8 @@ import cdgfast.methods as M
 from cdgfast._params import trainable_parameters
 from cdgfast.data import Task
 from cdgfast.diffusion import NoiseSchedule
+from cdgfast.methods import _registry
+from cdgfast.methods._hparams import merged_defaults, nonneg
 from cdgfast.models import build_unet
 
 NUM_CLASSES = 4
@@ -23,7 +29,9 @@ B = 6
 REQUIRED = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "diag", "rank1+gd", "diag+gd",
             "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge"]
 
-# Small settings so that every method runs in about a second on the CPU.
+# What the built-in methods' declarations must keep saying (the tables these tests had before the
+# declarations moved next to the methods): small settings so that every method runs in about a second
+# on the CPU, the terms expected on task 1 (besides "task"), and the frozen modules kept.
 FAST = {
     "er": dict(buffer_size=16), "agem": dict(buffer_size=16, replay_batch=4),
     "gd": dict(pool_per_class=3, pool_steps=2), "rank1+gd": dict(pool_per_class=3, pool_steps=2),
@@ -31,12 +39,35 @@ FAST = {
     "ccd": dict(buffer_size=16), "dsc": dict(iterations=2), "ewc_dc": dict(k=3),
     "clora": dict(rank=2), "lora_seq": dict(rank=2), "lora_merge": dict(rank=2),
 }
-
-# Terms expected on task 1 (besides "task").
 TERMS = {"finetune": set(), "er": set(), "agem": set(), "kd": {"kd"}, "l2": {"l2"}, "ewc": {"ewc"}, "si": {"si"},
          "mas": {"mas"}, "gd": {"gd"}, "rank1": {"rank1"}, "diag": {"diag"}, "rank1+gd": {"rank1", "gd"},
          "diag+gd": {"diag", "gd"}, "ccd": {"ikc", "ukc", "lkc"}, "ewc_dc": {"ewc_dc"}, "dsc": set(),
          "clora": {"clora"}, "lora_seq": set(), "lora_merge": set()}
+FROZEN = {"ccd": 2, "kd": 1, "gd": 1, "rank1+gd": 1, "diag+gd": 1}
+
+
+def tiny(name):
+    run = M.tiny_run(name)
+    assert run is not None, f"{name}: its class declares no `tiny = TinyRun(...)` (see DEVELOPING.md)"
+    return run
+
+
+# How the tiny model offers each of TinyRun.NEEDS; a need without a check here fails test_model_needs.
+NEED_CHECKS = {
+    "class_labels": lambda m: m.config.num_class_embeds is not None,
+    "null_class": lambda m: m.config.num_class_embeds >= NUM_CLASSES + 1,
+    "attention": lambda m: any(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n, _ in m.named_modules()),
+    "mid_block": lambda m: isinstance(getattr(m, "mid_block", None), torch.nn.Module),
+}
+
+
+def model_for(name):
+    """The tiny class-conditional UNet (8x8, attention, a mid block, the null class), checked against
+    what the method says it needs."""
+    model = build_unet("tiny", num_classes=NUM_CLASSES, sample_size=8)
+    for need in tiny(name).needs:
+        assert need in NEED_CHECKS and NEED_CHECKS[need](model), (name, need)
+    return model
 
 
 def tiny_tasks(seed=0, n=8):
@@ -54,10 +85,11 @@ def loader(x, y, task, bs=4):
 
 
 def frozen_modules(method):
+    """The modules held by the attributes the method's TinyRun names as frozen (every member's)."""
     members = method.members if isinstance(method, M.Compose) else [method]
     out = []
     for m in members:
-        for attr in ("teacher", "teacher_regressor"):
+        for attr in tiny(m.name).frozen:
             mod = getattr(m, attr, None)
             if isinstance(mod, torch.nn.Module):
                 out.append(mod)
@@ -66,8 +98,8 @@ def frozen_modules(method):
 
 def run_two_tasks(name, steps=2, seed=0, check=None, **extra):
     torch.manual_seed(seed)
-    model = build_unet("tiny", num_classes=NUM_CLASSES, sample_size=8)
-    method = M.create(name, **{**FAST.get(name, {}), **extra})
+    model = model_for(name)
+    method = M.create(name, **{**tiny(name).config, **extra})
     method.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule(), device="cpu")
     x, y, tasks = tiny_tasks(seed)
     history = []
@@ -159,7 +191,7 @@ def check_gradients(name):
     return check
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", M.available())
 def test_method_runs_two_tasks(name):
     model, method, history = run_two_tasks(name, check=check_gradients(name))
     for task_index, terms in history:
@@ -167,9 +199,99 @@ def test_method_runs_two_tasks(name):
         for k, v in terms.items():
             assert v.dim() == 0 and math.isfinite(v.item()), (name, k, v)
     last = history[-1][1]
-    assert set(last) - {"task"} == TERMS[name], (name, set(last))
+    assert set(last) - {"task"} == tiny(name).terms, (name, set(last))
     assert set(history[0][1]) == {"task"}  # nothing to consolidate during the first task
-    assert len(frozen_modules(method)) == (2 if name == "ccd" else 1 if name in ("kd", "gd", "rank1+gd", "diag+gd") else 0)
+    assert len(frozen_modules(method)) == len(tiny(name).frozen), name
+
+
+# ------------------------------------------------------------------ the registry and the declarations
+def test_every_registered_method_declares_its_tiny_run():
+    """A registered method cannot be skipped by the generic tests: each class declares its own `tiny`
+    (not inherited: a subclass's terms differ), with hyperparameters it accepts."""
+    for name, cls in M.single_methods().items():
+        assert isinstance(cls.__dict__.get("tiny"), M.TinyRun), f"{name}: {cls.__name__} declares no `tiny`"
+    for name in M.available():
+        M.create(name, **tiny(name).config)  # the declared settings are valid hyperparameters
+
+
+def test_builtin_declarations_keep_the_expectations():
+    for name in REQUIRED:
+        run = tiny(name)
+        assert M.create(name, **run.config).config == M.create(name, **FAST.get(name, {})).config, name
+        assert run.terms == TERMS[name], name
+        assert len(run.frozen) == FROZEN.get(name, 0), name
+
+
+def test_model_needs_have_checks():
+    from cdgfast.methods import TinyRun
+
+    assert set(NEED_CHECKS) == set(TinyRun.NEEDS)
+    with pytest.raises(ValueError, match="needs"):
+        TinyRun(needs={"a_gpu"})
+    with pytest.raises(ValueError, match="terms"):
+        TinyRun(terms="kd")
+
+
+def test_available_keeps_its_order():
+    assert M.available() == REQUIRED
+
+
+def test_register_refuses_taken_and_malformed_names(monkeypatch):
+    monkeypatch.setattr(_registry, "_ENTRIES", dict(_registry._ENTRIES))  # registrations here are undone
+    with pytest.raises(ValueError, match="already registered"):
+        @M.register("ewc")
+        class Other(M.Method):
+            pass
+    for bad in ("", "a b", "x+y", 3):
+        with pytest.raises(ValueError, match="name"):
+            M.register(bad)
+    with pytest.raises(ValueError, match="order"):
+        M.register("fine", order="first")
+    with pytest.raises(ValueError, match="Method subclass"):
+        M.register("notamethod")(dict)
+    with pytest.raises(ValueError, match="members"):
+        M.register_composition("ewc+ewc", "ewc", "ewc")
+    M.register_composition("ewc+nope", "ewc", "nope")
+    with pytest.raises(ValueError, match="nope"):
+        M.create("ewc+nope")
+
+
+def test_a_registered_method_is_listed_built_and_composed(monkeypatch):
+    monkeypatch.setattr(_registry, "_ENTRIES", dict(_registry._ENTRIES))
+
+    @M.register("mine", order=55)
+    class Mine(M.Method):
+        defaults = {"w": 1.0}
+        specs = {"w": nonneg()}
+        tiny = M.TinyRun(terms={"mine"})
+
+    M.register_composition("mine+gd", "mine", "gd")
+    names = M.available()
+    assert names.index("mine") == names.index("l2") + 1 and names[-1] == "mine+gd"
+    assert Mine.name == "mine" and M.method_class("mine") is Mine and M.members("mine+gd") == ["mine", "gd"]
+    m = M.create("mine+gd", w=2.0, pool_per_class=3)
+    assert [x.name for x in m.members] == ["mine", "gd"] and m.config["mine.w"] == 2.0
+    run = M.tiny_run("mine+gd")
+    assert run.terms == {"mine", "gd"} and run.frozen == ("teacher",)
+    assert run.config == {"gd.pool_per_class": 3, "gd.pool_steps": 2}
+    with pytest.raises(ValueError, match="w: expected a number >= 0"):
+        M.create("mine", w=-1)
+
+
+def test_package_scan_registers_every_public_module(tmp_path, monkeypatch):
+    """How a new method file is found: every module of the package whose name does not start with "_"
+    is imported, so its decorator runs."""
+    monkeypatch.setattr(_registry, "_ENTRIES", dict(_registry._ENTRIES))
+    pkg = tmp_path / "scanpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "newmethod.py").write_text(
+        "from cdgfast.methods import Method, TinyRun, register\n"
+        "@register('scanned')\nclass Scanned(Method):\n    tiny = TinyRun()\n")
+    (pkg / "_private.py").write_text("raise RuntimeError('a private module is not imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _registry.import_method_modules("scanpkg", [str(pkg)]) == ["newmethod"]
+    assert "scanned" in M.available() and M.create("scanned").name == "scanned"
 
 
 def test_gd_online_replay_uses_two_step_ddim():
@@ -205,11 +327,11 @@ def test_state_shapes_after_tasks():
     assert len(m.teacher_history) == 2 and m.task_classes == [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("name", ["rank1+gd", "si", "agem", "ccd"])
+@pytest.mark.parametrize("name", M.available())  # every method: the mixins' and each own state
 def test_state_dict_round_trip(name):
     model, m, _ = run_two_tasks(name)
     state = m.state_dict()
-    fresh = M.create(name, **FAST.get(name, {}))
+    fresh = M.create(name, **tiny(name).config)
     fresh.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule(), device="cpu")
     fresh.load_state_dict(state)
     x, y, tasks = tiny_tasks(2)
@@ -236,8 +358,8 @@ def test_label_dropout_uses_null_class():
 def test_every_hyperparameter_of_every_method_has_a_spec():
     from cdgfast.methods._hparams import HP, merged_specs
 
-    for name, cls in M._SINGLE.items():
-        defaults, specs = M._defaults(cls), merged_specs(cls)
+    for name, cls in M.single_methods().items():
+        defaults, specs = merged_defaults(cls), merged_specs(cls)
         assert set(defaults) == set(specs), (name, sorted(set(defaults) ^ set(specs)))
         assert all(isinstance(s, HP) for s in specs.values()), name
         for key, value in defaults.items():  # the defaults themselves are valid, and kept as they are
@@ -262,11 +384,11 @@ def _bad_values(spec):
     return bad
 
 
-@pytest.mark.parametrize("name", sorted(M._SINGLE))
+@pytest.mark.parametrize("name", sorted(M.single_methods()))
 def test_every_hyperparameter_refuses_wrong_type_and_range(name):
     from cdgfast.methods._hparams import merged_specs
 
-    for key, spec in merged_specs(M._SINGLE[name]).items():
+    for key, spec in merged_specs(M.method_class(name)).items():
         for value in _bad_values(spec):
             with pytest.raises(ValueError) as e:
                 M.create(name, **{key: value})
@@ -286,7 +408,7 @@ def test_bad_hyperparameters_refused_naming_key_and_range(name, overrides, valid
     key = next(iter(overrides)).split(".")[-1]
     with pytest.raises(ValueError, match=rf"^{key}: expected .*{re.escape(valid)}"):
         M.create(name, **overrides)
-    cls = M._SINGLE.get(name)
+    cls = M.single_methods().get(name)
     if cls is not None:  # the constructors check too, not only create()
         with pytest.raises(ValueError, match=rf"^{key}:"):
             cls(**overrides)

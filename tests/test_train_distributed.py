@@ -1,7 +1,8 @@
-"""cdgfast.train.distributed: two gloo processes on 127.0.0.1. The rank-1 and diagonal Fisher computed
-from data sharded over 2 ranks and all-reduced must equal cdgfast.fisher.rank1_fisher / diag_fisher in
-one process over all the data; the sharded replay pool equals the single-process pool; gather and
-gradient averaging are checked against plain concatenation / means."""
+"""cdgfast.parallel and cdgfast.train.distributed: two gloo processes on 127.0.0.1. The rank-1 and
+diagonal Fisher computed by cdgfast.fisher.rank1_fisher / diag_fisher with a 2-rank context (each rank
+its batches of the global stream, sums and counts all-reduced) must equal the same functions in one
+process over all the data; the sharded replay pool equals the single-process pool; gather and gradient
+averaging are checked against plain concatenation / means."""
 import os
 import socket
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cdgfast import parallel as P
 from cdgfast.train import distributed as D
 
 
@@ -52,21 +54,24 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     info = D.init_from_env("cpu")
     assert info.world_size == world and info.rank == rank and info.backend == "gloo"
+    ctx = info.parallel
+    assert isinstance(ctx, P.ProcessGroup) and (ctx.rank, ctx.world_size) == (rank, world)
     model, batches = make_model_and_batches()
-    mine = D.shard_batches(batches)
-    r1 = D.distributed_rank1_fisher(model, loss_fn, mine, progress=False)
-    dg = D.distributed_diag_fisher(model, loss_fn, mine, progress=False)
-    # the context manager routes the public names to sharded versions that take the GLOBAL stream
+    import cdgfast.data as data_mod
     import cdgfast.fisher as F
-    with D.sharded_estimators():
-        r1b = F.rank1_fisher(model, loss_fn, batches)
-    assert F.rank1_fisher is not D.distributed_rank1_fisher
+    before = {(m.__name__, k): id(v) for m in (F, data_mod) for k, v in vars(m).items()}
+    # every rank passes the GLOBAL stream; the estimators take this rank's batches of it
+    r1 = F.rank1_fisher(model, loss_fn, batches, parallel=ctx)
+    dg = F.diag_fisher(model, loss_fn, batches, parallel=ctx)
+    r1b = F.rank1_fisher(model, loss_fn, lambda: iter(batches), parallel=ctx)  # the callable form of the stream
+    # nothing is swapped in on the modules: the context is an argument
+    assert {(m.__name__, k): id(v) for m in (F, data_mod) for k, v in vars(m).items()} == before
     # gather of uneven pieces, gradient averaging
     piece = torch.full((rank + 1, 2), float(rank))
-    gathered = D.gather_cat(piece)
+    gathered = ctx.gather_cat(piece)
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.full((3,), float(rank + 1))
-    D.all_reduce_grads([p])
+    ctx.average_gradients([p])
     if rank == 0:
         torch.save({"mu": r1.mean_grad, "coeff": r1.coeff, "n": r1.num_samples, "diag": dg, "mu_b": r1b.mean_grad,
                     "gathered": gathered, "grad": p.grad}, os.path.join(out_dir, "r0.pt"))
@@ -109,7 +114,7 @@ def test_two_process_fisher_equals_single_process(tmp_path):
 
 
 
-def test_sharded_replay_pool_equals_single_process(monkeypatch):
+def test_sharded_replay_pool_equals_single_process():
     """Chunks on rank i % 2 with their own seeds, gathered rank-major and put back in chunk order, give
     the single-process pool sample for sample (the two ranks are simulated in one process)."""
     from cdgfast.data import generate_replay_pool
@@ -121,13 +126,13 @@ def test_sharded_replay_pool_equals_single_process(monkeypatch):
     kw = dict(schedule=NoiseSchedule(), num_steps=2, batch_size=2, seed=5, progress=False)
     rx, ry = generate_replay_pool(unet, [0, 2], 3, **kw)  # 6 samples, 3 chunks: rank 0 gets 0 and 2
     pieces = {}
-    monkeypatch.setattr(D, "get_world_size", lambda: 2)
-    monkeypatch.setattr(D, "get_rank", lambda: 1)
-    monkeypatch.setattr(D, "gather_cat", lambda t: pieces.setdefault(1, t))
-    D.distributed_replay_pool(unet, [0, 2], 3, **kw)
-    monkeypatch.setattr(D, "get_rank", lambda: 0)
-    monkeypatch.setattr(D, "gather_cat", lambda t: torch.cat([t, pieces[1]]))
-    px, py = D.distributed_replay_pool(unet, [0, 2], 3, **kw)
+
+    class Rank(P.DataParallel):  # two ranks simulated in one process: rank 1 runs first, rank 0 gathers
+        def gather_cat(self, t):
+            return pieces.setdefault(1, t) if self.rank == 1 else torch.cat([t, pieces[1]])
+
+    generate_replay_pool(unet, [0, 2], 3, parallel=Rank(1, 2), **kw)
+    px, py = generate_replay_pool(unet, [0, 2], 3, parallel=Rank(0, 2), **kw)
     assert pieces[1].shape[0] == 2
     assert torch.equal(py, ry)
     torch.testing.assert_close(px, rx, rtol=1e-5, atol=1e-6)
@@ -135,15 +140,27 @@ def test_sharded_replay_pool_equals_single_process(monkeypatch):
 
 def test_single_process_helpers_are_identity():
     t = torch.arange(4.0)
-    assert D.all_reduce_flat(t.clone()).tolist() == t.tolist()
-    assert D.gather_cat(t) is t
-    assert D.shard_batches([1, 2, 3], rank=1, world=2) == [2]
-    assert list(D.shard_batches(lambda: iter(range(5)), rank=0, world=2)()) == [0, 2, 4]
-    assert [list(D.shard_range(10, r, 3)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    with pytest.raises(ValueError, match="op"):
-        D.all_reduce_flat(t, op="max")
+    assert P.LOCAL.all_reduce_sum(t.clone()).tolist() == t.tolist()
+    assert P.LOCAL.gather_cat(t) is t
+    stream = [1, 2]
+    assert P.LOCAL.rows(t)[0] is t and P.LOCAL.batches(stream) is stream and P.LOCAL.sum_counts(3, 4) == (3, 4)
+    assert list(P.DataParallel(1, 2).batches([1, 2, 3])) == [2]
+    assert list(P.DataParallel(0, 2).batches(iter(range(5)))) == [0, 2, 4]
+    assert [x.tolist() for x in P.DataParallel(1, 2).rows(t, t + 1)] == [[1.0, 3.0], [2.0, 4.0]]
+    assert [list(P.DataParallel(r, 3).shard_range(10)) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    for bad in (dict(rank=2, world_size=2), dict(rank=-1), dict(world_size=0), dict(world_size=True)):
+        with pytest.raises(ValueError, match="rank|world_size"):
+            P.DataParallel(**bad)
+    with pytest.raises(NotImplementedError, match="process group"):  # two ranks need a real group
+        P.DataParallel(0, 2).all_reduce_sum(t)
+    with pytest.raises(ValueError, match="parallel"):
+        P.resolve("gloo")
+    with pytest.raises(ValueError, match="not initialised"):
+        P.ProcessGroup()
+    assert P.current() is P.LOCAL and P.resolve(None) is P.LOCAL
     info = D.init_from_env("cpu")
     assert info.world_size in (1, int(os.environ.get("WORLD_SIZE", "1"))) and info.is_main
+    assert info.parallel is P.LOCAL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +179,7 @@ def _ddp_worker(rank, world, port, out_dir):
     assert isinstance(student, D.DataParallelView) and student.lin is model.lin  # attributes: the bare module
     import copy
     assert type(copy.deepcopy(student)) is TinyNet                                 # teachers: bare copies
-    xl, el = D.local_rows(x, e)
+    xl, el = D.context().rows(x, e)
     anchor = [p.detach() + 0.1 for p in model.parameters()]
     loss = (student(xl) - el).pow(2).mean() + 0.5 * student(xl * 0.5).pow(2).mean() \
         + sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
@@ -188,7 +205,7 @@ def test_ddp_step_averages_the_gradient_of_the_global_batch(tmp_path):
     torch.testing.assert_close(g0, ref, rtol=1e-10, atol=1e-12)
 
 
-def _method_states(world_rank=None):
+def _method_states(parallel=None):
     """end_task of rank1 / ewc / ewc_dc / gd (pool) and a DSC phase on the same model and global data; returns
     the states that must not depend on the number of processes."""
     from cdgfast.diffusion import NoiseSchedule
@@ -205,24 +222,22 @@ def _method_states(world_rank=None):
     for name, kw in (("rank1", {"fisher_max_samples": 11}), ("ewc", {}), ("ewc_dc", {"k": 3}),
                      ("gd", {"replay": "pool", "pool_per_class": 3, "pool_steps": 2, "pool_batch_size": 2})):
         m = create(name, seed=5, **kw)
-        m.setup(num_classes=4, schedule=schedule)
+        m.setup(num_classes=4, schedule=schedule, parallel=parallel)
         if name == "ewc_dc":  # earlier classes exist: the DC conditions include one of them
             m.seen_classes = [0, 1]
         m.begin_task(model, type("T", (), {"classes": [2, 3], "index": 0})())
-        with D.sharded_estimators(progress=False):
-            m.end_task(model, data)
+        m.end_task(model, data)
         out[name] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(m).items()
                      if k in ("directions", "coeffs", "weights", "pool_x", "pool_y")}
     # DSC: the consolidation phase trains the model; each rank keeps its rows of every (even-sized)
     # global batch and the gradients are averaged, which is the one-process step
     even = [(x[:2], y[:2]) for x, y in data] + [(data[1][0][:4], data[1][1][:4])]
     dsc = create("dsc", seed=5, iterations=3)
-    dsc.setup(num_classes=4, schedule=schedule)
+    dsc.setup(num_classes=4, schedule=schedule, parallel=parallel)
     for k, classes in enumerate(([0, 1], [2, 3])):
         dsc.begin_task(model, type("T", (), {"classes": classes, "index": k})())
-        with D.sharded_estimators(progress=False):
-            dsc.end_task(model, even)
-            dsc.post_task_phase(model, even)
+        dsc.end_task(model, even)
+        dsc.post_task_phase(model, even)
     out["dsc"] = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
                   "teachers": list(dsc.teacher_history)}
     return out
@@ -232,17 +247,16 @@ def _methods_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    D.init_from_env("cpu")
-    torch.save(_method_states(), os.path.join(out_dir, f"methods{rank}.pt"))
+    info = D.init_from_env("cpu")
+    torch.save(_method_states(info.parallel), os.path.join(out_dir, f"methods{rank}.pt"))
     D.barrier()
     D.cleanup()
 
 
 def test_methods_end_task_sharded_equals_single_process(tmp_path):
-    """The methods resolve their estimators through cdgfast.methods._deps at call time, so under
-    sharded_estimators a 2-process end_task (global batch stream, each rank estimating on its share,
-    all-reduced) gives the single-process rank-1 Fisher, diagonal Fisher, DC-score (ewc_dc) Fisher and
-    replay pool."""
+    """The methods hand their context (setup(..., parallel=ctx)) to the estimators and the replay pool,
+    so a 2-process end_task (global batch stream, each rank estimating on its share, all-reduced) gives
+    the single-process rank-1 Fisher, diagonal Fisher, DC-score (ewc_dc) Fisher and replay pool."""
     mp.spawn(_methods_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ref = _method_states()
     for r in (0, 1):
@@ -292,7 +306,7 @@ def _ccd_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    D.init_from_env("cpu")
+    ctx = D.init_from_env("cpu").parallel
     from cdgfast.diffusion import NoiseSchedule
     from cdgfast.methods import create
     from cdgfast.models.unet import tiny_unet
@@ -300,13 +314,12 @@ def _ccd_worker(rank, world, port, out_dir):
     torch.manual_seed(0)
     model = tiny_unet(num_classes=4, sample_size=8)
     m = create("ccd", seed=1, buffer_size=8)
-    m.setup(num_classes=4, schedule=NoiseSchedule())
+    m.setup(num_classes=4, schedule=NoiseSchedule(), parallel=ctx)
     m.begin_task(model, type("T", (), {"classes": [0, 1], "index": 0})())
     g = torch.Generator().manual_seed(2)
-    with D.sharded_estimators(progress=False):
-        for _ in range(2):
-            x, y = D.local_rows(torch.randn(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
-            m.loss(model, {"x": x, "y": y})
+    for _ in range(2):
+        x, y = ctx.rows(torch.randn(6, 1, 8, 8, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]))
+        m.loss(model, {"x": x, "y": y})
     torch.save({k: v.detach().clone() for k, v in m.regressor.state_dict().items()},
                os.path.join(out_dir, f"ccd{rank}.pt"))
     D.barrier()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..diffusion import NoiseSchedule
-from ..sampling import ddim_sample
+from ..parallel import DataParallel, resolve
+from ..sampling import _infer_shape, ddim_sample
 
 _META = "meta.json"
 
@@ -61,8 +62,8 @@ def _atomic_save(obj, target: Path) -> None:
 def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_class: int, *,
                          schedule: NoiseSchedule, num_steps: int = 50, batch_size: int = 256, seed: int = 0,
                          path: Optional[Union[str, os.PathLike]] = None, device=None, progress: bool = False,
-                         eta: float = 0.0, shape: Optional[Sequence[int]] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+                         eta: float = 0.0, shape: Optional[Sequence[int]] = None,
+                         parallel: Optional[DataParallel] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate `per_class` DDIM samples for every class in `classes` -> (x [N, C, H, W], y [N]) on the CPU,
     N = len(classes) * per_class, ordered class by class as given.
 
@@ -71,7 +72,10 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     `path`: a directory for resumable generation (module docstring). `shape`: (C, H, W) when the model
     has no config.in_channels / sample_size. progress: a tqdm bar over the chunks (quiet by default, as
     library code should be; the driver asks for it).
+    parallel: a `cdgfast.parallel.DataParallel`; chunk i is then made (or read from `path`) by rank
+    i % world_size and the chunks are gathered, so every process returns the one-process pool.
     """
+    par = resolve(parallel)
     classes = [int(c) for c in classes]
     if not classes:
         raise ValueError("classes: expected at least one class")
@@ -111,8 +115,9 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
             _atomic_save(json.dumps(meta, indent=1).encode(), meta_file)
 
     xs, ys = [None] * num_chunks, [None] * num_chunks
+    mine = range(par.rank, num_chunks, par.world_size)  # every chunk in one process
     todo = []
-    for i in range(num_chunks):
+    for i in mine:
         f = out_dir / f"chunk_{i:06d}.pt" if out_dir is not None else None
         if f is not None and f.exists():
             saved = torch.load(f, map_location="cpu", weights_only=True)
@@ -121,8 +126,8 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
             todo.append(i)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=num_chunks, initial=num_chunks - len(todo), desc="replay pool", unit="chunk",
-               disable=not progress)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="replay pool", unit="chunk",
+               disable=not (progress and par.is_main))
     try:
         for i in todo:
             y = labels[i * batch_size:(i + 1) * batch_size]
@@ -137,4 +142,11 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
             bar.update(1)
     finally:
         bar.close()
-    return torch.cat(xs), torch.cat(ys)
+    if not par.enabled:
+        return torch.cat(xs), torch.cat(ys)
+    # the gather runs on the model's device (NCCL needs CUDA tensors); an empty share keeps the sample shape
+    p = next(iter(model.parameters()))
+    dev = p.device if device is None else device
+    sample = tuple(shape) if shape is not None else _infer_shape(model, 0)[1:]
+    local = torch.cat([xs[i] for i in mine]) if len(mine) else torch.zeros((0, *sample), dtype=p.dtype)
+    return par.gather_round_robin(local.to(dev), n, batch_size), labels.clone()

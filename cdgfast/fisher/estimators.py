@@ -21,6 +21,11 @@ Conventions shared by every function here:
   `torch.no_grad()` / `torch.inference_mode()`, detached, or from other parameters raise ValueError
   (the forward-mode path accepts `no_grad`, under which forward AD still differentiates).
 * Progress bars (`progress=True`, tqdm) are off by default.
+* The estimators take `parallel=` (a `cdgfast.parallel.DataParallel`; None: one process). Every
+  process passes the same GLOBAL batch stream; each takes its batches of it, computes the sums and
+  sample counts below with the same primitives, and the sums and counts are all-reduced before any
+  division, so every process returns the one-process estimate (see `cdgfast.parallel`). Only the main
+  process shows bars.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 
 from cdgfast._params import split_like
 from cdgfast._validation import check_choice
+from cdgfast.parallel import DataParallel, resolve
 
 from ._common import (autograd_call, call_loss, check_batch, check_loss_fn, check_loss_graph, direction_pieces,
                       param_device, preserved_state, result_dtype, trainable_named, usable_batch)
@@ -187,7 +193,7 @@ def _passes(batches, name: str = "batches", two_passes: bool = True) -> Callable
 
 @autograd_call("rank1_fisher")
 def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
-                 progress: bool = False) -> Rank1Fisher:
+                 progress: bool = False, parallel: Optional[DataParallel] = None) -> Rank1Fisher:
     """Rank-1 empirical Fisher of the task data (rank-1 paper, section 3.3; SPEC `rank1`).
 
     Pass 1: `mu = mean_i g_i`, one batched backward of the sum of each batch's losses (never per
@@ -198,20 +204,27 @@ def rank1_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: 
     as a DataLoader, or a callable returning a fresh iterable (how each pass gets fresh t/eps, as in
     the paper). A one-shot iterator/generator raises ValueError. progress: tqdm bars over batches
     (off by default). If `mu` is exactly zero, coeff is 0.0 (with a warning): the penalty vanishes
-    either way.
+    either way. parallel: the data-parallel context (module docstring); `batches` is then the global
+    stream and every process gets the estimate over all of it.
     """
     check_choice("method", method, DOT_METHODS)
     check_loss_fn(loss_fn)
+    par = resolve(parallel)
     get = _passes(batches)
     _, params = trainable_named(model)
-    param_device(params)
+    dev = param_device(params)
+    bars = progress and par.is_main
     # Each pass reduces to sums over samples (a [P] gradient sum and a count; a squared-projection sum
-    # and a count): the only state that crosses batches, and what a data-parallel caller would reduce.
-    total, n1 = _grad_sum(model, loss_fn, get(), params, progress)
+    # and a count): the only state that crosses batches, and what the processes all-reduce.
+    total, n1 = _grad_sum(model, loss_fn, par.batches(get()), params, bars)
+    par.all_reduce_sum(total)
+    (n1,) = par.sum_counts(n1, device=dev)
     if n1 == 0:
         raise ValueError("batches: expected at least one non-empty batch, got none")
     mu = total.div_(n1)
-    sq, n2 = _sq_projection_sum(model, loss_fn, get(), mu, method, progress)
+    sq, n2 = _sq_projection_sum(model, loss_fn, par.batches(get()), mu, method, bars)
+    par.all_reduce_sum(sq)
+    (n2,) = par.sum_counts(n2, device=dev)
     if n2 == 0:
         raise ValueError("batches: the second pass yielded no batches; pass a list or a callable returning a "
                          "fresh iterable each time")
@@ -260,19 +273,24 @@ def _sq_projection_sum(model, loss_fn, batches: Iterable, mu: torch.Tensor, meth
 
 @autograd_call("diag_fisher")
 def diag_fisher(model: torch.nn.Module, loss_fn: Callable, batches, *, method: str = "auto",
-                progress: bool = False, rows_per_sample: int = 1) -> torch.Tensor:
+                progress: bool = False, rows_per_sample: int = 1,
+                parallel: Optional[DataParallel] = None) -> torch.Tensor:
     """Diagonal empirical Fisher `mean_i g_i * g_i` [P] from true per-sample gradients (not the
     square of a batch gradient), summed batch by batch into one flat buffer with
     `per_sample_sq_grad_sum(..., out=buffer)`. batches: as in `rank1_fisher` (one pass, so a
     one-shot iterator is accepted here). progress: tqdm bar over batches (off by default).
-    rows_per_sample: see `per_sample_sq_grad_sum`."""
+    rows_per_sample: see `per_sample_sq_grad_sum`. parallel: as in `rank1_fisher`."""
     check_choice("method", method, SQ_METHODS)
     _check_rows(rows_per_sample)
     check_loss_fn(loss_fn)
+    par = resolve(parallel)
     get = _passes(batches, two_passes=False)
     _, params = trainable_named(model)
-    param_device(params)
-    buf, n = _sq_grad_sum(model, loss_fn, get(), params, method, rows_per_sample, progress)
+    dev = param_device(params)
+    buf, n = _sq_grad_sum(model, loss_fn, par.batches(get()), params, method, rows_per_sample,
+                          progress and par.is_main)
+    par.all_reduce_sum(buf)
+    (n,) = par.sum_counts(n, device=dev)
     if n == 0:
         raise ValueError("batches: expected at least one non-empty batch, got none")
     return buf.div_(n)

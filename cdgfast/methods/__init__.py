@@ -9,57 +9,53 @@ or a value of the wrong type or outside the range the method declares for it in 
 naming the key and the values it accepts). Compositions such as `rank1+gd` are `Compose` objects of the single methods; a
 composition accepts `key=value` for every member that has the key, or `member.key=value` passed as
 `**{"gd.lam_gd": 2.0}`. See `base.py` for the hook contract.
+
+Each method is one module of this package, registered by `@register("name")` on its class (and
+`register_composition(...)` for a composition); the package imports every module here whose name does
+not start with "_", so a new method needs no edit to this file. The classes and the public helpers of
+those modules (their `__all__`) are reachable as attributes of this package (`cdgfast.methods.EWC`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import importlib
+from typing import Dict, List
 
-from .anchors import EWC, L2, MAS, SI, Diag
-from .base import Method
-from .ccd import CCD, reverse_mean, ukc_loss
+from ._registry import (available, create, import_method_modules, members, method_class, register,
+                        register_composition, single_methods, tiny_run)
+from .base import Method, TinyRun
 from .compose import Compose
-from .dc import DSC, EWCDC, condition_predictions
-from .distill import GD, KD
-from .finetune import Finetune
-from .lora import CLoRA, LoRAMerge, LoRASeq
-from .rank1 import Rank1
-from .replay import AGEM, ER
 
-_SINGLE: Dict[str, type] = {cls.name: cls for cls in (
-    Finetune, ER, AGEM, KD, L2, EWC, SI, MAS, GD, Rank1, Diag, CCD, EWCDC, DSC, CLoRA, LoRASeq, LoRAMerge)}
-_COMPOSED: Dict[str, List[str]] = {"rank1+gd": ["rank1", "gd"], "diag+gd": ["diag", "gd"]}
-
-_ORDER = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "diag", "rank1+gd", "diag+gd",
-          "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge"]
+_MODULES = import_method_modules(__name__, __path__)
 
 
-def available() -> List[str]:
-    """Names accepted by `create`."""
-    return list(_ORDER)
+def _exports() -> Dict[str, str]:
+    """Public name -> the module that defines it: every registered class, and the `__all__` of each
+    module that registers a method (its helpers, e.g. ccd.ukc_loss)."""
+    out: Dict[str, str] = {}
+    for cls in single_methods().values():
+        mod_name = cls.__module__.rpartition(".")[2]
+        if cls.__module__ == f"{__name__}.{mod_name}":  # a user's method registered from elsewhere stays there
+            out.setdefault(cls.__name__, mod_name)
+            for n in getattr(importlib.import_module(cls.__module__), "__all__", ()):
+                out.setdefault(n, mod_name)
+    return out
 
 
-def _defaults(cls: type) -> dict:
-    merged = {}
-    for klass in reversed(cls.__mro__):
-        merged.update(getattr(klass, "defaults", {}) or {})
-    return merged
+_EXPORTS = _exports()
 
 
-def create(name: str, **overrides) -> Method:
-    """Build the method `name` with its SPEC defaults, changed by `overrides`.
-
-    Single methods take their hyperparameter names (`create("ewc", lam=100.0, gamma=0.9)`); compositions
-    take bare keys (applied to every member that has them) or `member.key` keys."""
-    if name in _SINGLE:
-        return _SINGLE[name](**overrides)
-    if name in _COMPOSED:
-        names = _COMPOSED[name]
-        classes = [_SINGLE[n] for n in names]
-        routed = Compose.route_overrides(names, [_defaults(c) for c in classes], overrides)
-        return Compose([c(**kw) for c, kw in zip(classes, routed)], name=name)
-    raise ValueError(f"name: unknown method {name!r}; expected one of {available()}")
+def __getattr__(name: str):
+    """The method modules' public names (`cdgfast.methods.Rank1`, `cdgfast.methods.ukc_loss`), looked up
+    in the module that defines them, so this file lists none of them."""
+    mod_name = _EXPORTS.get(name)
+    if mod_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{mod_name}"), name)
 
 
-__all__ = ["available", "create", "Method", "Compose", "Finetune", "ER", "AGEM", "KD", "L2", "EWC", "Diag", "SI",
-           "MAS", "GD", "Rank1", "CCD", "EWCDC", "DSC", "CLoRA", "LoRASeq", "LoRAMerge", "ukc_loss",
-           "reverse_mean", "condition_predictions"]
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = ["available", "create", "register", "register_composition", "single_methods", "method_class", "members",
+           "tiny_run", "Method", "TinyRun", "Compose"] + sorted(_EXPORTS)

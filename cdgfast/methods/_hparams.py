@@ -133,12 +133,21 @@ def probability() -> HP:
     return HP("float", lo=0.0, hi=1.0, hi_open=True)
 
 
+def _merged(cls: type, attr: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(getattr(klass, attr, {}) or {})
+    return out
+
+
+def merged_defaults(cls: type) -> Dict[str, Any]:
+    """`defaults` of `cls` and its bases, later classes winning: the configuration before overrides."""
+    return _merged(cls, "defaults")
+
+
 def merged_specs(cls: type) -> Dict[str, HP]:
     """`specs` of `cls` and its bases, later classes winning (as `defaults` merge)."""
-    out: Dict[str, HP] = {}
-    for klass in reversed(cls.__mro__):
-        out.update(getattr(klass, "specs", {}) or {})
-    return out
+    return _merged(cls, "specs")
 
 
 def validate_config(cls: type, config: Dict[str, Any]) -> Dict[str, Any]:
@@ -148,4 +157,5 @@ def validate_config(cls: type, config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (specs[k].check(k, v, name) if k in specs else v) for k, v in config.items()}
 
 
-__all__ = ["HP", "nonneg", "positive", "count", "flag", "probability", "merged_specs", "validate_config"]
+__all__ = ["HP", "nonneg", "positive", "count", "flag", "probability", "merged_defaults", "merged_specs",
+           "validate_config"]

@@ -10,10 +10,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import _deps
-from ._deps import diag_penalty, online_update
+from ..fisher import diag_fisher, online_update
+from ..ops import diag_penalty
 from ._hparams import count, flag, nonneg, positive
-from .base import Method, flat_grads, flat_params, params_of
+from ._registry import register, register_composition
+from .base import Method, TinyRun, flat_grads, flat_params, params_of
 
 
 class _AnchorPenalty(Method):
@@ -40,12 +41,13 @@ class _AnchorPenalty(Method):
         return {self.name: self.penalty_scale() * total}
 
 
+@register("l2", order=50)
 class L2(_AnchorPenalty):
     """`lam/2 * ||theta - theta_old||^2` towards the parameters at the end of the previous task."""
 
-    name = "l2"
     defaults = {"lam": 1.0}
     specs = {"lam": nonneg()}
+    tiny = TinyRun(terms={"l2"})
 
     def penalty_scale(self):
         return float(self.config["lam"])
@@ -57,23 +59,24 @@ class L2(_AnchorPenalty):
         self.weights = [torch.ones_like(theta)]
 
 
+@register("ewc", order=60)
 class EWC(_AnchorPenalty):
     """EWC: `lam/2 * sum_k sum_j F_k,j (theta_j - theta_k,j)^2` with `F = mean_i g_i * g_i` from true
     per-sample gradients (`cdgfast.fisher.diag_fisher`). `online=True` keeps one `F <- gamma F + F_new`
     (via `cdgfast.fisher.accumulator.online_update`) and one anchor; `online=False` keeps (F_k, theta_k)
     per task. `fisher_max_samples` caps the samples of the Fisher pass (None: the whole task)."""
 
-    name = "ewc"
     defaults = {"lam": 15000.0, "online": True, "gamma": 1.0, "fisher_max_samples": None}
     specs = {"lam": nonneg(), "online": flag(), "gamma": nonneg(),
              "fisher_max_samples": count(none=True, none_means="the whole task")}
+    tiny = TinyRun(terms={"ewc"})
 
     def penalty_scale(self):
         return float(self.config["lam"])
 
     def fisher(self, model, data) -> torch.Tensor:
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        return _deps.diag_fisher(model, self.loss_fn, batches)
+        return diag_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
 
     def end_task(self, model, data):
         super().end_task(model, data)
@@ -88,14 +91,16 @@ class EWC(_AnchorPenalty):
             self.anchors.append(theta)
 
 
+@register("diag", order=110)
 class Diag(EWC):
     """Diagonal-Fisher EWC as the rank-1 paper's baseline (Eq. 1 there: one (F_k, theta_k) per task,
     so `online=False` by default); usually composed with GD as `diag+gd`."""
 
-    name = "diag"
     defaults = {"online": False}
+    tiny = TinyRun(terms={"diag"})
 
 
+@register("si", order=70)
 class SI(_AnchorPenalty):
     """Synaptic Intelligence: `c * sum_j Omega_j (theta_j - theta*_j)^2`.
 
@@ -104,10 +109,10 @@ class SI(_AnchorPenalty):
     `Omega += max(omega / (Delta^2 + xi), 0)` with `Delta` the task's total parameter change; the
     clamp at zero (our choice) keeps the penalty convex when noisy steps make omega negative."""
 
-    name = "si"
     defaults = {"c": 1.0, "xi": 1e-3}
     specs = {"c": nonneg(), "xi": positive()}
-    _state_attrs = ("anchors", "weights", "omega", "theta_start", "theta_prev")
+    _state_attrs = ("omega", "theta_start", "theta_prev")
+    tiny = TinyRun(terms={"si"})
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -140,15 +145,16 @@ class SI(_AnchorPenalty):
         self.anchors = [theta]
 
 
+@register("mas", order=80)
 class MAS(_AnchorPenalty):
     """Memory Aware Synapses: `lam * sum_j Omega_j (theta_j - theta*_j)^2`,
     `Omega = mean_i |grad_theta ||eps_theta(x_t,i)||^2|` (squared L2 norm over pixels, per-sample
     gradients, fresh t per sample, true labels). The per-sample gradients are taken one sample at a
     time on at most `mas_max_samples` samples. Omega accumulates over tasks (sum), one anchor."""
 
-    name = "mas"
     defaults = {"lam": 1.0, "mas_max_samples": 256}
     specs = {"lam": nonneg(), "mas_max_samples": count(none=True, none_means="the whole task")}
+    tiny = TinyRun(config={"mas_max_samples": 4}, terms={"mas"})
 
     def penalty_scale(self):
         return 2.0 * float(self.config["lam"])  # diag_penalty carries a 0.5
@@ -174,3 +180,9 @@ class MAS(_AnchorPenalty):
         omega = self.importance(model, data).detach()
         self.weights = [omega if not self.weights else self.weights[0] + omega]
         self.anchors = [flat_params(model)]
+
+
+register_composition("diag+gd", "diag", "gd", order=130)
+
+
+__all__ = ["L2", "EWC", "Diag", "SI", "MAS"]

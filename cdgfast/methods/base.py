@@ -16,43 +16,89 @@ A training loop uses a method like this (any loop: plain diffusers, Lightning, A
 `loss` receives the clean batch; the method draws (t, eps) itself with `make_batch` from its own
 seeded generator, and applies label dropout (null class = `num_classes`) when it needs
 unconditional predictions.
+
+A method class is registered with `cdgfast.methods.register("name")` and declares, next to its
+`defaults` and `specs`, a `tiny` TinyRun: how the generic tests run it (DEVELOPING.md, "How to add a
+method").
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from .._params import flatten, flatten_detached, split_like, trainable_parameters
 from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
-from ._hparams import HP, count, probability, validate_config
+from ..parallel import LOCAL, DataParallel, assign_grads
+from ..parallel import resolve as resolve_parallel
+from ._hparams import HP, count, merged_defaults, probability, validate_config
 
 Data = Any  # iterable of (x, y), or a callable returning a fresh iterable
 
 
-class Method:
-    """Base class: plain denoising loss, no consolidation (this is `finetune`).
+@dataclass(frozen=True)
+class TinyRun:
+    """How the generic tests (tests/test_methods.py) run a method in about a second on the CPU; every
+    registered method declares one as its class attribute `tiny` (a test fails for one that does not).
 
-    Subclasses set `name`, `defaults` (their hyperparameters; `create(name, **overrides)` may change
-    any of them, an unknown key is a ValueError), `specs` (one `_hparams.HP` per key of `defaults`:
-    the values it accepts; a bad value is a ValueError naming the key and the valid range), and
+    config: hyperparameters that make it small (a smaller buffer, pool, rank, fewer iterations).
+    terms: the names of the method's own loss terms once there is something to consolidate (the second
+      task), besides "task".
+    frozen: the attributes that hold frozen modules (teachers) after a task; the tests check that no
+      gradient reaches them.
+    needs: what the model must offer, from NEEDS: "class_labels" (a class-conditional model),
+      "null_class" (the unconditional class `num_classes`: label dropout, DC scores), "attention" (the
+      attention projections LoRA adapts), "mid_block" (a diffusers `mid_block`)."""
+
+    NEEDS = ("class_labels", "null_class", "attention", "mid_block")
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    terms: FrozenSet[str] = frozenset()
+    frozen: Tuple[str, ...] = ()
+    needs: FrozenSet[str] = frozenset({"class_labels"})
+
+    def __post_init__(self):
+        if not isinstance(self.config, Mapping) or not all(isinstance(k, str) for k in self.config):
+            raise ValueError(f"config: expected a mapping of hyperparameter names to values, got {self.config!r}")
+        for what in ("terms", "frozen", "needs"):
+            value = getattr(self, what)
+            if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{what}: expected a collection of names, got {value!r}")
+        unknown = sorted(set(self.needs) - set(self.NEEDS))
+        if unknown:
+            raise ValueError(f"needs: expected names from {list(self.NEEDS)}, got {unknown}")
+        object.__setattr__(self, "config", dict(self.config))  # frozen dataclass: its own fields, once
+        object.__setattr__(self, "terms", frozenset(self.terms))
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "needs", frozenset(self.needs))
+
+
+class Method:
+    """Base class: plain denoising loss, no consolidation (`finetune` is this class registered).
+
+    Subclasses are registered with `@register("name")` (which sets `name`), set `defaults` (their
+    hyperparameters; `create(name, **overrides)` may change any of them, an unknown key is a
+    ValueError), `specs` (one `_hparams.HP` per key of `defaults`: the values it accepts; a bad value
+    is a ValueError naming the key and the valid range), `tiny` (a TinyRun for the generic tests), and
     override the hooks they need. Methods whose loss is "task loss + penalty terms" implement
     `extra_terms`; methods that change the task loss itself (replay, distillation on the same
-    forward) set `owns_task_loss = True` and override `loss`.
+    forward) set `owns_task_loss = True` and override `step_terms` (`loss` does the opening every
+    step shares, then calls it).
     """
 
     name: str = "base"
     defaults: Dict[str, Any] = {"seed": 0, "label_dropout": 0.0}
     specs: Dict[str, HP] = {"seed": count(0), "label_dropout": probability()}
+    tiny: Optional[TinyRun] = None
     owns_task_loss: bool = False
-    # Attributes saved by the generic state_dict (tensors, numbers, lists, dicts of those).
+    # Attributes saved by the generic state_dict (tensors, numbers, lists, dicts of those, and objects with
+    # state_dict / load_state_dict such as modules); a class's own tuple adds to its bases'.
     _state_attrs: Tuple[str, ...] = ()
 
     def __init__(self, **overrides):
-        merged = {}
-        for klass in reversed(type(self).__mro__):
-            merged.update(getattr(klass, "defaults", {}) or {})
+        merged = merged_defaults(type(self))
         unknown = sorted(set(overrides) - set(merged))
         if unknown:
             raise ValueError(f"{unknown[0]!r}: unknown hyperparameter for method {self.name!r}; "
@@ -68,16 +114,27 @@ class Method:
         self.current_classes: List[int] = []
         self.steps_in_task = 0
         self.generator = torch.Generator().manual_seed(int(self.config["seed"]))
+        self.parallel: DataParallel = LOCAL
+        self.progress = False
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
 
     # ------------------------------------------------------------------ hooks
-    def setup(self, *, num_classes: int, schedule: Optional[NoiseSchedule] = None, device=None) -> None:
+    def setup(self, *, num_classes: int, schedule: Optional[NoiseSchedule] = None, device=None,
+              parallel: Optional[DataParallel] = None, progress: bool = False) -> None:
+        """parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
+        estimators and the replay pool, and used by a method's own optimisation loop (`rows`,
+        `average_gradients`). progress: show the bars of the end-of-task work (off: library code is
+        quiet; the driver passes its --progress setting)."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
         if schedule is not None and not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress: expected True or False, got {progress!r}")
+        self.parallel = resolve_parallel(parallel)
+        self.progress = progress
         self.num_classes = num_classes
         self.schedule = schedule or NoiseSchedule()
         self.device = torch.device(device) if device is not None else None
@@ -89,14 +146,31 @@ class Method:
         classes = list(getattr(task, "classes", []) or [])
         self.current_classes = [int(c) for c in classes]
         self.steps_in_task = 0
+        self.restore_pending(model)
 
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The named loss terms of one training step on the clean `batch` (always with "task")."""
+        self.start_step(model)
+        return self.step_terms(model, batch)
+
+    def start_step(self, model: torch.nn.Module) -> None:
+        """What every step starts with: the setup check, the state that waits for the model (a teacher
+        after load_state_dict), the step count."""
         self._require_setup()
+        self.restore_pending(model)
         self.steps_in_task += 1
+
+    def step_terms(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The terms after `start_step`: the task loss of the batch plus `extra_terms`. Methods that own
+        the task loss (`owns_task_loss`) override this."""
         nb = self.noisy_batch(batch["x"], batch.get("y"), dropout=True)
-        terms = {"task": self.denoising_loss(model, nb).mean()}
+        terms = {"task": self.task_loss(model, nb)}
         terms.update(self.extra_terms(model, batch))
         return terms
+
+    def restore_pending(self, model: torch.nn.Module) -> None:
+        """Rebuild loaded state that needs the model (a frozen copy): nothing here; the mixins that keep
+        such state extend it. Runs in begin_task and at the start of every step."""
 
     def extra_terms(self, model: torch.nn.Module, batch) -> Dict[str, torch.Tensor]:
         """Terms added to another member's task loss (penalties). The base method adds none."""
@@ -118,15 +192,23 @@ class Method:
         pass
 
     # --------------------------------------------------------------- state
+    @classmethod
+    def state_attrs(cls) -> Tuple[str, ...]:
+        """Every `_state_attrs` of the class and its bases, bases first, without repeats."""
+        out: List[str] = []
+        for klass in reversed(cls.__mro__):
+            for attr in klass.__dict__.get("_state_attrs", ()):
+                if attr not in out:
+                    out.append(attr)
+        return tuple(out)
+
     def state_dict(self) -> Dict[str, Any]:
         state = {"task_index": self.task_index, "seen_classes": list(self.seen_classes),
                  "current_classes": list(self.current_classes), "steps_in_task": self.steps_in_task,
                  "generator": self.generator.get_state(), "config": dict(self.config)}
-        for attr in self._state_attrs:
+        for attr in self.state_attrs():
             value = getattr(self, attr, None)
-            if isinstance(value, torch.nn.Module):
-                value = value.state_dict()
-            state[attr] = value
+            state[attr] = value.state_dict() if hasattr(value, "state_dict") else value
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -135,13 +217,19 @@ class Method:
         self.current_classes = list(state["current_classes"])
         self.steps_in_task = state["steps_in_task"]
         self.generator.set_state(state["generator"])
-        for attr in self._state_attrs:
+        for attr in self.state_attrs():
             if attr in state:
-                current = getattr(self, attr, None)
-                if isinstance(current, torch.nn.Module) and state[attr] is not None:
-                    current.load_state_dict(state[attr])
-                else:
-                    setattr(self, attr, state[attr])
+                self.load_state_attr(attr, state[attr])
+
+    def load_state_attr(self, attr: str, saved: Any) -> None:
+        """Restore one attribute of `state_attrs()`: into the object it holds when that has
+        load_state_dict (a module), else the saved value itself. Mixins whose objects must be built
+        first (a buffer) or need the model (a teacher) extend this."""
+        current = getattr(self, attr, None)
+        if saved is not None and hasattr(current, "load_state_dict"):
+            current.load_state_dict(saved)
+        else:
+            setattr(self, attr, saved)
 
     # ------------------------------------------------------------- helpers
     def _require_setup(self):
@@ -164,6 +252,15 @@ class Method:
                 drop = (torch.rand(y.shape[0], generator=self.generator) < p).to(y.device)
                 y = torch.where(drop, torch.full_like(y, self.null_class), y)
         return make_batch(x, y, self.schedule, self.generator)
+
+    def task_loss(self, model, batch: Batch, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The "task" term on a noisy batch: the mean of the per-sample denoising losses. With `pred`
+        (the model's prediction on `batch`, computed once because a distillation term reuses it) the
+        mean squared error over every element: the same value for equal-sized samples, each reduction
+        kept as it was so that results stay bit-identical."""
+        if pred is None:
+            return self.denoising_loss(model, batch).mean()
+        return (pred - batch["eps"]).pow(2).mean()
 
     def denoising_loss(self, model, batch: Batch) -> torch.Tensor:
         """Per-sample l_i = mean over pixels of (eps - eps_theta(x_t, t, y))^2 (SPEC section 1)."""
@@ -243,12 +340,7 @@ def flat_grads(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def set_flat_grads(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    params = params_of(model)
-    for p, g in zip(params, split_like(flat, params)):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
+    assign_grads(params_of(model), flat)
 
 
 def trainable_names(model: torch.nn.Module) -> List[str]:
@@ -264,5 +356,13 @@ def load_flat_params(model: torch.nn.Module, flat: torch.Tensor, names: List[str
             p.copy_(v)
 
 
-__all__ = ["Method", "reusable", "frozen_copy", "params_of", "flat_params", "flat_grads", "set_flat_grads",
-           "load_flat_params", "trainable_names", "flatten"]
+def with_replay(x: torch.Tensor, y: torch.Tensor, rep: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+    """The current batch followed by the replayed samples `rep` = (xr, yr) (as x's dtype and device,
+    labels long), or the current batch when there is nothing to replay (None)."""
+    if rep is None:
+        return x, y
+    return torch.cat([x, rep[0].to(x)]), torch.cat([y.long(), rep[1].to(y.device).long()])
+
+
+__all__ = ["Method", "TinyRun", "with_replay", "reusable", "frozen_copy", "params_of", "flat_params", "flat_grads",
+           "set_flat_grads", "load_flat_params", "trainable_names", "flatten"]

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import NoiseSchedule, predict_eps
-from . import _deps
-from ._deps import ClassBalancedBuffer, bregman_distill, hutchinson_metric
-from ._hparams import count, nonneg, positive
-from .base import Method, frozen_copy, reusable
+from ..data import ClassBalancedBuffer
+from ..ops import bregman_distill, hutchinson_metric
+from ._hparams import nonneg, positive
+from ._mixins import Buffered, Teacher
+from ._registry import register
+from .base import Method, TinyRun, frozen_copy, with_replay
 
 
 def reverse_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -71,24 +73,29 @@ class _MidFeatures:
         self.handle.remove()
 
 
-class CCD(Method):
-    name = "ccd"
+@register("ccd", order=140)
+class CCD(Teacher, Buffered, Method):
+    """The task loss over current + class-balanced buffer samples (`Buffered`, a ClassBalancedBuffer),
+    and, from the second task on, L_IKC / L_UKC / L_LKC against the frozen previous model (`Teacher`) and
+    its label regressor (`teacher_regressor`)."""
+
     defaults = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "kappa": 1.0, "temperature": 2.0,
-                "buffer_size": 512, "replay_batch": None, "regressor_lr": 1e-3, "label_dropout": 0.1}
+                "regressor_lr": 1e-3, "label_dropout": 0.1}
     specs = {"alpha": nonneg(), "beta": nonneg(), "gamma": nonneg(), "kappa": nonneg(), "temperature": positive(),
-             "buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch"),
              "regressor_lr": positive()}
     owns_task_loss = True
+    buffer_type = ClassBalancedBuffer
+    tiny = TinyRun(config={"buffer_size": 16}, terms={"ikc", "ukc", "lkc"}, frozen=("teacher", "teacher_regressor"),
+                   needs={"class_labels", "null_class", "mid_block"})
+    _state_attrs = ("regressor", "teacher_regressor", "regressor_opt")
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
-        self.teacher: Optional[torch.nn.Module] = None
         self.regressor: Optional[torch.nn.Linear] = None
         self.teacher_regressor: Optional[torch.nn.Linear] = None
         self.regressor_opt = None
-        self.buffer = None
         self.last_regressor_ce: Optional[float] = None
-        self._pending = None
+        self._pending_regressors = None
 
     # -- pieces
     def _null_forward(self, model, x_t, t):
@@ -117,54 +124,49 @@ class CCD(Method):
         with torch.enable_grad():
             ce = F.cross_entropy(self.regressor(feat), y)
             ce.backward()
-        _deps.average_gradients(list(self.regressor.parameters()))  # one regressor for all processes
+        self.parallel.average_gradients(list(self.regressor.parameters()))  # one regressor for all processes
         self.regressor_opt.step()
         self.regressor_opt.zero_grad(set_to_none=True)
         self.last_regressor_ce = float(ce.detach())
 
-    def _restore(self, model):
-        if self._pending is not None:
-            st = self._pending
-            self._pending = None
-            if st["teacher"] is not None:
-                self.teacher = frozen_copy(model)
-                self.teacher.load_state_dict(st["teacher"])
-            for key in ("regressor", "teacher_regressor"):
-                if st[key] is not None:
-                    w = st[key]["weight"]
-                    lin = torch.nn.Linear(w.shape[1], w.shape[0]).to(w.device)
-                    lin.load_state_dict(st[key])
-                    if key == "teacher_regressor":
-                        lin.requires_grad_(False)
-                    setattr(self, key, lin)
-            if st["regressor"] is not None and st["regressor_opt"] is not None:
-                self.regressor_opt = torch.optim.Adam(self.regressor.parameters(), lr=float(self.config["regressor_lr"]))
-                self.regressor_opt.load_state_dict(st["regressor_opt"])
-            if st["buffer"] is not None:
-                self.buffer = self._make_buffer()
-                self.buffer.load_state_dict(st["buffer"])
+    @staticmethod
+    def _linear(saved, frozen: bool) -> torch.nn.Linear:
+        w = saved["weight"]
+        lin = torch.nn.Linear(w.shape[1], w.shape[0]).to(w.device)
+        lin.load_state_dict(saved)
+        return lin.requires_grad_(False) if frozen else lin
 
-    def _make_buffer(self):
-        return ClassBalancedBuffer(int(self.config["buffer_size"]), seed=int(self.config["seed"]))
+    # -- state: the regressors are rebuilt with the teacher, at the next begin_task or step
+    def load_state_attr(self, attr, saved):
+        if attr not in ("regressor", "teacher_regressor", "regressor_opt"):
+            return super().load_state_attr(attr, saved)
+        if self._pending_regressors is None:
+            self._pending_regressors = {}
+        self._pending_regressors[attr] = saved
+        self.regressor = self.teacher_regressor = self.regressor_opt = None
+
+    def restore_pending(self, model):
+        super().restore_pending(model)
+        st, self._pending_regressors = self._pending_regressors, None
+        if st is None:
+            return
+        if st.get("regressor") is not None:
+            self.regressor = self._linear(st["regressor"], frozen=False)
+        if st.get("teacher_regressor") is not None:
+            self.teacher_regressor = self._linear(st["teacher_regressor"], frozen=True)
+        if st.get("regressor") is not None and st.get("regressor_opt") is not None:
+            self.regressor_opt = torch.optim.Adam(self.regressor.parameters(), lr=float(self.config["regressor_lr"]))
+            self.regressor_opt.load_state_dict(st["regressor_opt"])
 
     # -- hooks
-    def begin_task(self, model, task=None):
-        super().begin_task(model, task)
-        self._restore(model)
-
-    def loss(self, model, batch) -> Dict[str, torch.Tensor]:
-        self._require_setup()
-        self._restore(model)
-        self.steps_in_task += 1
+    def step_terms(self, model, batch) -> Dict[str, torch.Tensor]:
         x, y = batch["x"], batch["y"].long().to(batch["x"].device)
-        if self.buffer is not None and len(self.buffer) > 0:
-            xb, yb = self.buffer.sample(int(self.config["replay_batch"] or x.shape[0]), generator=self.generator)
-            x, y = torch.cat([x, xb.to(x)]), torch.cat([y, yb.to(y.device).long()])
+        x, y = with_replay(x, y, self.replay(x.shape[0], x))
         nb = self.noisy_batch(x, y, dropout=True)
         x_t = self.schedule.add_noise(nb["x"], nb["eps"], nb["t"])
         t, y_in = nb["t"], nb["y"]
         pred = predict_eps(model, x_t, t, y_in)
-        terms = {"task": (pred - nb["eps"]).pow(2).mean()}
+        terms = {"task": self.task_loss(model, nb, pred)}
 
         if self.teacher is None:
             with torch.no_grad():
@@ -192,28 +194,9 @@ class CCD(Method):
         return terms
 
     def end_task(self, model, data):
-        super().end_task(model, data)
-        self.teacher = frozen_copy(model)
+        super().end_task(model, data)  # buffer filled, teacher frozen
         if self.regressor is not None:
             self.teacher_regressor = frozen_copy(self.regressor)
-        if self.buffer is None:
-            self.buffer = self._make_buffer()
-        for xb, yb in reusable(data)():
-            self.buffer.add(xb.detach().cpu(), yb.detach().cpu().long())
 
-    def state_dict(self):
-        state = super().state_dict()
-        state.update({
-            "teacher": None if self.teacher is None else self.teacher.state_dict(),
-            "regressor": None if self.regressor is None else self.regressor.state_dict(),
-            "teacher_regressor": None if self.teacher_regressor is None else self.teacher_regressor.state_dict(),
-            "buffer": None if self.buffer is None else self.buffer.state_dict(),
-            "regressor_opt": None if self.regressor_opt is None else self.regressor_opt.state_dict(),
-        })
-        return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.teacher = self.regressor = self.teacher_regressor = self.buffer = None
-        self.regressor_opt = None
-        self._pending = {k: state.get(k) for k in ("teacher", "regressor", "teacher_regressor", "buffer", "regressor_opt")}
+__all__ = ["CCD", "reverse_mean", "ukc_loss"]

@@ -63,9 +63,9 @@ class Compose(Method):
         return routed
 
     # hooks
-    def setup(self, *, num_classes, schedule=None, device=None):
+    def setup(self, *, num_classes, schedule=None, device=None, parallel=None, progress=False):
         for m in self.members:
-            m.setup(num_classes=num_classes, schedule=schedule, device=device)
+            m.setup(num_classes=num_classes, schedule=schedule, device=device, parallel=parallel, progress=progress)
 
     def begin_task(self, model, task=None):
         for m in self.members:
@@ -76,7 +76,7 @@ class Compose(Method):
         for m in self.members:
             if m is self.primary:
                 continue
-            m.steps_in_task += 1
+            m.start_step(model)  # its own opening; only its penalties are added
             for k, v in m.extra_terms(model, batch).items():
                 if k in terms:
                     raise ValueError(f"term {k!r} of member {m.name!r} clashes with another member's term")

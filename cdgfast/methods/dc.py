@@ -9,16 +9,17 @@ methods train with label dropout p = 0.1 so that the null class is learned.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 from ..diffusion import predict_eps
-from . import _deps
-from ._deps import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
-from .anchors import EWC
+from ..fisher import diag_fisher
+from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
 from ._hparams import count, nonneg, positive
-from .base import Method, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
+from ._registry import register
+from .anchors import EWC
+from .base import Method, TinyRun, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
 
 
 def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.Tensor:
@@ -32,6 +33,7 @@ def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.T
     return pred.view(b, k, *x_t.shape[1:])
 
 
+@register("ewc_dc", order=150)
 class EWCDC(EWC):
     """Online EWC whose Fisher is the diagonal of mean_j grad L_ewc^j (grad L_ewc^j)^T, with the per-sample
 
@@ -42,15 +44,9 @@ class EWCDC(EWC):
     earlier classes exist); l_j is the denoising error on the sample's own class. `lam` = 1e6 is the
     paper's weight for LoRA parameters; full-model runs usually need a smaller one."""
 
-    name = "ewc_dc"
     defaults = {"lam": 1e6, "online": True, "gamma": 1.0, "k": 5, "delta": 0.5, "tau": 1.0, "label_dropout": 0.1}
-    specs = {"k": count(2), "delta": nonneg(), "tau": positive()}
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        k = self.config["k"]
-        if not isinstance(k, int) or k < 2:
-            raise ValueError(f"k: expected an integer >= 2 (null class and current class at least), got {k!r}")
+    specs = {"k": count(2), "delta": nonneg(), "tau": positive()}  # k: the null class and the own class at least
+    tiny = TinyRun(config={"k": 3}, terms={"ewc_dc"}, needs={"class_labels", "null_class"})
 
     def previous_classes(self) -> List[int]:
         return [c for c in self.seen_classes if c not in self.current_classes]
@@ -86,9 +82,11 @@ class EWCDC(EWC):
 
         # every sample's K condition rows are consecutive (repeat_interleave), so the hook path applies
         rows = 2 + min(int(self.config["k"]) - 2, len(self.previous_classes()))
-        return _deps.diag_fisher(model, self.ewc_loss_fn, batches, rows_per_sample=rows)
+        return diag_fisher(model, self.ewc_loss_fn, batches, rows_per_sample=rows, parallel=self.parallel,
+                           progress=self.progress)
 
 
+@register("dsc", order=160)
 class DSC(Method):
     """Diffusion Scores Consolidation, run by the trainer as `post_task_phase` after each task (SPEC 2.2).
 
@@ -106,12 +104,12 @@ class DSC(Method):
     stored as task n's model (flat copy of the trainable parameters: the LoRA weights for LoRA models).
     `teacher_history` lists the drawn j per iteration."""
 
-    name = "dsc"
     defaults = {"gamma": 0.1, "lam": 1.5, "teacher_tau": 0.05, "student_tau": 1.0, "iteration_ratio": 0.2,
                 "iterations": None, "lr": 5e-4, "label_dropout": 0.1}
     specs = {"gamma": nonneg(), "lam": nonneg(), "teacher_tau": positive(), "student_tau": positive(),
              "iteration_ratio": positive(), "lr": positive(),
              "iterations": count(none=True, none_means="iteration_ratio x the task's steps")}
+    tiny = TinyRun(config={"iterations": 2}, needs={"class_labels", "null_class"})
     _state_attrs = ("task_models", "task_classes", "teacher_history")
 
     def __init__(self, **overrides):
@@ -160,7 +158,8 @@ class DSC(Method):
         device = params[0].device
         empty_run = 0
         done = 0
-        bar = tqdm(total=iters, desc="DSC", leave=False, disable=iters < 50)
+        bar = tqdm(total=iters, desc="DSC", leave=False,
+                   disable=not (self.progress and self.parallel.is_main) or iters < 50)
         while done < iters:
             x, y = next(stream)
             if x.shape[0] == 0:
@@ -178,16 +177,19 @@ class DSC(Method):
             batch = self.noisy_batch(x, y)
             # Under torchrun every process draws the same global batch and noise (so the generator stays
             # in step) and keeps its own rows: the B x K DC-score forwards are sharded.
-            *rows, c_j = _deps.local_rows(*batch.values(), c_j)
+            *rows, c_j = self.parallel.rows(*batch.values(), c_j)
             batch = dict(zip(batch.keys(), rows))
             opt.zero_grad(set_to_none=True)
             if c_j.shape[0] > 0:
                 terms = self.dsc_terms(model, teacher_n, teacher_j, batch, c_j)
                 sum(terms.values()).backward()
                 self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
-            _deps.average_gradients(params)  # a process without rows contributes zero gradients
+            self.parallel.average_gradients(params)  # a process without rows contributes zero gradients
             opt.step()
             done += 1
             bar.update(1)
         bar.close()
         opt.zero_grad(set_to_none=True)
+
+
+__all__ = ["EWCDC", "DSC", "condition_predictions"]

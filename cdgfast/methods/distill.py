@@ -9,61 +9,29 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _deps
-from ._deps import bregman_distill, ddim_sample
+from ..data import generate_replay_pool
+from ..ops import bregman_distill
+from ..sampling import ddim_sample
 from ._hparams import HP, count, nonneg
-from .base import Method, frozen_copy
+from ._mixins import Teacher
+from ._registry import register
+from .base import TinyRun, with_replay
 
 
-class _Teacher(Method):
-    """Keeps a frozen copy of the model from the end of the previous task (eval mode, no grads)."""
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        self.teacher: Optional[torch.nn.Module] = None
-        self._pending_teacher = None
-
-    def _ensure_teacher(self, model):
-        if self._pending_teacher is not None:
-            self.teacher = frozen_copy(model)
-            self.teacher.load_state_dict(self._pending_teacher)
-            self._pending_teacher = None
-
-    def begin_task(self, model, task=None):
-        super().begin_task(model, task)
-        self._ensure_teacher(model)
-
-    def end_task(self, model, data):
-        super().end_task(model, data)
-        self.teacher = frozen_copy(model)
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["teacher"] = None if self.teacher is None else self.teacher.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.teacher = None
-        self._pending_teacher = state.get("teacher")  # rebuilt from the model on the next hook
-
-
-class KD(_Teacher):
+@register("kd", order=40)
+class KD(Teacher):
     """`lam * mean((eps_theta(x_t) - eps_old(x_t))^2)` on the current inputs (same x_t, t, y as the
     task loss, so one student forward serves both)."""
 
-    name = "kd"
     defaults = {"lam": 1.0}
     specs = {"lam": nonneg()}
     owns_task_loss = True
+    tiny = TinyRun(terms={"kd"}, frozen=("teacher",))
 
-    def loss(self, model, batch) -> Dict[str, torch.Tensor]:
-        self._require_setup()
-        self._ensure_teacher(model)
-        self.steps_in_task += 1
+    def step_terms(self, model, batch) -> Dict[str, torch.Tensor]:
         nb = self.noisy_batch(batch["x"], batch.get("y"), dropout=True)
         pred = self.predict(model, nb)
-        terms = {"task": (pred - nb["eps"]).pow(2).mean()}
+        terms = {"task": self.task_loss(model, nb, pred)}
         if self.teacher is not None:
             with torch.no_grad():
                 target = self.predict(self.teacher, nb)
@@ -71,7 +39,8 @@ class KD(_Teacher):
         return terms
 
 
-class GD(_Teacher):
+@register("gd", order=90)
+class GD(Teacher):
     """Generative distillation: replayed `xr` from the frozen previous model (DDIM, eta = 0), the task
     loss over `concat(current, replay)` and `lam_gd * mean((eps_theta(xr_t, t, yr) - eps_old(xr_t, t, yr))^2)`
     at the replay samples' random timesteps (one student forward serves both terms).
@@ -83,19 +52,17 @@ class GD(_Teacher):
     `replay_batch` replayed samples per step (None: as many as the current batch).
     """
 
-    name = "gd"
     defaults = {"lam_gd": 1.0, "replay": "pool", "pool_per_class": 32, "pool_steps": 50, "online_steps": 2,
                 "replay_batch": None, "pool_batch_size": 256}
     specs = {"lam_gd": nonneg(), "replay": HP("choice", choices=("pool", "online")), "pool_per_class": count(),
              "pool_steps": count(), "online_steps": count(),
              "replay_batch": count(none=True, none_means="as many as the current batch"), "pool_batch_size": count()}
     owns_task_loss = True
+    tiny = TinyRun(config={"pool_per_class": 3, "pool_steps": 2}, terms={"gd"}, frozen=("teacher",))
     _state_attrs = ("pool_x", "pool_y")
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
-        if self.config["replay"] not in ("pool", "online"):
-            raise ValueError(f"replay: expected 'pool' or 'online', got {self.config['replay']!r}")
         self.pool_x: Optional[torch.Tensor] = None
         self.pool_y: Optional[torch.Tensor] = None
 
@@ -103,11 +70,11 @@ class GD(_Teacher):
         super().end_task(model, data)  # seen_classes updated, teacher frozen
         if self.config["replay"] == "pool":
             device = next(model.parameters()).device
-            x, y = _deps.generate_replay_pool(self.teacher, list(self.seen_classes), int(self.config["pool_per_class"]),
-                                              schedule=self.schedule, num_steps=int(self.config["pool_steps"]),
-                                              batch_size=int(self.config["pool_batch_size"]),
-                                              seed=int(self.config["seed"]) + 1000 * (self.task_index + 1),
-                                              device=device)
+            x, y = generate_replay_pool(self.teacher, list(self.seen_classes), int(self.config["pool_per_class"]),
+                                        schedule=self.schedule, num_steps=int(self.config["pool_steps"]),
+                                        batch_size=int(self.config["pool_batch_size"]),
+                                        seed=int(self.config["seed"]) + 1000 * (self.task_index + 1),
+                                        device=device, parallel=self.parallel, progress=self.progress)
             self.pool_x, self.pool_y = x.detach().cpu(), y.detach().cpu().long()
 
     def replay(self, n: int, like: torch.Tensor):
@@ -123,21 +90,20 @@ class GD(_Teacher):
                          generator=self.generator)
         return xr.to(like), yr
 
-    def loss(self, model, batch) -> Dict[str, torch.Tensor]:
-        self._require_setup()
-        self._ensure_teacher(model)
-        self.steps_in_task += 1
+    def step_terms(self, model, batch) -> Dict[str, torch.Tensor]:
         x, y = batch["x"], batch["y"].long()
         b = x.shape[0]
         rep = self.replay(int(self.config["replay_batch"] or b), x)
+        nb = self.noisy_batch(*with_replay(x, y, rep), dropout=True)
         if rep is None:
-            nb = self.noisy_batch(x, y, dropout=True)
-            return {"task": self.denoising_loss(model, nb).mean()}
-        nb = self.noisy_batch(torch.cat([x, rep[0]]), torch.cat([y, rep[1]]), dropout=True)
+            return {"task": self.task_loss(model, nb)}
         pred = self.predict(model, nb)
-        terms = {"task": (pred - nb["eps"]).pow(2).mean()}
+        terms = {"task": self.task_loss(model, nb, pred)}
         replayed = {k: v[b:] for k, v in nb.items()}
         with torch.no_grad():
             target = self.predict(self.teacher, replayed)
         terms["gd"] = float(self.config["lam_gd"]) * bregman_distill(pred[b:], target)
         return terms
+
+
+__all__ = ["KD", "GD"]

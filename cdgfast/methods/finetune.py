@@ -1,10 +1,15 @@
 """`finetune`: the plain denoising loss, no consolidation (the lower bound every method is compared with)."""
 from __future__ import annotations
 
-from .base import Method
+from ._registry import register
+from .base import Method, TinyRun
 
 
+@register("finetune", order=10)
 class Finetune(Method):
     """Task loss only; keeps no state beyond the task bookkeeping."""
 
-    name = "finetune"
+    tiny = TinyRun()
+
+
+__all__ = ["Finetune"]

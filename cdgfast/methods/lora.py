@@ -11,9 +11,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._deps import lora_module, lora_overlap_penalty
+from ..ops import lora_overlap_penalty
 from ._hparams import HP, count, nonneg
-from .base import Method
+from ._registry import register
+from .base import Method, TinyRun
+
+
+def lora_module():
+    """cdgfast.models.lora, imported on first use (it imports peft, which only the LoRA methods need)."""
+    from ..models import lora
+    return lora
 
 
 class _LoRAMethod(Method):
@@ -37,12 +44,13 @@ class _LoRAMethod(Method):
                                    adapter_name=self.config["adapter_name"], seed=self._reset_seed())
 
 
+@register("lora_seq", order=180)
 class LoRASeq(_LoRAMethod):
     """Sequential LoRA: one LoRA per task trained on top of the previous tasks' merged LoRAs; at the end
     of a task it is folded into the base weights (`merge_lora`) and re-initialised. `task_deltas` keeps
     every task's delta."""
 
-    name = "lora_seq"
+    tiny = TinyRun(config={"rank": 2}, needs={"class_labels", "attention"})
     _state_attrs = ("task_deltas",)
 
     def __init__(self, **overrides):
@@ -54,12 +62,13 @@ class LoRASeq(_LoRAMethod):
         self.task_deltas.append(lora_module().merge_lora(model, self.config["adapter_name"], seed=self._reset_seed() + 1))
 
 
+@register("lora_merge", order=190)
 class LoRAMerge(_LoRAMethod):
     """Equal-weight LoRA merging: every task's LoRA is trained from the same base weights; after task n
     the model is `base + (1/n) sum_k delta_k` (`merge_deltas` + `add_deltas_to_base`) with a zero adapter.
     At the next `begin_task` the merged deltas are taken out of the base again and a fresh LoRA starts."""
 
-    name = "lora_merge"
+    tiny = TinyRun(config={"rank": 2}, needs={"class_labels", "attention"})
     _state_attrs = ("task_deltas", "applied")
 
     def __init__(self, **overrides):
@@ -85,14 +94,15 @@ class LoRAMerge(_LoRAMethod):
         lm.add_deltas_to_base(model, self.applied, 1.0, name)
 
 
+@register("clora", order=170)
 class CLoRA(_LoRAMethod):
     """C-LoRA: `lam_f * sum_layers || |sum_{n'<n} A_n' B_n'| * (A_n B_n) ||_F^2` with
     `cdgfast.ops.lora.lora_overlap_penalty`, `lam_f` = 1e8. After each task its LoRA is folded into the
     base weights and re-initialised (the next task's A_n B_n), and its delta is added to `prev_deltas`."""
 
-    name = "clora"
     defaults = {"lam_f": 1e8}
     specs = {"lam_f": nonneg()}
+    tiny = TinyRun(config={"rank": 2}, terms={"clora"}, needs={"class_labels", "attention"})
     _state_attrs = ("prev_deltas",)
 
     def __init__(self, **overrides):
@@ -115,3 +125,6 @@ class CLoRA(_LoRAMethod):
             self.prev_deltas = delta
         else:
             self.prev_deltas = {k: self.prev_deltas[k] + delta[k] for k in delta}
+
+
+__all__ = ["CLoRA", "LoRASeq", "LoRAMerge"]

@@ -10,16 +10,18 @@ from typing import Dict, Optional
 
 import torch
 
-from . import _deps
-from ._deps import rank1_penalty
+from ..fisher import rank1_fisher
+from ..ops import rank1_penalty
 from ._hparams import count, nonneg
-from .base import Method, flat_params, params_of
+from ._registry import register, register_composition
+from .base import Method, TinyRun, flat_params, params_of
 
 
+@register("rank1", order=100)
 class Rank1(Method):
-    name = "rank1"
     defaults = {"lam": 15000.0, "fisher_max_samples": None}
     specs = {"lam": nonneg(), "fisher_max_samples": count(none=True, none_means="the whole task")}
+    tiny = TinyRun(terms={"rank1"})
     _state_attrs = ("anchors", "directions", "coeffs")
 
     def __init__(self, **overrides):
@@ -37,7 +39,7 @@ class Rank1(Method):
     def end_task(self, model, data):
         super().end_task(model, data)
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
-        est = _deps.rank1_fisher(model, self.loss_fn, batches)
+        est = rank1_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
         theta = flat_params(model)
         mu = est.mean_grad.detach().to(theta)
         c = torch.tensor([float(est.coeff)], dtype=theta.dtype, device=theta.device)
@@ -47,3 +49,9 @@ class Rank1(Method):
             self.anchors = torch.cat([self.anchors, theta[None]])
             self.directions = torch.cat([self.directions, mu[None]])
             self.coeffs = torch.cat([self.coeffs, c])
+
+
+register_composition("rank1+gd", "rank1", "gd", order=120)
+
+
+__all__ = ["Rank1"]

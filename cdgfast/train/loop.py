@@ -27,8 +27,6 @@ Trainer-level method names (besides cdgfast.methods.available()):
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -614,23 +612,6 @@ def _read_json(path: Path, what: str) -> Optional[dict]:
                        f"to start the run again") from None
 
 
-@contextlib.contextmanager
-def _method_bars(progress: bool):
-    """The methods call the Fisher estimators and the replay-pool generator through
-    cdgfast.methods._deps without a `progress` argument, and those library functions default to quiet:
-    bind the run's setting here (on top of whatever sharded_estimators installed under torchrun)."""
-    import cdgfast.methods._deps as deps
-
-    saved = {n: getattr(deps, n) for n in ("rank1_fisher", "diag_fisher", "generate_replay_pool")}
-    for n, fn in saved.items():
-        setattr(deps, n, functools.partial(fn, progress=progress))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(deps, n, fn)
-
-
 def _method_summary(rec: dict) -> dict:
     """results.json's entry for one method from its recorded metrics (a checkpoint, or this session's)."""
     from cdgfast.metrics import summarize
@@ -954,7 +935,8 @@ class _MethodRun:
         model = build_unet(sc.unet, num_classes=data.num_classes, in_channels=data.channels,
                            sample_size=data.image_size).to(device)
         D.broadcast_parameters(model)
-        method.setup(num_classes=data.num_classes, schedule=schedule, device=device)
+        method.setup(num_classes=data.num_classes, schedule=schedule, device=device, parallel=s.info.parallel,
+                     progress=s.progress)
         self.method, self.model = method, model
 
     def _resume(self, unreadable: Dict[str, str]) -> bool:
@@ -1022,21 +1004,19 @@ class _MethodRun:
         t0, c0 = time.time(), time.process_time()
         method.begin_task(model, task)
         D.decorrelate_generators(method)  # each rank its own noise for its rows while training
-        with D.sharded_estimators(progress=progress):  # the methods' data-parallel hooks (CCD's regressor)
-            loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
-                                     step_seen)
+        loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
+                                 step_seen)
         t1 = time.time()
         where.phase = "end of task: Fisher / replay pool / buffers"
 
         def task_data(task=task):
             return task_loader(train_ds, task, sc.batch_size, shuffle=False)
 
-        # the global stream, as in one process: the sharded estimators take each rank's share
+        # the global stream, as in one process: the estimators take each rank's share (method.parallel)
         end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
         D.sync_generators(method)
-        with D.sharded_estimators(progress=progress), _method_bars(progress):
-            method.end_task(model, end_data)
-            method.post_task_phase(model, end_data)
+        method.end_task(model, end_data)
+        method.post_task_phase(model, end_data)
         t2 = time.time()
         where.phase = "evaluation"
         row, kld, gen_acc, xs, ys = self.ruler.evaluator.evaluate(model, k, name)
