@@ -199,11 +199,15 @@ def loss_fn():
 
 
 def params_of(model) -> List[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    from cdgfast.params import trainable_parameters
+
+    return trainable_parameters(model)
 
 
 def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    from cdgfast.params import flat_grads
+
+    return flat_grads(params)
 
 
 def zero_grad(params) -> None:

@@ -2,7 +2,7 @@
 
   * per-parameter tensors: arbitrary tensors shaped like a model's parameters (each its own allocation),
     streamed into slices of the flat Fisher buffer: torch._foreach_* over cached views of the slices;
-  * a flattened model (cdgfast._params.flatten_parameters_): the per-parameter gradients are views that
+  * a flattened model (cdgfast.params.flatten_parameters_): the per-parameter gradients are views that
     tile one flat gradient buffer; the accumulator detects that (no copy) and does ONE flat op over P
     elements. Given as the list [p.grad ...] (detected) and as the flat buffer itself (fp.grad).
 
@@ -58,7 +58,7 @@ def shape_sets(cfg):
 
 def _flattened(shapes, src, device):
     """A module with parameters of `shapes`, flattened; its gradients set to the values of `src`."""
-    from cdgfast._params import flatten_parameters_
+    from cdgfast.params import flatten_parameters_
 
     mod = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes])
     fp = flatten_parameters_(mod)
@@ -72,7 +72,7 @@ def _flattened(shapes, src, device):
 def run(cfg: C.BenchConfig) -> Tuple[List[dict], List[dict]]:
     rows, targets = [], []
     acc_mod = C.optional_import("cdgfast.fisher.accumulator")
-    params_mod = C.optional_import("cdgfast._params")
+    params_mod = C.optional_import("cdgfast.params")
     flat_ok = acc_mod is not None and params_mod is not None and hasattr(params_mod, "flatten_parameters_")
     g = torch.Generator().manual_seed(cfg.seed)
     for set_name, shapes in C.progress(list(shape_sets(cfg).items()), cfg, "fisher_update shape sets"):
@@ -214,7 +214,7 @@ def _check_correct(rows, acc_mod, flat_ok, cfg, shapes, tag):
     rows.append(C.row(FAMILY, "add_squared", OURS_LIST + " (correctness check, fp64)",
                       rel_err=C.rel_err(acc.diagonal(), ref), **tag))
     if flat_ok:
-        from cdgfast._params import flatten_parameters_
+        from cdgfast.params import flatten_parameters_
 
         mod = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(s, dtype=torch.float64, device=cfg.device))
                                       for s in shapes])

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
-from ._params import split_like
+from .params import assign_grads_, flat_grads
 
 
 class DataParallel:
@@ -128,10 +128,10 @@ class DataParallel:
         params = [p for p in params if p.requires_grad]
         if not params:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = flat_grads(params)
         self.all_reduce_sum(flat)
         flat.div_(self.world_size)
-        assign_grads(params, flat)
+        assign_grads_(params, flat)
 
     def gather_round_robin(self, local: torch.Tensor, total: int, chunk: int) -> torch.Tensor:
         """Undo round-robin sharding: of `total` rows cut into chunks of `chunk` (the last one shorter),
@@ -148,15 +148,6 @@ class DataParallel:
                 chunks[i] = gathered[offset:offset + n]
                 offset += n
         return torch.cat(chunks)
-
-
-def assign_grads(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    """Write a flat gradient vector into the `.grad` of `params` (allocated where missing)."""
-    for p, g in zip(params, split_like(flat, params)):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
 
 
 LOCAL = DataParallel()
@@ -243,4 +234,4 @@ def resolve(parallel: Optional[DataParallel]) -> DataParallel:
     return parallel
 
 
-__all__ = ["DataParallel", "ProcessGroup", "LOCAL", "current", "initialize", "shutdown", "resolve", "assign_grads"]
+__all__ = ["DataParallel", "ProcessGroup", "LOCAL", "current", "initialize", "shutdown", "resolve"]

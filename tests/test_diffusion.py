@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from cdgfast._params import as_param_list, flatten, split_like
 from cdgfast._validation import check_same_device, check_tensor
+from cdgfast.params import as_param_list
 from cdgfast.diffusion import DiffusionLoss, NoiseSchedule, make_batch, predict_eps
 from cdgfast.models import build_unet
 
@@ -51,17 +51,6 @@ def test_make_batch_is_reproducible():
     a = make_batch(x, None, NoiseSchedule(), torch.Generator().manual_seed(3))
     b = make_batch(x, None, NoiseSchedule(), torch.Generator().manual_seed(3))
     assert torch.equal(a["t"], b["t"]) and torch.equal(a["eps"], b["eps"]) and "y" not in a
-
-
-def test_flatten_and_split_round_trip():
-    model = build_unet("tiny", num_classes=2, sample_size=8)
-    params = as_param_list(model)
-    flat = flatten(params)
-    assert flat.numel() == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for p, v in zip(params, split_like(flat, params)):
-        assert torch.equal(p, v)
-    with pytest.raises(ValueError, match="flat"):
-        split_like(flat[:-1], params)
 
 
 def test_validation_messages_name_the_argument():

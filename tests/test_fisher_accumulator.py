@@ -518,7 +518,7 @@ def test_view_cache_follows_the_parameter_list_and_never_goes_stale():
 
 
 def test_tiled_list_cache_sees_repointed_tensors():
-    from cdgfast._params import split_like
+    from cdgfast.params import split_like
 
     shapes = [(2, 3), (1,), (4, 1, 2)]
     P = 15
@@ -540,7 +540,7 @@ def test_tiled_list_cache_sees_repointed_tensors():
 
 @pytest.mark.parametrize("chunk", [7, 1 << 16])
 def test_flat_detect_path_matches_per_parameter_reference(monkeypatch, chunk):
-    from cdgfast._params import flatten_parameters_
+    from cdgfast.params import flatten_parameters_
     from cdgfast.fisher import accumulator as A
 
     monkeypatch.setattr(A, "_FLAT_CHUNK", chunk)  # 7: the chunked gamma pass runs over many chunks
@@ -628,7 +628,7 @@ def test_flatten_parameters_trains_like_the_unflattened_model():
     import copy
     import io
 
-    from cdgfast._params import FlatParameters, flatten_parameters_
+    from cdgfast.params import FlatParameters, flatten_parameters_
     from cdgfast.ops.penalties import _shared_flat_buffer, flat_parameters
 
     torch.manual_seed(4)
@@ -695,7 +695,7 @@ def test_flatten_parameters_trains_like_the_unflattened_model():
 
 
 def test_flatten_parameters_bad_input_names_the_argument():
-    from cdgfast._params import flatten_parameters_
+    from cdgfast.params import flatten_parameters_
 
     with pytest.raises(ValueError, match="model"):
         flatten_parameters_(torch.nn.ReLU())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import cdgfast.methods as M
-from cdgfast._params import trainable_parameters
+from cdgfast.params import trainable_parameters
 from cdgfast.data import Task
 from cdgfast.diffusion import NoiseSchedule
 from cdgfast.methods import _registry

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .._params import trainable_parameters
+from ..params import trainable_parameters
 
 # Default bound on the per-group buffer [n, chunk_params] (elements): 2**27 floats = 512 MiB in float32.
 DEFAULT_MAX_BUFFER_ELEMENTS = 2 ** 27

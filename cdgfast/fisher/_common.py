@@ -11,27 +11,10 @@ from typing import Iterator, List, Sequence, Tuple
 import torch
 
 from cdgfast._dispatch import transform_active
-from cdgfast._params import split_like
+from cdgfast.params import split_like
 
 # Per-sample gradients of at most this many elements exist at once in the autograd fallback.
 _FALLBACK_MAX_ELEMENTS = 1 << 24
-
-
-def trainable_named(model: torch.nn.Module) -> Tuple[List[str], List[torch.nn.Parameter]]:
-    """Names and tensors of the trainable parameters in `model.parameters()` order (the SPEC flat order)."""
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    names, params = [], []
-    for n, p in model.named_parameters():  # same order and de-duplication as model.parameters()
-        if p.requires_grad:
-            names.append(n)
-            params.append(p)
-    if not params:
-        raise ValueError("model: expected at least one trainable parameter (requires_grad=True), got none")
-    for n, p in zip(names, params):
-        if not p.is_floating_point():  # g * g of a complex gradient is not its squared magnitude
-            raise ValueError(f"model: expected real floating trainable parameters, got {n} of dtype {p.dtype}")
-    return names, params
 
 
 def result_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:

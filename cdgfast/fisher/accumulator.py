@@ -10,7 +10,7 @@
 Sums may come flat ([P]) or as a list of per-parameter tensors (in `model.parameters()` order), which are
 streamed into consecutive slices of the flat buffer without building a flat copy first. Paths, fastest first:
 
-* a flat [P] tensor (e.g. `FlatParameters.grad` of a model flattened by `cdgfast._params.flatten_parameters_`):
+* a flat [P] tensor (e.g. `FlatParameters.grad` of a model flattened by `cdgfast.params.flatten_parameters_`):
   ONE elementwise op over P elements (the Triton kernel of `cdgfast.kernels.fisher_update` on CUDA, gamma
   folded into the same pass);
 * a list whose tensors tile one storage back to back (`[p.grad for p in model.parameters()]` after
@@ -155,7 +155,7 @@ def _tiled_hit(plans: _DstPlans, tensors: List[Tensor]) -> Optional[Tensor]:
 def _tiled_source(dst: Tensor, tensors: List[Tensor]) -> Optional[Tensor]:
     """A flat [P] alias of validated `tensors` (one dtype, dst's device, P elements in all) if they tile one
     storage back to back (e.g. the parameters or gradients of a model after
-    `cdgfast._params.flatten_parameters_`), else None; a hit is remembered for `_tiled_hit`."""
+    `cdgfast.params.flatten_parameters_`), else None; a hit is remembered for `_tiled_hit`."""
     if len(tensors) > 1:  # cheap reject before the full check: the first two must be neighbours
         t0, t1 = tensors[0], tensors[1]
         if t1.data_ptr() != t0.data_ptr() + t0.numel() * t0.element_size():
@@ -337,7 +337,7 @@ def fisher_update_(dst: Tensor, src: TensorOrList, *, gamma: float = 1.0, scale:
     slices). Paths, fastest first:
 
     * flat src, or a list whose tensors tile one storage back to back (a flattened model's parameters or
-      gradients, see `cdgfast._params.flatten_parameters_`; detected without a copy and remembered per
+      gradients, see `cdgfast.params.flatten_parameters_`; detected without a copy and remembered per
       list -- up to 4 lists per dst, holding references to their tensors; a repeat costs an id and a
       data-pointer comparison, so a tensor re-pointed with `.data =` or `.set_()` is re-detected, but one
       whose shape or strides are changed in place at the same address is not): ONE elementwise op over
@@ -414,7 +414,7 @@ class FisherAccumulator:
 
     Sums are kept in `dtype` (float32 by default; inputs of other floating dtypes are promoted when
     added); the projection sum of squares is kept in float64 on the device (no host sync per batch).
-    Fastest input: a flat [P] tensor such as `FlatParameters.grad` (`cdgfast._params.flatten_parameters_`);
+    Fastest input: a flat [P] tensor such as `FlatParameters.grad` (`cdgfast.params.flatten_parameters_`);
     a list of a flattened model's gradients is detected and costs one flat op too (see `fisher_update_`).
     """
 

@@ -34,12 +34,12 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from cdgfast._params import split_like
+from cdgfast.params import split_like, trainable_named
 from cdgfast._validation import check_choice
 from cdgfast.parallel import DataParallel, resolve
 
 from ._common import (autograd_call, call_loss, check_batch, check_loss_fn, check_loss_graph, direction_pieces,
-                      param_device, preserved_state, result_dtype, trainable_named, usable_batch)
+                      param_device, preserved_state, result_dtype, usable_batch)
 from .hooks import HookPlan, hooked_contractions
 from .jvp import jvp_grad_dot
 

@@ -323,7 +323,7 @@ class HookPlan:
 def hook_coverage(model: nn.Module) -> List[bool]:
     """Per trainable parameter (SPEC flat order): True where the hook rules cover it statically
     (`method="auto"` in `per_sample_grad_dot` uses hooks only when all are True)."""
-    from ._common import trainable_named
+    from cdgfast.params import trainable_named
 
     _, params = trainable_named(model)
     return [o is not None for o in HookPlan(model, params).owners]

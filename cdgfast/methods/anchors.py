@@ -12,6 +12,7 @@ import torch
 
 from ..fisher import diag_fisher, online_update
 from ..ops import diag_penalty
+from ..params import flat_grads as flat_grads_of
 from ._hparams import count, flag, nonneg, positive
 from ._registry import register, register_composition
 from .base import Method, TinyRun, flat_grads, flat_params, params_of
@@ -167,8 +168,7 @@ class MAS(_AnchorPenalty):
                 one = {k: v[i:i + 1] for k, v in batch.items()}
                 out = self.predict(model, one).pow(2).sum()
                 grads = torch.autograd.grad(out, params, allow_unused=True)
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).abs()
-                                  for g, p in zip(grads, params)])
+                flat = flat_grads_of(params, grads).abs()
                 total = flat if total is None else total + flat
                 count += 1
         if count == 0:

@@ -29,9 +29,10 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Map
 
 import torch
 
-from .._params import flatten, flatten_detached, split_like, trainable_parameters
+from ..params import assign_grads_, flatten, flatten_detached, load_flat_, require_trainable, trainable_named
+from ..params import flat_grads as _flat_grads
 from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
-from ..parallel import LOCAL, DataParallel, assign_grads
+from ..parallel import LOCAL, DataParallel
 from ..parallel import resolve as resolve_parallel
 from ._hparams import HP, count, merged_defaults, probability, validate_config
 
@@ -321,10 +322,8 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def params_of(model: torch.nn.Module) -> List[torch.nn.Parameter]:
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("model: expected at least one trainable parameter, got none")
-    return params
+    """The model's trainable parameters (at least one): `cdgfast.params.require_trainable`."""
+    return require_trainable(model)
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
@@ -333,27 +332,25 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
 
 
 def flat_grads(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    """The flat gradient of the trainable parameters (None when no parameter has one)."""
     params = params_of(model)
     if all(p.grad is None for p in params):
         return None
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    return _flat_grads(params)
 
 
 def set_flat_grads(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    assign_grads(params_of(model), flat)
+    assign_grads_(params_of(model), flat)
 
 
 def trainable_names(model: torch.nn.Module) -> List[str]:
     """Names of the trainable parameters, in the flat-vector order."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    return trainable_named(model)[0]
 
 
 def load_flat_params(model: torch.nn.Module, flat: torch.Tensor, names: List[str]) -> None:
     """Copy a flat vector into the parameters `names` of `model` (works on frozen copies too)."""
-    params = [model.get_parameter(n) for n in names]
-    with torch.no_grad():
-        for p, v in zip(params, split_like(flat.to(params[0].device), params)):
-            p.copy_(v)
+    load_flat_([model.get_parameter(n) for n in names], flat)
 
 
 def with_replay(x: torch.Tensor, y: torch.Tensor, rep: Optional[Tuple[torch.Tensor, torch.Tensor]]):

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..params import flat_grads as flat_grads_of
 from ._hparams import count
 from ._mixins import Buffered
 from ._registry import register
@@ -55,8 +56,7 @@ class AGEM(Buffered):
             return
         ref_loss = self.denoising_loss(model, self.noisy_batch(*rep)).mean()
         grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
-        g_ref = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1)
-                           for gr, p in zip(grads, params)])
+        g_ref = flat_grads_of(params, grads)
         dot = torch.dot(g, g_ref)
         self.last_dot = float(dot)
         self.last_ref = g_ref

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from cdgfast._dispatch import transform_active, triton_or_composite
-from cdgfast._params import as_param_list
+from cdgfast.params import as_param_list
 from cdgfast._validation import check_same_device, check_tensor
 
 from ._common import acc_dtype as _acc_dtype, empty_unless, recorded_vjp, save, saved, saved_grad_dtype, usable

@@ -463,7 +463,7 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
 def _train_task(model, method, loader_factory, steps: int, lr: float, name: str, k: int, T: int, log, progress,
                 on_step: Callable[[str, int, int], None]):
     from tqdm.auto import tqdm
-    from cdgfast._params import trainable_parameters
+    from cdgfast.params import trainable_parameters
 
     params = trainable_parameters(model)
     opt = torch.optim.Adam(params, lr=lr)

@@ -1,8 +1,15 @@
-"""Flat views of a model's trainable parameters (SPEC section 1: the flat parameter vector is the
-concatenation of `p.flatten()` for `p in model.parameters() if p.requires_grad`, in order)."""
+"""A model's trainable parameters and their flat vector, in one place (SPEC section 1: the flat parameter
+vector is the concatenation of `p.flatten()` for `p in model.parameters() if p.requires_grad`, in order).
+
+Listing: `trainable_parameters` (may be empty), `require_trainable` (at least one, real floating),
+`trainable_named` (names and tensors), `as_param_list` (a module / flat tensor / sequence).
+Flat vectors: `flatten` (differentiable), `flatten_detached`, `flat_grads` (.grad or given gradients, a
+missing one counted as zero), `split_like` (views), `assign_grads_` and `load_flat_` (write back), and the
+zero-copy flat buffers `FlatParameters` / `flatten_parameters_`.
+"""
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -10,7 +17,31 @@ ParamsLike = Union[torch.Tensor, Sequence[torch.Tensor], torch.nn.Module]
 
 
 def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The parameters with requires_grad, in model.parameters() order (possibly none)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_named(model: torch.nn.Module) -> Tuple[List[str], List[torch.nn.Parameter]]:
+    """Names and tensors of the trainable parameters in `model.parameters()` order (the SPEC flat order);
+    at least one, all real floating (g * g of a complex gradient is not its squared magnitude)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    names, params = [], []
+    for n, p in model.named_parameters():  # same order and de-duplication as model.parameters()
+        if p.requires_grad:
+            names.append(n)
+            params.append(p)
+    if not params:
+        raise ValueError("model: expected at least one trainable parameter (requires_grad=True), got none")
+    for n, p in zip(names, params):
+        if not p.is_floating_point():
+            raise ValueError(f"model: expected real floating trainable parameters, got {n} of dtype {p.dtype}")
+    return names, params
+
+
+def require_trainable(model: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """`trainable_named(model)`'s tensors: at least one, real floating, else a ValueError naming `model`."""
+    return trainable_named(model)[1]
 
 
 def as_param_list(params: ParamsLike, name: str = "params") -> List[torch.Tensor]:
@@ -48,6 +79,34 @@ def flatten_detached(params: Sequence[torch.Tensor], dtype=None) -> torch.Tensor
     with torch.no_grad():
         flat = flatten([p.detach() for p in params])
         return flat.to(dtype) if dtype is not None else flat.clone()
+
+
+def flat_grads(params: Sequence[torch.Tensor], grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
+               ) -> torch.Tensor:
+    """One flat vector of `grads` (default: each parameter's `.grad`), a missing gradient counted as zeros
+    shaped like its parameter."""
+    params = list(params)
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"grads: expected one entry per parameter ({len(params)}), got {len(grads)}")
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def assign_grads_(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write a flat gradient vector into the `.grad` of `params` (allocated where missing)."""
+    for p, g in zip(params, split_like(flat, params)):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+def load_flat_(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a flat vector into `params` in place (no autograd; works on frozen copies too)."""
+    params = list(params)
+    with torch.no_grad():
+        for p, v in zip(params, split_like(flat.to(params[0].device), params)):
+            p.copy_(v)
 
 
 def split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
