@@ -24,7 +24,8 @@ def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
 def trainable_named(model: torch.nn.Module) -> Tuple[List[str], List[torch.nn.Parameter]]:
     """Names and tensors of the trainable parameters in `model.parameters()` order (the SPEC flat order);
     at least one, all real floating (g * g of a complex gradient is not its squared magnitude)."""
-    if not isinstance(model, torch.nn.Module):
+    # a module, or a view that forwards to one (the driver's DataParallelView under torchrun)
+    if not isinstance(model, torch.nn.Module) and not callable(getattr(model, "named_parameters", None)):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     names, params = [], []
     for n, p in model.named_parameters():  # same order and de-duplication as model.parameters()

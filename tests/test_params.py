@@ -72,3 +72,17 @@ def test_write_back_round_trips():
     assert torch.equal(flat_grads(params), 2 * flat)
     load_flat_(params, flat)
     assert torch.equal(flatten_detached(params), flat) and not flatten_detached(params).requires_grad
+
+
+def test_a_view_that_forwards_to_a_module_is_listed_like_it():
+    """The driver hands methods a view of its DistributedDataParallel module (attribute access reaches the
+    bare module); listing its parameters must work as on the module itself."""
+    m = _model()
+
+    class View:
+        def __getattr__(self, name):
+            return getattr(m, name)
+
+    assert trainable_named(View())[0] == trainable_named(m)[0]
+    with pytest.raises(ValueError, match="model: expected a torch.nn.Module"):
+        trainable_named(object())

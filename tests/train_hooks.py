@@ -38,6 +38,10 @@ class StopAt(RunCallbacks):
         if how not in self.HOW:
             raise ValueError(f"how: expected one of {self.HOW}, got {how!r}")
         self.at, self.how = parse_at(at), how
+        if how == "interrupt":
+            # a process started in the background by a non-interactive shell inherits SIGINT ignored, and
+            # Python then raises no KeyboardInterrupt: restore the handler a terminal user has
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_step(self, method: str, task: int, step: int) -> None:
         if (method, task, step) != self.at:
