@@ -682,13 +682,20 @@ def test_sequence_first_transformer_layer(T, B, monkeypatch):
     torch.manual_seed(11)
     model = nn.TransformerEncoderLayer(6, 2, 10, dropout=0.0).double().eval()
     g = torch.Generator().manual_seed(T * 10 + B)
-    batch = {"x": torch.randn(B, T, 6, generator=g, dtype=torch.float64),
-             "w": torch.randn(B, T, 6, generator=g, dtype=torch.float64)}
-    G = naive_grads(model, _seq_loss, batch, B)
-    assert_estimators_match(model, _seq_loss, batch, G)
-    calls = _fallback_counter(monkeypatch)
-    per_sample_sq_grad_sum(model, _seq_loss, batch)
+    calls = _exact_on_token_batch(model, _seq_loss, B, T, 6, g, monkeypatch)
     assert calls == [4]  # self_attn.in_proj_weight / in_proj_bias / out_proj.weight / out_proj.bias
+
+
+def _exact_on_token_batch(model, loss_fn, B, T, C, g, monkeypatch):
+    """Estimators equal the float64 per-sample loop on a [B, T, C] batch; returns the fallback calls
+    of one more `per_sample_sq_grad_sum` (how many parameters left the hook path)."""
+    batch = {"x": torch.randn(B, T, C, generator=g, dtype=torch.float64),
+             "w": torch.randn(B, T, C, generator=g, dtype=torch.float64)}
+    G = naive_grads(model, loss_fn, batch, B)
+    assert_estimators_match(model, loss_fn, batch, G)
+    calls = _fallback_counter(monkeypatch)
+    per_sample_sq_grad_sum(model, loss_fn, batch)
+    return calls
 
 
 class Transposing(nn.Module):
@@ -718,22 +725,21 @@ def test_transposing_module_against_naive(T, B, monkeypatch):
     torch.manual_seed(12)
     model = Transposing(T, 5).double()
     g = torch.Generator().manual_seed(T + B)
-    batch = {"x": torch.randn(B, T, 5, generator=g, dtype=torch.float64),
-             "w": torch.randn(B, T, 5, generator=g, dtype=torch.float64)}
-    G = naive_grads(model, _transposing_loss, batch, B)
-    assert_estimators_match(model, _transposing_loss, batch, G)
-    calls = _fallback_counter(monkeypatch)
-    per_sample_sq_grad_sum(model, _transposing_loss, batch)
+    calls = _exact_on_token_batch(model, _transposing_loss, B, T, 5, g, monkeypatch)
     assert calls == []  # every layer's sample dim is proven, transposed or not
 
 
-class Flipped(nn.Module):
-    """A Linear applied to the batch in reverse order (rows permuted), then the order restored."""
+class _TwoLinear(nn.Module):
+    """Linear(3, 4), tanh, Linear(4, 2); subclasses change what happens to the batch in between."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(3, 4)
         self.b = nn.Linear(4, 2)
+
+
+class Flipped(_TwoLinear):
+    """A Linear applied to the batch in reverse order (rows permuted), then the order restored."""
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x.flip(0)))).flip(0)
@@ -753,13 +759,8 @@ class MixedView(nn.Module):
         return self.b(torch.tanh(h.t().reshape(2, 6)))      # per-sample rows again
 
 
-class Centered(nn.Module):
+class Centered(_TwoLinear):
     """Batch-norm-like mixing without a BatchNorm module: h - mean over the batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(3, 4)
-        self.b = nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.a(x)

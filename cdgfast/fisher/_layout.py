@@ -202,26 +202,40 @@ class SampleLayout(TorchFunctionMode):
         self._tags.clear()
 
     # ---- combining tags
-    def align(self, tensors: Sequence[torch.Tensor], out_shape: Sequence[int]) -> Tag:
-        """Tag of a broadcasting elementwise op's output: every tagged input's tagged dim must land on
-        the same output dim with the same group, unbroadcast."""
-        out_shape = tuple(out_shape)
+    def agree(self, tensors: Sequence, place: Callable[[int, torch.Tensor, Tuple[int, int]], Tag]) -> Tag:
+        """The one output tag that every tagged input agrees on.
+
+        `place(i, t, tag)` maps the i-th input's (dim, group) to the output's (dim, group), or MIXED when
+        that input's layout does not survive the op. Constants (untagged, or not tensors) are skipped;
+        None when nothing is tagged; MIXED for a MIXED input, a MIXED placement, or two inputs that land
+        on different output tags (the op would mix samples)."""
         res = None
-        for t in tensors:
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                continue
             tg = self.tag(t)
             if tg is None:
                 continue
             if tg is MIXED:
                 return MIXED
+            cand = place(i, t, tg)
+            if cand is MIXED or (res is not None and res != cand):
+                return MIXED
+            res = cand
+        return res
+
+    def align(self, tensors: Sequence[torch.Tensor], out_shape: Sequence[int]) -> Tag:
+        """Tag of a broadcasting elementwise op's output: every tagged input's tagged dim must land on
+        the same output dim with the same group, unbroadcast."""
+        out_shape = tuple(out_shape)
+
+        def place(i, t, tg):
             d, r = tg
             od = d + len(out_shape) - t.dim()
             if od < 0 or od >= len(out_shape) or out_shape[od] != t.shape[d]:
                 return MIXED
-            if res is None:
-                res = (od, r)
-            elif res != (od, r):
-                return MIXED
-        return res
+            return (od, r)
+        return self.agree(tensors, place)
 
     def all_const(self, tensors: Sequence[torch.Tensor]) -> bool:
         return all(self.tag(t) is None for t in tensors)
@@ -393,54 +407,46 @@ def _reshape_rule(L, func, args, kwargs, result):
     return _reshape_tag(tg, x.shape, result.shape)
 
 
-def _permute_rule(L, func, args, kwargs, result):
-    x, tg = _first_tag(L, args, kwargs)
-    if not _is_sample(tg):
-        return MIXED
+def _reorder_rule(perm_of: Callable[[Any, tuple, dict, int], List[int]]):
+    """The rule of an op that only reorders dims (a view): the samples' dim goes where the permutation
+    `perm_of(func, args, kwargs, ndim)` sends it (output dim i holds input dim perm[i])."""
+    def rule(L, func, args, kwargs, result):
+        x, tg = _first_tag(L, args, kwargs)
+        if not _is_sample(tg):
+            return MIXED
+        return _moved(tg, perm_of(func, args, kwargs, x.dim()))
+    return rule
+
+
+def _permute_perm(func, args, kwargs, n):
     dims = args[1:] if len(args) > 1 else kwargs["dims"]
     if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
         dims = dims[0]
-    perm = [_ndim(int(d), x.dim()) for d in dims]
-    return _moved(tg, perm)
+    return [_ndim(int(d), n) for d in dims]
 
 
-def _transpose_rule(L, func, args, kwargs, result):
-    x, tg = _first_tag(L, args, kwargs)
-    if not _is_sample(tg):
-        return MIXED
-    n = x.dim()
+def _transpose_perm(func, args, kwargs, n):
     if op_name(func) == "t":
         if n < 2:
-            return tg
+            return list(range(n))
         a, b = 0, 1
     else:
         a = _ndim(_arg(args, kwargs, 1, "dim0"), n)
         b = _ndim(_arg(args, kwargs, 2, "dim1"), n)
     perm = list(range(n))
     perm[a], perm[b] = perm[b], perm[a]
-    return _moved(tg, perm)
+    return perm
 
 
-def _prop_T(L, func, args, kwargs, result):
-    x = args[0]
-    tg = L.tag(x)
-    if not _is_sample(tg):
-        return MIXED
-    n = x.dim()
-    name = op_name(func)
-    if name in ("get:mT", "get:mH", "adjoint"):
-        perm = list(range(n))
+def _property_T_perm(func, args, kwargs, n):
+    perm = list(range(n))
+    if op_name(func) in ("get:mT", "get:mH", "adjoint"):
         perm[-1], perm[-2] = perm[-2], perm[-1]
-    else:  # T / H: all dims reversed
-        perm = list(reversed(range(n)))
-    return _moved(tg, perm)
+        return perm
+    return perm[::-1]  # T / H: all dims reversed
 
 
-def _movedim_rule(L, func, args, kwargs, result):
-    x, tg = _first_tag(L, args, kwargs)
-    if not _is_sample(tg):
-        return MIXED
-    n = x.dim()
+def _movedim_perm(func, args, kwargs, n):
     src = _arg(args, kwargs, 1, "source")
     dst = _arg(args, kwargs, 2, "destination")
     src = [src] if isinstance(src, int) else list(src)
@@ -451,8 +457,13 @@ def _movedim_rule(L, func, args, kwargs, result):
     for s, t in zip(src, dst):
         perm[t] = s
     rest = iter(d for d in range(n) if d not in src)
-    perm = [p if p is not None else next(rest) for p in perm]
-    return _moved(tg, perm)
+    return [p if p is not None else next(rest) for p in perm]
+
+
+_permute_rule = _reorder_rule(_permute_perm)
+_transpose_rule = _reorder_rule(_transpose_perm)
+_prop_T = _reorder_rule(_property_T_perm)
+_movedim_rule = _reorder_rule(_movedim_perm)
 
 
 def _expand_rule(L, func, args, kwargs, result):
@@ -489,37 +500,14 @@ def _cat_rule(L, func, args, kwargs, result):
     dim = _arg(args, kwargs, 1, "dim", kwargs.get("axis", 0))
     seq = [t for t in seq if isinstance(t, torch.Tensor)]
     dim = _ndim(dim, result.dim())
-    res = None
-    for t in seq:
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED or t.dim() != result.dim() or tg[0] == dim:
-            return MIXED
-        if res is None:
-            res = tg
-        elif res != tg:
-            return MIXED
-    return res
+    # concatenating along the samples' dim would interleave them; along another dim keeps them apart
+    return L.agree(seq, lambda i, t, tg: MIXED if t.dim() != result.dim() or tg[0] == dim else tg)
 
 
 def _stack_rule(L, func, args, kwargs, result):
     seq = args[0] if args else kwargs["tensors"]
     dim = _ndim(_arg(args, kwargs, 1, "dim", 0), result.dim())
-    res = None
-    for t in seq:
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
-        d, r = tg
-        cand = (d if d < dim else d + 1, r)
-        if res is None:
-            res = cand
-        elif res != cand:
-            return MIXED
-    return res
+    return L.agree(seq, lambda i, t, tg: (tg[0] if tg[0] < dim else tg[0] + 1, tg[1]))
 
 
 def _split_rule(L, func, args, kwargs, result):
@@ -574,21 +562,13 @@ def _gather_rule(L, func, args, kwargs, result):
     x = args[0] if args else kwargs["input"]
     dim = _ndim(_arg(args, kwargs, 1, "dim"), x.dim())
     index = _arg(args, kwargs, 2, "index")
-    xt, it = L.tag(x), L.tag(index)
-    res = None
-    for tg, t in ((xt, x), (it, index)):
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
-        d, r = tg
+
+    def place(i, t, tg):
+        d = tg[0]
         if t is x and (d == dim or index.shape[d] != x.shape[d]):
-            return MIXED
-        if res is None:
-            res = tg
-        elif res != tg:
-            return MIXED
-    return res
+            return MIXED  # gathering along the samples' dim, or from a broadcast one
+        return tg
+    return L.agree((x, index), place)
 
 
 def _flip_rule(L, func, args, kwargs, result):
@@ -735,15 +715,10 @@ def _matmul_tags(L, a, b, out: torch.Tensor):
     """Output tag of a @ b (torch.matmul broadcasting), or MIXED. out = batch + [rows of a] + [cols of b]."""
     na, nb, no = a.dim(), b.dim(), out.dim()
     nbatch = no - (na >= 2) - (nb >= 2)
-    res = None
-    for t, is_a in ((a, True), (b, False)):
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
+
+    def place(i, t, tg):
         d, r = tg
-        n = t.dim()
+        n, is_a = t.dim(), i == 0
         if n == 1 or (is_a and d == n - 1) or (not is_a and d == n - 2):
             return MIXED  # the contracted dim
         if is_a and d == n - 2:
@@ -754,11 +729,8 @@ def _matmul_tags(L, a, b, out: torch.Tensor):
             od = d + nbatch - (n - 2)
         if not 0 <= od < no or out.shape[od] != t.shape[d]:
             return MIXED  # a broadcast batch dim
-        if res is None:
-            res = (od, r)
-        elif res != (od, r):
-            return MIXED
-    return res
+        return (od, r)
+    return L.agree((a, b), place)
 
 
 def _matmul_rule(L, func, args, kwargs, result):
@@ -773,18 +745,8 @@ def _matmul_rule(L, func, args, kwargs, result):
 
 
 def _outer_rule(L, func, args, kwargs, result):
-    a, b = args[0], args[1]
-    res = None
-    for t, od in ((a, 0), (b, 1)):
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
-        if res is not None:
-            return MIXED
-        res = (od, tg[1])
-    return res
+    # a's samples become the rows, b's the columns: both tagged land on different dims, i.e. MIXED
+    return L.agree(args[:2], lambda i, t, tg: (i, tg[1]))
 
 
 def _addmm_like(L, func, args, kwargs, result):
@@ -917,25 +879,13 @@ def _cross_entropy_rule(L, func, args, kwargs, result):
     weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
     if isinstance(weight, torch.Tensor) and L.tag(weight) is not None:
         return MIXED
-    res = None
-    for t in (inp, target):
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
+
+    def place(i, t, tg):
         d, r = tg
         if t.dim() == inp.dim():  # the input, or a class-probability target
-            if d == 1:
-                return MIXED
-            od = 0 if d == 0 else d - 1
-        else:  # class indices [N, *]: the output's own layout
-            od = d
-        if res is None:
-            res = (od, r)
-        elif res != (od, r):
-            return MIXED
-    return res
+            return MIXED if d == 1 else (0 if d == 0 else d - 1, r)
+        return tg  # class indices [N, *]: the output's own layout
+    return L.agree((inp, target), place)
 
 
 def _sdpa_rule(L, func, args, kwargs, result):
@@ -945,30 +895,17 @@ def _sdpa_rule(L, func, args, kwargs, result):
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     gqa = bool(kwargs.get("enable_gqa", False))
     n = result.dim()
-    res = None
     kv_const = L.tag(k) is None and L.tag(v) is None and (mask is None or L.tag(mask) is None)
-    for t in (q, k, v, mask):
-        if not isinstance(t, torch.Tensor):
-            continue
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return MIXED
+
+    def place(i, t, tg):
         d, r = tg
         if t is q and d == q.dim() - 2 and kv_const:
-            cand = (n - 2, r)  # query rows attend independently
-        elif d < t.dim() - 2 and not (gqa and d == t.dim() - 3):
-            cand = (d + n - t.dim(), r)
-            if result.shape[cand[0]] != t.shape[d]:
-                return MIXED
-        else:
-            return MIXED
-        if res is None:
-            res = cand
-        elif res != cand:
-            return MIXED
-    return res
+            return (n - 2, r)  # query rows attend independently
+        if d < t.dim() - 2 and not (gqa and d == t.dim() - 3):
+            od = d + n - t.dim()
+            return (od, r) if result.shape[od] == t.shape[d] else MIXED
+        return MIXED
+    return L.agree((q, k, v, mask), place)
 
 
 def _mha_rule(L, func, args, kwargs, result):
@@ -977,19 +914,13 @@ def _mha_rule(L, func, args, kwargs, result):
     n_out = _n_outputs(result)
     if q.dim() != 3:
         return [MIXED] * n_out
-    res = None
-    for t in (q, k, v, kwargs.get("key_padding_mask")):
-        if not isinstance(t, torch.Tensor):
-            continue
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED:
-            return [MIXED] * n_out
-        want = 0 if t is kwargs.get("key_padding_mask") else 1
-        if tg[0] != want or (res is not None and res != tg[1]):
-            return [MIXED] * n_out
-        res = tg[1]
+    padding = kwargs.get("key_padding_mask")
+
+    def place(i, t, tg):  # the group of the samples' dim: 1 of q, k, v; 0 of the padding mask
+        return tg[1] if tg[0] == (0 if t is padding else 1) else MIXED
+    res = L.agree((q, k, v, padding), place)
+    if res is MIXED:
+        return [MIXED] * n_out
     # every other tensor (projections, attn_mask, static keys) must be constant
     others: list = []
     tensors_in(args[3:], others)
@@ -1010,16 +941,9 @@ def _broadcast_tensors_rule(L, func, args, kwargs, result):
 def _dc_rule(L, func, args, kwargs, result):
     """cdgfast::dc_errors / dc_scores: pred [B, K, *S], eps [B, *S] -> [B, K]; separate per row of dim 0."""
     pred, eps = args[0], args[1]
-    res = None
-    for t in (pred, eps):
-        tg = L.tag(t)
-        if tg is None:
-            continue
-        if tg is MIXED or tg[0] != 0:
-            return MIXED
-        if res is not None and res != tg:
-            return MIXED
-        res = tg
+    res = L.agree((pred, eps), lambda i, t, tg: tg if tg[0] == 0 else MIXED)
+    if res is MIXED:
+        return MIXED
     rest: list = []
     tensors_in(args[2:], rest)
     tensors_in(kwargs, rest)
