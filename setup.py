@@ -45,7 +45,7 @@ setup(
         "text": ["transformers>=4.30"],
         "vision": ["torchvision"],
         # benchmark peers (benchmarks/bench_fisher.py). backpack-for-pytorch depends on torchvision, whose
-        # latest release pins a newer torch: install these with --no-deps (`make bench-peers`) so that
+        # latest release pins a newer torch: install these with `pip install --no-deps` (BENCHMARKS.md) so that
         # the torch build in place is never replaced; opacus needs only torch / numpy / scipy / opt_einsum.
         "bench": ["opacus==1.6.0", "backpack-for-pytorch==1.7.1", "einops==0.8.2", "unfoldNd==0.2.3",
                   "opt_einsum==3.4.0", "scipy"],
