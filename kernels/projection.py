@@ -575,11 +575,10 @@ def _conv_sq_shifted(xp: torch.Tensor, g: torch.Tensor, mod: torch.nn.Conv2d, gr
         raise ValueError(f"grad_output: expected {ho * wo} output positions for this input and conv, "
                          f"got shape {tuple(g.shape)}")
     cout = g.shape[1]
-    lp = ho * wp
+    # the positions up to the last real output column: the last tap's slice ends at the input's end
+    lp = (ho - 1) * wp + wo
     xf = xp.reshape(c, cin, hp * wp)
-    if dw * (kw - 1):  # the last tap's slice runs dw*(kw-1) elements past the end (zero columns of g)
-        xf = F.pad(xf, (0, dw * (kw - 1)))
-    gp = (g if wp == wo else F.pad(g, (0, wp - wo))).reshape(c, cout, lp)
+    gp = (g if wp == wo else F.pad(g, (0, wp - wo))).reshape(c, cout, ho * wp)[:, :, :lp]
     per = torch.empty(kh * kw, c, cout, cin, dtype=g.dtype, device=g.device)  # per-sample gradients, by tap
     for i in range(kh):
         for j in range(kw):
