@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.cdgfast-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench gpu-check install clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# On a CUDA machine: every op and kernel on CUDA against the CPU composite (fp32/bf16/fp16, odd shapes),
+# the csrc kernels through the runtime loader, then the benchmarks on CUDA; writes benchmarks/results/gpu/
+# and the GPU section of BENCHMARKS.md (< 8 min on one H200). Without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -44,6 +44,11 @@ setup(
         "cuda": ["cupy-cuda12x"],
         "text": ["transformers>=4.30"],
         "vision": ["torchvision"],
+        # benchmark peers (benchmarks/bench_fisher.py). backpack-for-pytorch depends on torchvision, whose
+        # latest release pins a newer torch: install these with `pip install --no-deps` (BENCHMARKS.md) so that
+        # the torch build in place is never replaced; opacus needs only torch / numpy / scipy / opt_einsum.
+        "bench": ["opacus==1.6.0", "backpack-for-pytorch==1.7.1", "einops==0.8.2", "unfoldNd==0.2.3",
+                  "opt_einsum==3.4.0", "scipy"],
     },
     entry_points={"console_scripts": ["cdgfast-train=cdgfast.train.__main__:main"]},
 )

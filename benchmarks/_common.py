@@ -75,6 +75,27 @@ def bench(fn: Callable[[], object], cfg: BenchConfig, reps: Optional[int] = None
     return 1e3 * statistics.median(times)
 
 
+def bench_interleaved(fns: Dict[str, Callable[[], object]], cfg: BenchConfig, reps: Optional[int] = None,
+                      warmup: Optional[int] = None) -> Dict[str, float]:
+    """Median ms of each callable, the contenders run round-robin (rep 1 of each, then rep 2, ...)
+    so that a load change on a shared machine hits all of them alike; each is warmed first. On CUDA
+    one `bench` (do_bench) per contender."""
+    if cfg.cuda:
+        return {k: bench(f, cfg, reps, warmup) for k, f in fns.items()}
+    reps = cfg.reps if reps is None else reps
+    warmup = cfg.warmup if warmup is None else warmup
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(max(1, reps)):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def timed(fn: Callable[[], object], cfg: BenchConfig, reps: Optional[int] = None,
           warmup: Optional[int] = None):
     """(median ms, the result of the last call): for slow baselines whose output is also the

@@ -58,9 +58,11 @@ def test_no_family_crashed(results):
 
 def test_correctness_columns(results):
     _, res = results
-    # Every rel_err row except the deliberately wrong squared-batch-gradient shortcut is small.
+    # Every rel_err row except the deliberately wrong squared-batch-gradient shortcut is small; Opacus
+    # (a peer, measured when installed) is not exact on this UNet (zero grad_sample for some convs,
+    # BENCHMARKS.md): its error is reported, not ours to bound.
     for r in res["rows"]:
-        if r["rel_err"] is None or "sq_batch" in r["impl"]:
+        if r["rel_err"] is None or "sq_batch" in r["impl"] or r["impl"].startswith("opacus"):
             continue
         assert r["rel_err"] < 1e-4, r
 

@@ -214,6 +214,10 @@ CONVS = [
     dict(in_channels=2, out_channels=3, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
     dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", groups=2, padding_mode="reflect"),
     dict(in_channels=3, out_channels=5, kernel_size=1, bias=False),
+    # stride 1, groups 1: the CPU squares go tap by tap on the padded input (no unfold)
+    dict(in_channels=3, out_channels=4, kernel_size=(3, 2), padding=(2, 1), dilation=(2, 3), padding_mode="circular"),
+    dict(in_channels=2, out_channels=3, kernel_size=4, padding="same", dilation=2),
+    dict(in_channels=3, out_channels=2, kernel_size=3, padding="valid"),
 ]
 
 
@@ -395,3 +399,33 @@ def test_hook_path_runs_these_contractions(monkeypatch):
                         method="hooks")
     assert called == {"linear_grad_dot_torch", "linear_sq_grad_sum_torch", "bias_sq_grad_sum", "conv2d_grad_dot",
                       "conv2d_sq_grad_sum", "conv2d_bias_sq_grad_sum"}
+
+
+def test_stride1_conv_squares_never_unfold(monkeypatch):
+    """The CPU squares of a stride-1, groups-1 conv take the tap-by-tap path (no unfolded input) and
+    agree with the unfolded form (a strided conv of the same taps, which does unfold) in float32."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(5, 7, (3, 3), padding=1)
+    x = torch.randn(4, 5, 9, 6)
+    gy = torch.randn(4, 7, 9, 6)
+    ref = sum(torch.einsum("ol,kl->ok", gy[i].double().reshape(7, -1),
+                           P.conv_unfold(P.conv_padded_input(x[i:i + 1].double(), conv), conv)[0]) ** 2
+              for i in range(4)).reshape(conv.weight.shape)
+    monkeypatch.setattr(P, "conv_unfold", lambda *a: pytest.fail("conv_unfold called on the stride-1 path"))
+    for max_elements in (1, 1 << 24):
+        got = P.conv2d_sq_grad_sum(x, gy, conv, use_kernel=False, max_elements=max_elements)
+        assert_close_rel(got, ref, RTOL[torch.float32])
+    with pytest.raises(ValueError, match="grad_output"):
+        P.conv2d_sq_grad_sum(x, gy[:, :, :8], conv, use_kernel=False)
+
+
+def test_conv_unfold_matches_f_unfold():
+    import torch.nn.functional as F
+
+    for cfg in CONVS:
+        conv = nn.Conv2d(**cfg)
+        xp = P.conv_padded_input(torch.randn(2, cfg["in_channels"], 7, 9), conv)
+        G = conv.groups
+        for sub in (xp, xp[:, : cfg["in_channels"] // G]):  # non-contiguous channel slices (groups)
+            ref = F.unfold(sub, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            assert torch.equal(P.conv_unfold(sub, conv), ref)

@@ -10,7 +10,7 @@ gradients are then contractions of `x_i` and `gy_i` that are never materialised 
 | layer | g_i (weight) | direction . g_i | sum_i g_i * g_i |
 |---|---|---|---|
 | Linear on [B, *, Cin] | `gy_i^T x_i` | `sum_t (x_t @ M^T) . gy_t` | `(gy^2)^T x^2` (one token), else `bmm`s |
-| Conv2d (any stride, padding mode, dilation, groups) | `gy_i (*) x_i` | `<conv2d(x_i, M), gy_i>` | `unfold` + `bmm` per group |
+| Conv2d (any stride, padding, dilation, groups) | `gy_i (*) x_i` | `<conv2d(x_i, M), gy_i>` | `bmm` per tap (or unfold + `bmm`) |
 | Group/LayerNorm affine | `sum gy_i * xhat_i`, `sum gy_i` | contraction with M | squares of the same |
 | Embedding (no max_norm / scale_grad_by_freq) | rows `gy_i` at `idx_i` | `M[idx_i] . gy_i` | per-(sample, row) sums, squared |
 
