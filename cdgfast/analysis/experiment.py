@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..diffusion import DiffusionLoss, NoiseSchedule
+from ..diffusion import DiffusionLoss, NoiseSchedule, as_schedule
 from .geometry import fisher_geometry, scaled_prediction_mse
 
 CHECKPOINT_NAME = "model.pt"
@@ -103,7 +103,7 @@ def train_model(data, *, preset: str = "tiny", steps: int = 2000, batch_size: in
 
     from ..models import build_unet
 
-    schedule = schedule or NoiseSchedule()
+    schedule = NoiseSchedule() if schedule is None else as_schedule(schedule)
     torch.manual_seed(seed)
     model = build_unet(preset, num_classes=data.num_classes, in_channels=data.channels,
                        sample_size=data.image_size).to(device)

@@ -31,7 +31,7 @@ import torch
 
 from ..params import assign_grads_, flatten, flatten_detached, load_flat_, require_trainable, trainable_named
 from ..params import flat_grads as _flat_grads
-from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
+from ..diffusion import Batch, NoiseSchedule, as_schedule, make_batch, predict_eps
 from ..parallel import LOCAL, DataParallel
 from ..parallel import resolve as resolve_parallel
 from ._hparams import HP, count, merged_defaults, probability, validate_config
@@ -127,11 +127,13 @@ class Method:
         """parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
         estimators and the replay pool, and used by a method's own optimisation loop (`rows`,
         `average_gradients`). progress: show the bars of the end-of-task work (off: library code is
-        quiet; the driver passes its --progress setting)."""
+        quiet; the driver passes its --progress setting). schedule: a NoiseSchedule, a diffusers
+        scheduler (DDPMScheduler, ...: `cdgfast.diffusion.as_schedule`; its prediction_type decides
+        what the model is trained to predict), or None (the default NoiseSchedule)."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-        if schedule is not None and not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+        if schedule is not None:
+            schedule = as_schedule(schedule)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected True or False, got {progress!r}")
         self.parallel = resolve_parallel(parallel)
@@ -261,14 +263,21 @@ class Method:
         kept as it was so that results stay bit-identical."""
         if pred is None:
             return self.denoising_loss(model, batch).mean()
-        return (pred - batch["eps"]).pow(2).mean()
+        return (pred - self.target(batch)).pow(2).mean()
 
     def denoising_loss(self, model, batch: Batch) -> torch.Tensor:
-        """Per-sample l_i = mean over pixels of (eps - eps_theta(x_t, t, y))^2 (SPEC section 1)."""
+        """Per-sample l_i = mean over pixels of (eps - eps_theta(x_t, t, y))^2 (SPEC section 1); for a
+        v / sample prediction schedule the same with that target (`target`)."""
         pred = self.predict(model, batch)
-        return (pred - batch["eps"]).pow(2).flatten(1).mean(1)
+        return (pred - self.target(batch)).pow(2).flatten(1).mean(1)
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """What the model is trained to output on `batch`: batch["eps"] itself for epsilon prediction,
+        v or x0 otherwise (`NoiseSchedule.target`)."""
+        return self.schedule.target(batch["x"], batch["eps"], batch["t"])
 
     def predict(self, model, batch: Batch, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model output on the noisy batch, in the schedule's prediction type (eps, v or x0)."""
         x_t = self.schedule.add_noise(batch["x"], batch["eps"], batch["t"])
         return predict_eps(model, x_t, batch["t"], batch.get("y") if y is None else y)
 
