@@ -34,7 +34,10 @@ def main(argv=None):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                               prediction_type="v_prediction" if args.v_prediction else "epsilon")
 
-    method = cdgfast.methods.create(args.method, pool_per_class=16, pool_steps=10, fisher_max_samples=128)
+    # small CPU settings, for the methods that have them (a composition's keys are "member.key")
+    small = {"pool_per_class": 16, "pool_steps": 10, "fisher_max_samples": 128}
+    keys = {k.rpartition(".")[2] for k in cdgfast.methods.create(args.method).config}
+    method = cdgfast.methods.create(args.method, **{k: v for k, v in small.items() if k in keys})
     method.setup(num_classes=data.num_classes, schedule=scheduler, device="cpu")
 
     for task in tasks:
