@@ -22,6 +22,7 @@ install_requires = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "peft>=0.10",
+    "safetensors>=0.4",  # checkpoints and method state without pickle (cdgfast.serialization)
 ]
 # Triton ships wheels for Linux x86_64 only; elsewhere the CPU path is used.
 if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
@@ -40,7 +41,9 @@ setup(
     include_package_data=True,
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5"],
+        # accelerate: tests/test_accelerate.py runs examples/accelerate_loop.py on two processes
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5", "accelerate>=0.26"],
+        "accelerate": ["accelerate>=0.26"],
         "cuda": ["cupy-cuda12x"],
         "text": ["transformers>=4.30"],
         "vision": ["torchvision"],

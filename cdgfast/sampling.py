@@ -1,5 +1,7 @@
 """DDIM sampling from a class-conditional noise predictor, with diffusers' DDIMScheduler matched to a
-cdgfast NoiseSchedule (same T and the same float64 betas, epsilon prediction).
+cdgfast NoiseSchedule (same T and the same float64 betas). `schedule` may also be a diffusers scheduler
+(`cdgfast.diffusion.as_schedule`); a v- or x0-prediction model's output is converted to eps
+(`NoiseSchedule.eps_from_prediction`) before the update, which is written in eps.
 
 Update (Song et al., DDIM, Eq. 12), with a_t = abar_t and a_prev = abar of the next (smaller) timestep
 (1 after the last step):
@@ -28,15 +30,15 @@ import torch
 from diffusers import DDIMScheduler
 
 from ._validation import check_generator, check_probability
-from .diffusion import NoiseSchedule, predict_eps
+from .diffusion import NoiseSchedule, as_schedule, predict_eps
 
 
 def make_ddim_scheduler(schedule: NoiseSchedule, num_steps: int = 50, *, clip_sample: bool = True,
                         timestep_spacing: str = "trailing") -> DDIMScheduler:
     """A DDIMScheduler with the schedule's T and betas (passed explicitly, so they match bit for bit),
-    epsilon prediction, final alpha 1, and `num_steps` inference timesteps set."""
-    if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+    epsilon prediction (ddim_sample converts other prediction types to eps itself), final alpha 1, and
+    `num_steps` inference timesteps set. `schedule`: a NoiseSchedule or a diffusers scheduler."""
+    schedule = as_schedule(schedule)
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= schedule.num_timesteps:
         raise ValueError(f"num_steps: expected an integer in [1, {schedule.num_timesteps}], got {num_steps!r}")
     if timestep_spacing not in ("trailing", "leading", "linspace"):
@@ -90,7 +92,9 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
 
     Runs in eval mode under no_grad and restores the model's training flag afterwards. With eta = 0
     the result is a deterministic function of the initial noise (so of `generator`'s state).
+    `schedule`: a NoiseSchedule or a diffusers scheduler; its prediction_type says what the model outputs.
     """
+    schedule = as_schedule(schedule)
     if labels is not None:
         if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point
                 or labels.dtype.is_complex or labels.dtype == torch.bool):
@@ -138,7 +142,8 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
                 steps = tqdm(steps, desc="DDIM", leave=False)
             for i, t in enumerate(steps):
                 tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-                eps = predict_eps(model, x.to(dtype), tt, labels).to(state)
+                out = predict_eps(model, x.to(dtype), tt, labels).to(state)
+                eps = schedule.eps_from_prediction(out, x, tt).to(state)  # `out` itself for eps prediction
                 x = _ddim_update(x, eps, a[i], a_prev[i], eta, noise if eta > 0 else None, clip_sample)
     finally:
         model.train(was_training)

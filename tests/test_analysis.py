@@ -289,7 +289,7 @@ def test_cli_smoke_and_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert main(["fisher", "--dataset", "digits", "--timesteps", "100,900", "--samples", "6",
                  "--train-steps", "1", "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
-    names = ["geometry.json", "model.pt", "fig1_mse.png", "fig2_cosine.png", "fig3a_mean_grad_cosine.png",
+    names = ["geometry.json", "model.safetensors", "fig1_mse.png", "fig2_cosine.png", "fig3a_mean_grad_cosine.png",
              "fig3b_eigenvalues.png", "fig3c_eig_ratio.png", "fig3d_rel_frobenius.png"]
     for name in names:
         assert (out / name).stat().st_size > 0, name
@@ -304,25 +304,25 @@ def test_cli_smoke_and_checkpoint(tmp_path):
     close(torch.diagonal(M), torch.ones(2), 1.0)
     # Reload the checkpoint: same model, fixed seed -> same measurements.
     out2 = tmp_path / "again"
-    assert main(["fisher", "--timesteps", "100,900", "--samples", "6", "--checkpoint", str(out / "model.pt"),
+    assert main(["fisher", "--timesteps", "100,900", "--samples", "6", "--checkpoint", str(out / "model.safetensors"),
                  "--out", str(out2), "--no-progress", "--no-figures"]) == 0
     res2 = json.loads((out2 / "geometry.json").read_text())
     for a, b in zip(res["timesteps"], res2["timesteps"]):
         assert a["eigenvalues"] == pytest.approx(b["eigenvalues"], rel=1e-6)
-    assert not os.path.exists(out2 / "model.pt")
+    assert not os.path.exists(out2 / "model.safetensors")
     # A plain state dict loads too; a mismatched one is a ValueError naming the checkpoint.
     from cdgfast.analysis.experiment import load_checkpoint
     from cdgfast.data import load_dataset
 
     data = load_dataset("digits")
-    model = load_checkpoint(str(out / "model.pt"), data)
+    model = load_checkpoint(str(out / "model.safetensors"), data)
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    again = load_checkpoint(str(tmp_path / "plain.pt"), data)
+    again = load_checkpoint(str(tmp_path / "plain.pt"), data, allow_pickle=True)  # a pickle: only when asked
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     torch.save({"model": {"nope": torch.zeros(1)}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="checkpoint"):
-        load_checkpoint(str(tmp_path / "bad.pt"), data)
+        load_checkpoint(str(tmp_path / "bad.pt"), data, allow_pickle=True)
 
 
 @pytest.mark.parametrize("argv", [
@@ -412,9 +412,9 @@ def test_cli_refuses_to_overwrite_an_analysis_unless_asked(tmp_path, capsys):
     assert code == 2 and "already holds a Fisher analysis" in err and "--overwrite" in err
     assert (out / "geometry.json").read_text() == first and (out / "fig1_mse.png").is_file()
     # --overwrite on the folder's own model: the model stays, the stale figures go
-    assert main(["fisher", "--timesteps", "900", "--samples", "4", "--checkpoint", str(out / "model.pt"),
+    assert main(["fisher", "--timesteps", "900", "--samples", "4", "--checkpoint", str(out / "model.safetensors"),
                  "--no-progress", "--no-figures", "--overwrite", "--out", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["geometry.json", "model.pt"]
+    assert sorted(os.listdir(out)) == ["geometry.json", "model.safetensors"]
     assert [r["t"] for r in json.loads((out / "geometry.json").read_text())["timesteps"]] == [900]
 
 

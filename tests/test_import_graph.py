@@ -147,7 +147,8 @@ def test_no_import_cycles():
 # own layer. A new top-level module or package must be given a layer here.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("cdgfast._validation", "cdgfast._dispatch", "cdgfast.params", "cdgfast._cuda",
-     "cdgfast.parallel", "cdgfast.diffusion", "cdgfast.sampling"),   # foundation
+     "cdgfast.parallel", "cdgfast.diffusion", "cdgfast.sampling",
+     "cdgfast.serialization"),                                         # foundation
     ("cdgfast.kernels",),                                              # Triton / CUDA launchers
     ("cdgfast.ops",),                                                  # drop-in ops
     ("cdgfast.fisher",),                                               # Fisher estimators, accumulator

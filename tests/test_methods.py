@@ -96,11 +96,11 @@ def frozen_modules(method):
     return out
 
 
-def run_two_tasks(name, steps=2, seed=0, check=None, **extra):
+def run_two_tasks(name, steps=2, seed=0, check=None, schedule=None, **extra):
     torch.manual_seed(seed)
     model = model_for(name)
     method = M.create(name, **{**tiny(name).config, **extra})
-    method.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule(), device="cpu")
+    method.setup(num_classes=NUM_CLASSES, schedule=NoiseSchedule() if schedule is None else schedule, device="cpu")
     x, y, tasks = tiny_tasks(seed)
     history = []
     for task in tasks:

@@ -14,6 +14,7 @@ import torch
 
 from cdgfast.train import NonFiniteLoss, RunConfig, RunError, run
 from cdgfast.train.cli import main
+from cdgfast.train.checkpoint import read_checkpoint
 from cdgfast.train.presets import PRESETS
 from train_hooks import HOOKED_CLI, InjectedCrash, OnStep, StopAt
 
@@ -122,7 +123,7 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, cache_dir, ho
                 "2", "--method", "rank1+gd", "--out", str(out), "--cache-dir", cache_dir, "--no-progress"]
         proc = subprocess.run(HOOKED_CLI + argv, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == -9, proc.stderr[-2000:]
-    ck = torch.load(out / "checkpoints" / "rank1+gd.pt", weights_only=False)
+    ck = read_checkpoint(out / "checkpoints" / "rank1+gd.safetensors")
     assert ck["completed_task"] == 0
     assert not (out / "results.json").exists()
     # without --resume an unfinished run is refused
@@ -174,7 +175,7 @@ def test_non_finite_loss_stops_naming_task_step_term(tmp_path, cache_dir):
         U.build_unet = real_build
     msg = str(e.value)
     assert "task 2" in msg and "step 2" in msg and "'task'" in msg
-    ck = torch.load(out / "checkpoints" / "finetune.pt", weights_only=False)
+    ck = read_checkpoint(out / "checkpoints" / "finetune.safetensors")
     assert ck["completed_task"] == 0
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
@@ -373,7 +374,7 @@ def test_unreadable_checkpoint_on_resume_names_it_and_the_others_go_on(tmp_path,
     argv = SMOKE_ARGV[:-3] + ["--num-tasks", "2", "--no-progress", "--method", "finetune", "l2", "--out", str(out),
                               "--cache-dir", cache_dir, "--dataset", "digits"]
     assert main(argv, callbacks=StopAt("l2:1:1")) == 1
-    bad = out / "checkpoints" / "finetune.pt"
+    bad = out / "checkpoints" / "finetune.safetensors"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated, as by a full disk
     capsys.readouterr()
     assert main(argv + ["--resume"]) == 2

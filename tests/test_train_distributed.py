@@ -286,7 +286,7 @@ def test_torchrun_cli_two_processes_with_crash_and_resume(tmp_path):
                            text=True, timeout=600)
     assert first.returncode != 0 and "injected crash" in first.stderr, first.stderr[-3000:]
     ck = out / "checkpoints"
-    assert (ck / "er.pt").is_file() and (ck / "er.rank1.task0.pt").is_file()
+    assert (ck / "er.safetensors").is_file() and (ck / "er.rank1.task0.safetensors").is_file()
     second = subprocess.run(launch + ["-m", "cdgfast.train"] + args + ["--resume"], env=env, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -298,7 +298,7 @@ def test_torchrun_cli_two_processes_with_crash_and_resume(tmp_path):
     log = (out / "train.log").read_text()
     assert "er: resuming after task 1" in log and "world size 2" in log
     # rank 1's state of the last task is kept, the older one removed once rank 0's checkpoint moved on
-    assert (ck / "er.rank1.task1.pt").is_file() and not (ck / "er.rank1.task0.pt").exists()
+    assert (ck / "er.rank1.task1.safetensors").is_file() and not (ck / "er.rank1.task0.safetensors").exists()
 
 
 def _ccd_worker(rank, world, port, out_dir):

@@ -2,7 +2,7 @@
 --samples 1024 [--checkpoint PATH] --out DIR [--device cpu] [--seed 0] [--train-steps S]`.
 
 Writes DIR/geometry.json, the figures fig1_mse.png, fig2_cosine.png, fig3a_mean_grad_cosine.png,
-fig3b_eigenvalues.png, fig3c_eig_ratio.png, fig3d_rel_frobenius.png and (when it trains) DIR/model.pt.
+fig3b_eigenvalues.png, fig3c_eig_ratio.png, fig3d_rel_frobenius.png and (when it trains) DIR/model.safetensors.
 A DIR that holds a previous analysis, or anything else, is refused unless --overwrite.
 
 `python -m cdgfast.analyze` is an alias (cdgfast/analyze forwards here).
@@ -48,7 +48,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--timesteps", type=_timesteps, default=list(range(100, 1000, 100)),
                    help="fixed timesteps in [0, 1000): comma list or start:stop:step")
     p.add_argument("--samples", type=int, default=1024, help="per-sample gradients per timestep (n >= 2)")
-    p.add_argument("--checkpoint", default=None, help="model to analyse; if absent, train one and save it")
+    p.add_argument("--checkpoint", default=None,
+                   help="model to analyse (.safetensors, a cdgfast.train checkpoint, or a diffusers model folder); "
+                        "if absent, train one and save it")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read a pickle --checkpoint (.pt); unpickling can run any code the file contains, so "
+                        "only for files you made yourself")
     p.add_argument("--out", required=True, help="output folder (new or empty; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous analysis in --out (or write into a non-empty folder)")
@@ -80,7 +85,7 @@ def main(argv: Optional[List[str]] = None, *, prog: str = PROG) -> int:
             checkpoint=args.checkpoint, train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
             preset=args.preset, data_root=args.data_root, device=args.device, seed=args.seed, top_k=args.top_k,
             chunk_params=args.chunk_params, micro_batch=args.micro_batch, figures=not args.no_figures,
-            progress=not args.no_progress, overwrite=args.overwrite)
+            progress=not args.no_progress, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the message
     except KeyboardInterrupt:

@@ -17,15 +17,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..diffusion import DiffusionLoss, NoiseSchedule
+from ..diffusion import DiffusionLoss, NoiseSchedule, as_schedule
 from .geometry import fisher_geometry, scaled_prediction_mse
 
-CHECKPOINT_NAME = "model.pt"
+CHECKPOINT_NAME = "model.safetensors"
+LEGACY_CHECKPOINT_NAME = "model.pt"  # written by earlier versions (pickle)
 RESULT_NAME = "geometry.json"
 # What an analysis writes (plots.plot_all's figures too): a folder holding one of these holds an analysis.
 FIGURE_NAMES = ("fig1_mse.png", "fig2_cosine.png", "fig3a_mean_grad_cosine.png", "fig3b_eigenvalues.png",
                 "fig3c_eig_ratio.png", "fig3d_rel_frobenius.png")
-OUTPUT_NAMES = (RESULT_NAME, CHECKPOINT_NAME) + FIGURE_NAMES
+OUTPUT_NAMES = (RESULT_NAME, CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME) + FIGURE_NAMES
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -103,7 +104,7 @@ def train_model(data, *, preset: str = "tiny", steps: int = 2000, batch_size: in
 
     from ..models import build_unet
 
-    schedule = schedule or NoiseSchedule()
+    schedule = NoiseSchedule() if schedule is None else as_schedule(schedule)
     torch.manual_seed(seed)
     model = build_unet(preset, num_classes=data.num_classes, in_channels=data.channels,
                        sample_size=data.image_size).to(device)
@@ -133,27 +134,84 @@ def train_model(data, *, preset: str = "tiny", steps: int = 2000, batch_size: in
     return model, history
 
 
+ANALYSIS_KIND = "cdgfast.analysis.checkpoint"
+PICKLE_REASON = ("a pickle file (torch.save); unpickling can run any code the file contains, so it is loaded only "
+                 "with --allow-pickle (allow_pickle=True), for files you made yourself. Prefer a .safetensors "
+                 "file or a diffusers model folder")
+
+
 def save_checkpoint(path: str, model, *, preset: str, data, extra: Optional[dict] = None) -> None:
-    torch.save({"model": model.state_dict(), "preset": preset, "num_classes": data.num_classes,
-                "in_channels": data.channels, "sample_size": data.image_size, "dataset": data.name,
-                **(extra or {})}, path)
+    """The analysed model as `path` (.safetensors: the weights, and the UNet config as JSON metadata)."""
+    from ..serialization import save_state
+
+    save_state(path, {"model": model.state_dict(), "preset": preset, "num_classes": data.num_classes,
+                      "in_channels": data.channels, "sample_size": data.image_size, "dataset": data.name,
+                      **(extra or {})}, kind=ANALYSIS_KIND)
 
 
-def load_checkpoint(path: str, data, *, preset: str = "tiny", device="cpu"):
-    """Load a model to analyse. Accepted: a checkpoint written by `save_checkpoint` (a dict with "model"
-    and the UNet config), a `python -m cdgfast.train` checkpoint (a dict with "model" weights and, for
-    changed structures such as LoRA, "model_object"), a pickled nn.Module, or a plain state dict of a
-    `build_unet(preset)` model sized for `data`."""
+def _read_model_file(path: str, allow_pickle: bool):
+    """The object a --checkpoint file holds: a .safetensors file is parsed without running code (a
+    cdgfast state file, or plain weights); anything else is a pickle, read only with allow_pickle."""
+    from safetensors import SafetensorError  # noqa: F401  (the error type the readers below raise)
+
+    from ..serialization import UnreadableState, load_state, read_metadata
+
+    def unreadable(reason):
+        return ValueError(f"checkpoint: {path} cannot be read ({reason}); pass another --checkpoint, or none to "
+                          f"train a model")
+
+    if path.endswith(".safetensors"):
+        try:
+            meta = read_metadata(path)
+            if "cdgfast.state" in meta:
+                return load_state(path)
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        except UnreadableState as exc:
+            raise unreadable(exc.reason) from None
+        except Exception as exc:  # a damaged file
+            raise unreadable(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if not allow_pickle:
+        raise unreadable(PICKLE_REASON)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, bad pickle, EOF: the file cannot be used, say which one
+        raise unreadable(f"{type(exc).__name__}: {str(exc)[:200]}; it is truncated or not a PyTorch "
+                         f"checkpoint") from None
+
+
+def _diffusers_folder(path: str, data, device):
+    """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors), safetensors only."""
+    from diffusers import UNet2DModel
+
+    try:
+        model = UNet2DModel.from_pretrained(path, use_safetensors=True)
+    except Exception as exc:  # no config, no safetensors weights, another model class
+        raise ValueError(f"checkpoint: {path} is not a diffusers UNet2DModel folder with safetensors weights "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)[0]
+    if cfg.in_channels != data.channels or size != data.image_size:
+        raise ValueError(f"checkpoint: the model in {path} takes {cfg.in_channels} channels at {size}px, the data "
+                         f"set has {data.channels} channels at {data.image_size}px")
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str, data, *, preset: str = "tiny", device="cpu", allow_pickle: bool = False):
+    """Load a model to analyse. Accepted: a diffusers UNet2DModel folder (safetensors weights); a
+    .safetensors file: one written by `save_checkpoint` (weights and the UNet config), a
+    `python -m cdgfast.train` checkpoint (for LoRA methods the adapter is added again from the saved
+    method config before the weights load), or plain weights of a `build_unet(preset)` model sized for
+    `data`. Pickle files (.pt: the same contents, a pickled nn.Module, a plain state dict) only with
+    `allow_pickle` (module constant PICKLE_REASON says why)."""
     from ..models import UNET_PRESETS, build_unet
 
+    if os.path.isdir(path):
+        return _diffusers_folder(path, data, device)
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint: expected an existing file, got {path!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated zip, bad pickle, EOF: the file cannot be used, say which one
-        raise ValueError(f"checkpoint: {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
-                         f"truncated or not a PyTorch checkpoint. Pass another --checkpoint, or none to train a "
-                         f"model") from None
+        raise ValueError(f"checkpoint: expected an existing file or a diffusers model folder, got {path!r}")
+    state = _read_model_file(path, allow_pickle)
     if isinstance(state, torch.nn.Module):
         return state.to(device).eval()
     if isinstance(state, dict) and isinstance(state.get("model_object"), torch.nn.Module):
@@ -174,9 +232,29 @@ def load_checkpoint(path: str, data, *, preset: str = "tiny", device="cpu"):
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ValueError(f"checkpoint: weights do not fit build_unet({preset!r}) for this data set "
-                         f"(pass the right --preset): {str(exc)[:300]}") from None
+        if not _restore_method_structure(model, state):
+            raise ValueError(f"checkpoint: weights do not fit build_unet({preset!r}) for this data set "
+                             f"(pass the right --preset): {str(exc)[:300]}") from None
+        try:
+            model.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError) as exc2:
+            raise ValueError(f"checkpoint: weights do not fit build_unet({preset!r}) with the adapters of "
+                             f"{state.get('method')!r}: {str(exc2)[:300]}") from None
     return model.to(device).eval()
+
+
+def _restore_method_structure(model, state) -> bool:
+    """For a cdgfast.train checkpoint of a method that changes the model (LoRA): add its structure to
+    `model` from the saved method name and config. False when the state names no such method."""
+    name, config = state.get("method"), state.get("method_config")
+    if not isinstance(name, str) or not isinstance(config, dict) or "completed_task" not in state:
+        return False
+    from .. import methods
+
+    if name not in methods.available():  # a driver-only name ("joint"): plain training, no structure
+        return False
+    methods.create(name, **config).restore_model_structure(model)
+    return True
 
 
 def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = tuple(range(100, 1000, 100)),
@@ -184,11 +262,13 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
                         train_steps: int = 2000, batch_size: int = 128, lr: float = 1e-3,
                         preset: str = "tiny", data_root: Optional[str] = None, device="cpu", seed: int = 0,
                         top_k: int = 5, chunk_params: Optional[int] = None, micro_batch: int = 64,
-                        figures: bool = True, progress: bool = True, overwrite: bool = False) -> Dict:
+                        figures: bool = True, progress: bool = True, overwrite: bool = False,
+                        allow_pickle: bool = False) -> Dict:
     """Run the section 3.2 measurements and write `out_dir`/geometry.json and the figures.
 
     If `checkpoint` is None a model is trained for `train_steps` steps and saved to
-    `out_dir`/model.pt; otherwise the checkpoint is loaded. For each t, `samples` data points are drawn
+    `out_dir`/model.safetensors; otherwise the checkpoint (a file or a diffusers model folder,
+    `load_checkpoint`) is loaded. For each t, `samples` data points are drawn
     (without replacement when the data set is large enough), with the timestep fixed to t and fresh eps.
     Every argument is checked, the data and the checkpoint loaded, before anything is written; an
     `out_dir` holding a previous analysis, or other files, is refused unless `overwrite`.
@@ -219,8 +299,8 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
     if data_root is not None and not os.path.isdir(data_root):
         what = "is not a folder" if os.path.exists(data_root) else "does not exist"
         raise ValueError(f"data_root: {data_root} {what}; pass the folder that holds the {dataset} files")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint: expected an existing file, got {checkpoint!r}")
+    if checkpoint is not None and not os.path.exists(checkpoint):
+        raise ValueError(f"checkpoint: expected an existing file or a diffusers model folder, got {checkpoint!r}")
     check_out_dir(out_dir, overwrite)
     try:
         data = load_dataset(dataset, data_root, progress=progress)
@@ -228,7 +308,8 @@ def run_fisher_analysis(*, dataset: str = "digits", timesteps: Sequence[int] = t
         raise ValueError(f"dataset: {exc}") from None
     t0 = time.time()
     history = []
-    model = None if checkpoint is None else load_checkpoint(checkpoint, data, preset=preset, device=device)
+    model = None if checkpoint is None else load_checkpoint(checkpoint, data, preset=preset, device=device,
+                                                            allow_pickle=allow_pickle)
     if overwrite:  # only now: an analysis refused on its inputs removes nothing
         clear_previous_analysis(out_dir, keep=checkpoint)
     os.makedirs(out_dir, exist_ok=True)

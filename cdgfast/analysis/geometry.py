@@ -330,8 +330,9 @@ def scaled_prediction_mse(model: torch.nn.Module, batch: Dict[str, torch.Tensor]
     "scaled prediction" the paper compares with x_t ("Tweedie's identity"). The MSE is the mean over
     pixels of (x_t - x_hat_t)^2, one value per sample [B]; it tends to 0 as t grows.
     """
-    from ..diffusion import predict_eps
+    from ..diffusion import as_schedule, predict_eps
 
+    schedule = as_schedule(schedule)
     tensors, _, _ = _split_batch(batch)
     for key in ("x", "t", "eps"):
         if key not in tensors:
@@ -339,7 +340,7 @@ def scaled_prediction_mse(model: torch.nn.Module, batch: Dict[str, torch.Tensor]
     x0, t, eps = batch["x"], batch["t"], batch["eps"]
     with torch.no_grad():
         x_t = schedule.add_noise(x0, eps, t)
-        eps_hat = predict_eps(model, x_t, t, batch.get("y"))
+        eps_hat = schedule.eps_from_prediction(predict_eps(model, x_t, t, batch.get("y")), x_t, t)
         acc = torch.promote_types(x_t.dtype, torch.float32)  # 1 - abar in bf16 is 0 near t = 0
         abar = schedule.gather(schedule.alphas_cumprod, t, x_t, dtype=acc)
         x_hat = (1 - abar).sqrt() * eps_hat.to(acc)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule
+from ..diffusion import NoiseSchedule, as_schedule
 from ..parallel import DataParallel, resolve
 from ..sampling import _infer_shape, ddim_sample
 
@@ -76,6 +76,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     i % world_size and the chunks are gathered, so every process returns the one-process pool.
     """
     par = resolve(parallel)
+    schedule = as_schedule(schedule)  # a NoiseSchedule or a diffusers scheduler
     classes = [int(c) for c in classes]
     if not classes:
         raise ValueError("classes: expected at least one class")
@@ -98,6 +99,9 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
             "seed": int(seed), "eta": float(eta), "num_timesteps": schedule.num_timesteps,
             "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
             "shape": None if shape is None else [int(v) for v in shape]}
+    if schedule != NoiseSchedule(schedule.num_timesteps, schedule.beta_start, schedule.beta_end):
+        # another beta schedule or prediction type: recorded (pools of the linear eps default keep their meta)
+        meta["schedule"] = {"prediction_type": schedule.prediction_type, "betas": schedule.betas.tolist()}
 
     out_dir = None
     if path is not None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List
 
-from ._registry import (available, create, import_method_modules, members, method_class, register,
+from ._registry import (available, create, import_method_modules, load, members, method_class, register,
                         register_composition, single_methods, tiny_run)
-from .base import Method, TinyRun
+from .base import Method, TinyRun, load_trainable
 from .compose import Compose
 
 _MODULES = import_method_modules(__name__, __path__)
@@ -57,5 +57,5 @@ def __dir__() -> List[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["available", "create", "register", "register_composition", "single_methods", "method_class", "members",
-           "tiny_run", "Method", "TinyRun", "Compose"] + sorted(_EXPORTS)
+__all__ = ["available", "create", "load", "load_trainable", "register", "register_composition", "single_methods",
+           "method_class", "members", "tiny_run", "Method", "TinyRun", "Compose"] + sorted(_EXPORTS)

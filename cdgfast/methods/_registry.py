@@ -142,6 +142,24 @@ def create(name: str, **overrides) -> Method:
     return Compose([c(**kw) for c, kw in zip(classes, routed)], name=name)
 
 
+def load(directory, model=None) -> Method:
+    """The method (single or a composition) that `Method.save` wrote to `directory`, with its saved
+    hyperparameters and state; with `model`, its saved trainable parameters are copied into it
+    (`load_trainable`). Call `setup(...)` before using it. Reads safetensors + JSON only (no pickle)."""
+    from ..serialization import load_state_dir
+    from .base import load_trainable
+
+    obj, info = load_state_dir(directory)
+    name = info.get("method")
+    if not isinstance(name, str):
+        raise ValueError(f"directory: {directory} holds no saved cdgfast method (state.json has no 'method')")
+    method = create(name, **obj["config"])
+    method.load_state_dict(obj["state"])
+    if model is not None:
+        load_trainable(model, directory)
+    return method
+
+
 def tiny_run(name: str) -> Optional[TinyRun]:
     """What the generic tests need to run `name` (the class's own `tiny` declaration; None if it has none).
     A composition's is its members' put together: their configs as `member.key`, their terms, frozen

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..params import assign_grads_, flatten, flatten_detached, load_flat_, require_trainable, trainable_named
 from ..params import flat_grads as _flat_grads
-from ..diffusion import Batch, NoiseSchedule, make_batch, predict_eps
+from ..diffusion import Batch, NoiseSchedule, as_schedule, make_batch, predict_eps
 from ..parallel import LOCAL, DataParallel
 from ..parallel import resolve as resolve_parallel
 from ._hparams import HP, count, merged_defaults, probability, validate_config
@@ -117,6 +118,7 @@ class Method:
         self.generator = torch.Generator().manual_seed(int(self.config["seed"]))
         self.parallel: DataParallel = LOCAL
         self.progress = False
+        self.global_batches = False  # shard_batches(): noise drawn for the global batch, this block kept
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
@@ -127,11 +129,13 @@ class Method:
         """parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
         estimators and the replay pool, and used by a method's own optimisation loop (`rows`,
         `average_gradients`). progress: show the bars of the end-of-task work (off: library code is
-        quiet; the driver passes its --progress setting)."""
+        quiet; the driver passes its --progress setting). schedule: a NoiseSchedule, a diffusers
+        scheduler (DDPMScheduler, ...: `cdgfast.diffusion.as_schedule`; its prediction_type decides
+        what the model is trained to predict), or None (the default NoiseSchedule)."""
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
-        if schedule is not None and not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule: expected a cdgfast.diffusion.NoiseSchedule, got {type(schedule).__name__}")
+        if schedule is not None:
+            schedule = as_schedule(schedule)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected True or False, got {progress!r}")
         self.parallel = resolve_parallel(parallel)
@@ -139,6 +143,26 @@ class Method:
         self.num_classes = num_classes
         self.schedule = schedule or NoiseSchedule()
         self.device = torch.device(device) if device is not None else None
+
+    def shard_batches(self, enabled: bool = True) -> "Method":
+        """Data-parallel training whose processes each pass `loss` their block of a global batch: block
+        `parallel.rank` of `parallel.world_size` equal consecutive blocks (Accelerate's
+        `split_batches=True`). The method then draws label dropout and (t, eps) for the whole global
+        batch, identically on every process (the generators stay in step: same seed, same draws), and
+        keeps its block, so each sample gets the noise it gets in one process and the averaged gradient
+        is the one-process gradient (examples/accelerate_loop.py). Methods that draw replayed samples
+        per step (er, agem, gd, ccd) are refused. Off by default: then noise is drawn for the rows given
+        (the driver gives every rank its own stream instead). Returns the method."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled: expected True or False, got {enabled!r}")
+        members = getattr(self, "members", None) or [self]
+        drawing = [m.name for m in members if hasattr(m, "replay")]
+        if enabled and drawing:
+            raise ValueError(f"shard_batches: {drawing} draw replayed samples per step, which are not split by "
+                             f"global batch; use a penalty method (l2, ewc, rank1, diag, ...) or the driver")
+        for m in members:
+            m.global_batches = enabled
+        return self
 
     def begin_task(self, model: torch.nn.Module, task=None) -> None:
         self._require_setup()
@@ -192,6 +216,11 @@ class Method:
     def post_task_phase(self, model: torch.nn.Module, data: Data) -> None:
         pass
 
+    def restore_model_structure(self, model: torch.nn.Module) -> None:
+        """Give a freshly built model the structure this method gives it while training (the LoRA methods
+        add their adapter), so that the state_dict of a model it trained loads into it: how a checkpoint
+        is resumed without pickling the module. Nothing to do here."""
+
     # --------------------------------------------------------------- state
     @classmethod
     def state_attrs(cls) -> Tuple[str, ...]:
@@ -222,6 +251,42 @@ class Method:
             if attr in state:
                 self.load_state_attr(attr, state[attr])
 
+    def save(self, directory, model: Optional[torch.nn.Module] = None) -> None:
+        """Write this method's consolidated state (`state_dict()`: anchors, Fisher terms, buffers, teacher,
+        LoRA deltas, generator, counters) and its hyperparameters to `directory` without pickle:
+        `state.safetensors` (the tensors) + `state.json` (everything else, and which method it is;
+        `cdgfast.serialization.save_state_dir`). With `model`, also its trainable parameters by name in
+        `trainable.safetensors` (for a LoRA model: the adapter, the weights the state protects).
+        `cdgfast.methods.load(directory)` (or `<Class>.load`) rebuilds the method."""
+        from ..serialization import save_state_dir
+
+        save_state_dir(directory, {"config": dict(self.config), "state": self.state_dict()},
+                       info={"method": self.name, "num_classes": getattr(self, "num_classes", None)})
+        if model is not None:
+            from safetensors.torch import save_file
+
+            names, params = trainable_named(model)
+            save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, params)},
+                      str(Path(directory) / TRAINABLE_FILE))
+
+    @classmethod
+    def load(cls, directory, model: Optional[torch.nn.Module] = None) -> "Method":
+        """The method saved by `save` in `directory` (this class's, else a ValueError; for any registered
+        name or composition use `cdgfast.methods.load`). Call `setup(...)` before using it; its state
+        waits for the model where it needs one (a teacher is rebuilt at the next begin_task or step).
+        With `model`, the saved trainable parameters are copied into it first (`load_trainable`)."""
+        from ..serialization import load_state_dir
+
+        obj, info = load_state_dir(directory)
+        if info.get("method") != cls.name:
+            raise ValueError(f"directory: {directory} holds the state of method {info.get('method')!r}, not "
+                             f"{cls.name!r} (use cdgfast.methods.load)")
+        method = cls(**obj["config"])
+        method.load_state_dict(obj["state"])
+        if model is not None:
+            load_trainable(model, directory)
+        return method
+
     def load_state_attr(self, attr: str, saved: Any) -> None:
         """Restore one attribute of `state_attrs()`: into the object it holds when that has
         load_state_dict (a module), else the saved value itself. Mixins whose objects must be built
@@ -246,6 +311,8 @@ class Method:
         class with probability `label_dropout` (so the model also learns unconditional predictions)."""
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"batch['x']: expected a tensor [B, C, H, W], got {getattr(x, 'shape', type(x))}")
+        if self.global_batches and self.parallel.enabled:
+            return self._global_noisy_block(x, y, dropout)
         if y is not None:
             y = y.to(x.device).long()
             p = float(self.config["label_dropout"])
@@ -254,6 +321,25 @@ class Method:
                 y = torch.where(drop, torch.full_like(y, self.null_class), y)
         return make_batch(x, y, self.schedule, self.generator)
 
+    def _global_noisy_block(self, x: torch.Tensor, y: Optional[torch.Tensor], dropout: bool) -> Batch:
+        """noisy_batch's draws for the global batch of world_size blocks like `x` (in make_batch's order:
+        dropout, t, eps), this rank's block of them (`shard_batches`)."""
+        n, w, r = x.shape[0], self.parallel.world_size, self.parallel.rank
+        block = slice(r * n, (r + 1) * n)
+        g = self.generator
+        if y is not None:
+            y = y.to(x.device).long()
+            p = float(self.config["label_dropout"])
+            if dropout and p > 0:
+                drop = (torch.rand(n * w, generator=g) < p)[block].to(y.device)
+                y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        t = torch.randint(0, self.schedule.num_timesteps, (n * w,), generator=g, device=g.device)[block]
+        eps = torch.randn((n * w, *x.shape[1:]), generator=g, dtype=x.dtype, device=g.device)[block]
+        batch = {"x": x, "t": t.to(x.device), "eps": eps.to(x.device)}
+        if y is not None:
+            batch["y"] = y
+        return batch
+
     def task_loss(self, model, batch: Batch, pred: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The "task" term on a noisy batch: the mean of the per-sample denoising losses. With `pred`
         (the model's prediction on `batch`, computed once because a distillation term reuses it) the
@@ -261,14 +347,21 @@ class Method:
         kept as it was so that results stay bit-identical."""
         if pred is None:
             return self.denoising_loss(model, batch).mean()
-        return (pred - batch["eps"]).pow(2).mean()
+        return (pred - self.target(batch)).pow(2).mean()
 
     def denoising_loss(self, model, batch: Batch) -> torch.Tensor:
-        """Per-sample l_i = mean over pixels of (eps - eps_theta(x_t, t, y))^2 (SPEC section 1)."""
+        """Per-sample l_i = mean over pixels of (eps - eps_theta(x_t, t, y))^2 (SPEC section 1); for a
+        v / sample prediction schedule the same with that target (`target`)."""
         pred = self.predict(model, batch)
-        return (pred - batch["eps"]).pow(2).flatten(1).mean(1)
+        return (pred - self.target(batch)).pow(2).flatten(1).mean(1)
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """What the model is trained to output on `batch`: batch["eps"] itself for epsilon prediction,
+        v or x0 otherwise (`NoiseSchedule.target`)."""
+        return self.schedule.target(batch["x"], batch["eps"], batch["t"])
 
     def predict(self, model, batch: Batch, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model output on the noisy batch, in the schedule's prediction type (eps, v or x0)."""
         x_t = self.schedule.add_noise(batch["x"], batch["eps"], batch["t"])
         return predict_eps(model, x_t, batch["t"], batch.get("y") if y is None else y)
 
@@ -295,6 +388,31 @@ class Method:
                 yield make_batch(x, y.long(), self.schedule, self.generator)
 
         return gen
+
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def load_trainable(model: torch.nn.Module, directory) -> None:
+    """Copy the trainable parameters `Method.save(directory, model=...)` wrote into `model`'s parameters
+    of the same names (a LoRA model needs its adapter first: `cdgfast.models.lora.add_lora`). Names or
+    shapes that do not match are a ValueError."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / TRAINABLE_FILE
+    if not path.is_file():
+        raise ValueError(f"directory: {directory} has no {TRAINABLE_FILE} (saved without model=)")
+    saved = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = sorted(set(saved) - set(params))
+    if missing:
+        raise ValueError(f"model: has no parameters {missing[:3]} that {path} holds (add the adapter first?)")
+    with torch.no_grad():
+        for n, t in saved.items():
+            if params[n].shape != t.shape:
+                raise ValueError(f"model: parameter {n} has shape {tuple(params[n].shape)}, {path} holds "
+                                 f"{tuple(t.shape)}")
+            params[n].copy_(t)
 
 
 def reusable(data: Data) -> Callable[[], Iterable]:
@@ -361,5 +479,5 @@ def with_replay(x: torch.Tensor, y: torch.Tensor, rep: Optional[Tuple[torch.Tens
     return torch.cat([x, rep[0].to(x)]), torch.cat([y.long(), rep[1].to(y.device).long()])
 
 
-__all__ = ["Method", "TinyRun", "with_replay", "reusable", "frozen_copy", "params_of", "flat_params", "flat_grads",
-           "set_flat_grads", "load_flat_params", "trainable_names", "flatten"]
+__all__ = ["Method", "TinyRun", "load_trainable", "with_replay", "reusable", "frozen_copy", "params_of", "flat_params",
+           "flat_grads", "set_flat_grads", "load_flat_params", "trainable_names", "flatten"]

@@ -17,6 +17,10 @@ reconstruction of SPEC section 2.1, not the paper's verbatim formulas.
   cross-entropy on the true labels by its own Adam optimizer inside `loss` (on detached features, so it
   does not move the UNet); `L_LKC = KL(softmax(r_old(h_old)/T) || softmax(r(h)/T))` (batch mean, no T^2
   factor), gradients reach the UNet through h (the regressor weights are detached in this term).
+
+Prediction types (`schedule.prediction_type`): the task loss and L_IKC compare model outputs in the
+model's own parameterisation (eps, v or x0; the teacher predicts the same kind); L_UKC's reverse means are
+formulas in eps, so the null-class outputs are converted to eps first (`NoiseSchedule.eps_from_prediction`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import NoiseSchedule, predict_eps
+from ..diffusion import NoiseSchedule, as_schedule, predict_eps
 from ..data import ClassBalancedBuffer
 from ..ops import bregman_distill, hutchinson_metric
 from ._hparams import nonneg, positive
@@ -35,7 +39,9 @@ from .base import Method, TinyRun, frozen_copy, with_replay
 
 
 def reverse_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """DDPM reverse mean m(x_t) = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)."""
+    """DDPM reverse mean m(x_t) = (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t) (`eps`: an eps
+    prediction; `schedule`: a NoiseSchedule or a diffusers scheduler)."""
+    schedule = as_schedule(schedule)
     beta = schedule.gather(schedule.betas, t, x_t)
     alpha = schedule.gather(schedule.alphas, t, x_t)
     abar = schedule.gather(schedule.alphas_cumprod, t, x_t)
@@ -45,7 +51,8 @@ def reverse_mean(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, ep
 def ukc_loss(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps_teacher: torch.Tensor,
              eps_student: torch.Tensor) -> torch.Tensor:
     """L_UKC (reconstruction, SPEC 2.1): mean over samples of w(t) * mean over pixels of
-    (m_teacher - m_student)^2 with w(t) = 4 abar_t (1 - abar_t)."""
+    (m_teacher - m_student)^2 with w(t) = 4 abar_t (1 - abar_t). The predictions are eps predictions."""
+    schedule = as_schedule(schedule)
     abar = schedule.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
     w = 4 * abar * (1 - abar)
     diff = reverse_mean(schedule, x_t, t, eps_teacher) - reverse_mean(schedule, x_t, t, eps_student)
@@ -99,10 +106,10 @@ class CCD(Teacher, Buffered, Method):
 
     # -- pieces
     def _null_forward(self, model, x_t, t):
-        """(eps(x_t, t, null), pooled mid-block features) in one forward."""
+        """(eps(x_t, t, null) as an eps prediction, pooled mid-block features) in one forward."""
         null = torch.full((x_t.shape[0],), self.null_class, dtype=torch.long, device=x_t.device)
         with _MidFeatures(model) as hook:
-            eps = predict_eps(model, x_t, t, null)
+            eps = self.schedule.eps_from_prediction(predict_eps(model, x_t, t, null), x_t, t)
         return eps, hook.out
 
     def _ensure_regressor(self, feat_dim: int, like: torch.Tensor):

@@ -107,6 +107,10 @@ class Compose(Method):
         for m in self.members:
             m.post_task_phase(model, data)
 
+    def restore_model_structure(self, model):
+        for m in self.members:
+            m.restore_model_structure(model)
+
     def state_dict(self):
         return {m.name: m.state_dict() for m in self.members}
 

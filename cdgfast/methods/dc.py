@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import torch
 
-from ..diffusion import predict_eps
+from ..diffusion import as_schedule, predict_eps
 from ..fisher import diag_fisher
 from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
 from ._hparams import count, nonneg, positive
@@ -24,12 +24,19 @@ from .base import Method, TinyRun, flat_params, frozen_copy, load_flat_params, p
 
 def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.Tensor:
     """eps_theta(x_t, t, c) for every condition of every sample: cond [B, K] -> eps_pred [B, K, *S], one
-    batched forward over B*K with the sample's (t, eps) shared by its K conditions."""
+    batched forward over B*K with the sample's (t, eps) shared by its K conditions.
+
+    DC errors are always taken in eps space: for a v- or x0-prediction model (`schedule.prediction_type`)
+    the outputs are converted to eps predictions with `NoiseSchedule.eps_from_prediction` before they are
+    returned, so `||eps - eps_hat_k||^2` is the diffusion-classifier error of every model (for v
+    prediction it equals abar_t * ||v - v_hat_k||^2). `schedule`: a NoiseSchedule or a diffusers
+    scheduler."""
+    schedule = as_schedule(schedule)
     b, k = cond.shape
     x_t = schedule.add_noise(batch["x"], batch["eps"], batch["t"])
     xk = x_t.repeat_interleave(k, dim=0)
     tk = batch["t"].repeat_interleave(k, dim=0)
-    pred = predict_eps(model, xk, tk, cond.reshape(-1))
+    pred = schedule.eps_from_prediction(predict_eps(model, xk, tk, cond.reshape(-1)), xk, tk)
     return pred.view(b, k, *x_t.shape[1:])
 
 
@@ -41,7 +48,8 @@ class EWCDC(EWC):
 
     (SPEC 2.2; `cdgfast.fisher.diag_fisher` on this per-sample loss). C_k = [null class, the sample's
     own (current) class, k - 2 classes of earlier tasks drawn without replacement] (fewer when fewer
-    earlier classes exist); l_j is the denoising error on the sample's own class. `lam` = 1e6 is the
+    earlier classes exist); l_j is the denoising error on the sample's own class (in eps space, like the DC
+    errors: `condition_predictions`). `lam` = 1e6 is the
     paper's weight for LoRA parameters; full-model runs usually need a smaller one."""
 
     defaults = {"lam": 1e6, "online": True, "gamma": 1.0, "k": 5, "delta": 0.5, "tau": 1.0, "label_dropout": 0.1}

@@ -39,6 +39,10 @@ class _LoRAMethod(Method):
 
     def begin_task(self, model, task=None):
         super().begin_task(model, task)
+        self.restore_model_structure(model)
+
+    def restore_model_structure(self, model):
+        """The adapter, added when the model has none (begin_task; on resume before the saved weights load)."""
         if not self._has_lora(model):
             lora_module().add_lora(model, rank=int(self.config["rank"]), target_modules=tuple(self.config["target_modules"]),
                                    adapter_name=self.config["adapter_name"], seed=self._reset_seed())

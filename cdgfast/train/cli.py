@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last complete task")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --resume: also read checkpoints of the old pickle format (.pt); unpickling can run "
+                        "any code a file contains, so only for runs you made yourself")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--inception", metavar="PATH",
@@ -136,7 +139,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
                     seed=args.seed, device=args.device, inception=args.inception, cache_dir=args.cache_dir,
                     steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
                     num_tasks=args.num_tasks, progress=not args.no_progress,
-                    method_args=method_args)
+                    allow_pickle=args.allow_pickle, method_args=method_args)
     try:
         run(cfg, callbacks)
     except (RunError, DataUnavailable) as exc:

@@ -119,6 +119,7 @@ class RunConfig:
     batch_size: Optional[int] = None     # override
     num_tasks: Optional[int] = None      # override: use only the first N tasks
     progress: bool = True
+    allow_pickle: bool = False           # --allow-pickle: read old .pt (pickle) checkpoints on --resume
     method_args: Dict[str, dict] = field(default_factory=dict)  # --set METHOD.KEY=VALUE: {method: {key: value}}
 
 
@@ -508,13 +509,13 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
     return {t: v / max(1, steps) for t, v in sums.items()}
 
 
-def _rank_method_state(out: Path, name: str, ck: dict) -> dict:
+def _rank_method_state(out: Path, name: str, ck: dict, allow_pickle: bool = False) -> dict:
     """The method state this rank saved with checkpoint `ck` (rank 0's lives in `ck` itself)."""
     rank = D.get_rank()
     if rank == 0:
         return ck["method_state"]
     try:
-        mine = load_rank_state(out, name, rank, ck["completed_task"])
+        mine = load_rank_state(out, name, rank, ck["completed_task"], allow_pickle=allow_pickle)
     except UnreadableCheckpoint as exc:
         raise RunError(f"--resume: rank {rank}'s state of {name}: {exc}; delete {checkpoint_path(out, name)} "
                        f"and its rank files to rerun {name} from task 1") from None
@@ -633,20 +634,20 @@ def _unreadable_message(name: str, exc: UnreadableCheckpoint) -> str:
 
 
 def _earlier_results(out: Path, session: List[str], unreadable: Dict[str, str], run_fp: str, T: int,
-                     log) -> Dict[str, dict]:
+                     log, allow_pickle: bool = False) -> Dict[str, dict]:
     """Results of this run's methods that are finished but not produced in this session (not asked for
     now, or their checkpoint cannot be read now): from their checkpoints, else from the previous
     results.json when no readable checkpoint of the method is left."""
-    from .checkpoint import method_filename
+    from .checkpoint import EXT, LEGACY_EXT
 
     found: Dict[str, dict] = {}
     checkpointed = set()
-    own = {method_filename(m) + ".pt" for m in session}
+    own = {checkpoint_path(out, m).name[:-len(EXT)] + ext for m in session for ext in (EXT, LEGACY_EXT)}
     for path in method_checkpoint_files(out):
         if path.name in own:
             continue
         try:
-            ck = read_checkpoint(path, mmap=True)  # the metrics only: tensors stay on disk
+            ck = read_checkpoint(path, mmap=True, allow_pickle=allow_pickle)  # the metrics only
         except UnreadableCheckpoint as exc:
             log(f"WARNING: {exc}; that method's results cannot be shown (delete the file to rerun it)")
             continue
@@ -943,7 +944,7 @@ class _MethodRun:
         """Continue from the checkpoint if it matches; False when it cannot be read."""
         s, name, out, log, mfp, T = self.s, self.name, self.s.out, self.s.log, self.mfp, self.inputs.num_tasks
         try:
-            ck = load_checkpoint(out, name)
+            ck = load_checkpoint(out, name, allow_pickle=s.cfg.allow_pickle)
         except UnreadableCheckpoint as exc:
             unreadable[name] = _unreadable_message(name, exc)
             log(f"ERROR: {unreadable[name]}. Going on with the other methods.")
@@ -955,11 +956,15 @@ class _MethodRun:
         if ck is None:
             log(f"{name}: no checkpoint in {out / 'checkpoints'}; running it from task 1")
             return True
-        try:
-            self.model.load_state_dict(ck["model"])
-        except RuntimeError:  # methods that change the module structure (LoRA): the pickled module
+        if ck.get("model_object") is not None:  # an old pickle checkpoint (--allow-pickle) of a LoRA model
             self.model = ck["model_object"].to(s.device)
-        self.method.load_state_dict(_rank_method_state(out, name, ck))
+        else:
+            try:
+                self.model.load_state_dict(ck["model"])
+            except RuntimeError:  # a method that changes the module structure (LoRA) adds it again first
+                self.method.restore_model_structure(self.model)
+                self.model.load_state_dict(ck["model"])
+        self.method.load_state_dict(_rank_method_state(out, name, ck, s.cfg.allow_pickle))
         self.record = {k: ck[k] for k in _RECORD_KEYS}
         self.start = ck["completed_task"] + 1
         s.where.saved[name] = ck["completed_task"]
@@ -1049,9 +1054,7 @@ class _MethodRun:
             state = {"version": 2, "fingerprint": mfp, "run_fingerprint": self.run_fp, "method": name,
                      "completed_task": k, "num_tasks": self.inputs.num_tasks, "method_config": dict(method.config),
                      "model": {kk: v.detach().cpu() for kk, v in model.state_dict().items()},
-                     "model_object": None, "method_state": method.state_dict(), **self.record}
-            if _structure_changed(model):
-                state["model_object"] = model
+                     "method_state": method.state_dict(), **self.record}
             save_checkpoint(out, name, state)
         D.barrier()
         s.where.saved[name] = k
@@ -1074,7 +1077,8 @@ def _write_results(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict, 
     unreadable checkpoint is a RunError naming it. Returns results.json's content."""
     cfg, out, log = s.cfg, s.out, s.log
     s.where.method, s.where.task, s.where.phase = None, None, "writing the results"
-    kept = (_earlier_results(out, s.methods, unreadable, run_info["fingerprint"], inputs.num_tasks, log)
+    kept = (_earlier_results(out, s.methods, unreadable, run_info["fingerprint"], inputs.num_tasks, log,
+                                 s.cfg.allow_pickle)
             if cfg.resume else {})
     ordered = {}
     for name in run_info["all_methods"] + list(kept):
@@ -1126,7 +1130,3 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
         "method_fingerprints": run_info["method_fingerprints"],
     }
 
-
-def _structure_changed(model) -> bool:
-    """True when the model has parameters a fresh build_unet lacks (LoRA adapters)."""
-    return any("lora" in n.lower() for n, _ in model.named_parameters())
