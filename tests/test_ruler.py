@@ -81,3 +81,57 @@ def test_train_ruler_reproduces_the_shipped_weights(tmp_path):
     assert network_sha256(fresh) == network_sha256(shipped)
     for (k, a), b in zip(shipped.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_mean_se_against_a_naive_reference():
+    from cdgfast.train.loop import mean_se
+
+    vals = [21.63, 28.21, 17.37]
+    m = sum(vals) / 3
+    sd = (sum((v - m) ** 2 for v in vals) / 2) ** 0.5
+    got = mean_se(vals)
+    assert got["mean"] == pytest.approx(m) and got["se"] == pytest.approx(sd / 3 ** 0.5) and got["n"] == 3
+    assert mean_se([5.0])["se"] is None and mean_se([None])["mean"] is None
+
+
+def test_seeds_run_keeps_every_seed_reports_mean_se_and_resumes_per_seed(tmp_path, capsys):
+    from cdgfast.train import run_seeds
+    from cdgfast.train.cli import main
+
+    out = tmp_path / "multi"
+    cfg = dict(TINY, methods=["finetune", "gd"], num_tasks=1, out=str(out), cache_dir=str(tmp_path / "cache"))
+    res = run_seeds(RunConfig(**cfg), [0, 1])
+    assert res["seeds"] == [0, 1] and set(res["per_seed"]) == {"0", "1"} and res["protocol_consistent"]
+    for s in ("0", "1"):
+        assert (out / f"seed-{s}" / "results.json").is_file()
+    mf = [res["per_seed"][s]["methods"]["finetune"]["mf"] for s in ("0", "1")]
+    assert res["methods"]["finetune"]["mf"]["values"] == mf
+    assert res["methods"]["finetune"]["mf"]["mean"] == pytest.approx(sum(mf) / 2)
+    assert res["methods"]["finetune"]["mf"]["se"] == pytest.approx(abs(mf[0] - mf[1]) / 2)
+    (c,) = res["comparisons"]
+    assert c["combined_se"] == pytest.approx((res["methods"]["finetune"]["mf"]["se"] ** 2
+                                              + res["methods"]["gd"]["mf"]["se"] ** 2) ** 0.5)
+    report = (out / "report.md").read_text()
+    assert "±" in report and "combined" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"]["gd"]["mf"]["values"] == res["methods"]["gd"]["mf"]["values"]
+    # refused without --resume / --overwrite; --resume keeps the finished seeds and adds a new one
+    with pytest.raises(RunError, match="not empty"):
+        run_seeds(RunConfig(**cfg), [0, 1])
+    (out / "seed-1" / "results.json").unlink()  # seed 1 "interrupted" after its checkpoints
+    res2 = run_seeds(RunConfig(**cfg, resume=True), [0, 1, 2])
+    assert res2["seeds"] == [0, 1, 2]
+    for s in ("0", "1"):
+        assert res2["per_seed"][s]["methods"]["finetune"]["mf"] == res["per_seed"][s]["methods"]["finetune"]["mf"]
+    log1 = (out / "seed-1" / "train.log").read_text()
+    assert "finished in an earlier session" in log1
+    # the CLI: --seeds and --seed exclude each other
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "1", "--seed", "3"])
+    capsys.readouterr()
+    # a seed measured with another ruler is flagged, not averaged silently
+    from cdgfast.train.loop import aggregate_seeds
+    per = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    per[1]["protocol"]["eval_split_sha256"] = "x"
+    agg = aggregate_seeds(per)
+    assert not agg["protocol_consistent"] and "eval_split_sha256" in agg["protocol_differences"][0]

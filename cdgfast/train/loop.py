@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -334,7 +335,8 @@ def clear_run_outputs(out: Path) -> None:
 
 
 def _is_run_dir(p: Path) -> bool:
-    return (p / "results.json").is_file() or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
+    return ((p / "results.json").is_file() or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
+            or (p / "seeds.json").is_file())
 
 
 def _is_free(p: Path) -> bool:
@@ -1196,3 +1198,125 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
 def _structure_changed(model) -> bool:
     """True when the model has parameters a fresh build_unet lacks (LoRA adapters)."""
     return any("lora" in n.lower() for n, _ in model.named_parameters())
+
+
+# -------------------------------------------------------------------------------------------------- --seeds
+SEED_METRICS = ("mf", "imf", "forgetting", "kld", "final_accuracy_on_samples")
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed `seed` of a `--seeds` run lives: a complete run of its own (run.json, checkpoints, ...)."""
+    return Path(out) / f"seed-{int(seed)}"
+
+
+def mean_se(values: List[float]) -> dict:
+    """Mean and standard error (sample standard deviation / sqrt(n); None for one value) of finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "se": None, "n": 0, "values": list(values)}
+    mean = sum(vals) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None
+    return {"mean": mean, "se": se, "n": n, "values": list(values)}
+
+
+def aggregate_seeds(per_seed: Dict[int, dict]) -> dict:
+    """The summary of a `--seeds` run from each seed's results.json content: per method and metric the
+    per-seed values, mean and standard error; for every pair of methods the MF gap and whether it exceeds
+    the combined error sqrt(se_a^2 + se_b^2); and whether every seed was measured with the same
+    evaluation protocol (a seed measured with another ruler is flagged, not averaged silently)."""
+    seeds = sorted(per_seed)
+    methods: List[str] = []
+    for s in seeds:
+        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    summary = {}
+    for m in methods:
+        rows = [per_seed[s]["methods"].get(m) for s in seeds]
+        entry = {}
+        for key in SEED_METRICS:
+            if key == "final_accuracy_on_samples":
+                vals = [r["classifier_accuracy_on_samples"][-1] if r else None for r in rows]
+            else:
+                vals = [r.get(key) if r else None for r in rows]
+            entry[key] = mean_se(vals)
+        entry["min_accuracy_on_samples"] = mean_se([min(r["classifier_accuracy_on_samples"]) if r else None
+                                                    for r in rows])
+        summary[m] = entry
+    comparisons = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            ma, mb = summary[a]["mf"], summary[b]["mf"]
+            if ma["mean"] is None or mb["mean"] is None:
+                continue
+            err = (math.sqrt(ma["se"] ** 2 + mb["se"] ** 2) if ma["se"] is not None and mb["se"] is not None
+                   else None)
+            gap = mb["mean"] - ma["mean"]
+            comparisons.append({"a": a, "b": b, "mf_gap_b_minus_a": gap, "combined_se": err,
+                                "exceeds_error": None if err is None else abs(gap) > err,
+                                "exceeds_2x_error": None if err is None else abs(gap) > 2 * err})
+    protocols = {s: per_seed[s].get("protocol") for s in seeds}
+    digests = {s: protocol_digest(p) if isinstance(p, dict) else None for s, p in protocols.items()}
+    consistent = len(set(digests.values())) == 1 and None not in digests.values()
+    differing = [] if consistent else [
+        f"seed {s}: " + (protocol_differences(protocols[seeds[0]], protocols[s]) or "no protocol recorded")
+        for s in seeds[1:] if digests[s] != digests[seeds[0]] or digests[s] is None]
+    return {"seeds": seeds, "methods": summary, "comparisons": comparisons, "protocol": protocols[seeds[0]],
+            "protocol_consistent": consistent, "protocol_differences": differing}
+
+
+def run_seeds(cfg: RunConfig, seeds: List[int], callbacks: Optional[RunCallbacks] = None) -> dict:
+    """`--seeds S1 S2 ...`: one complete run per seed in <out>/seed-<s>/ (each with its own run.json,
+    checkpoints, results and report, and its own --resume: a finished seed is kept, an interrupted one
+    continues, a new one starts), then <out>/results.json with every seed's results and their mean and
+    standard error, and <out>/report.md with the mean ± s.e. tables. Returns that results.json content."""
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise RunError("seeds: expected one or more integer seeds")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
+        raise RunError(f"seeds: expected integers, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise RunError(f"seeds: listed twice in {list(seeds)}")
+    if cfg.resume and cfg.overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    preset, _, _, _ = resolve(cfg)  # bad names and --set values fail before any folder is touched
+    out = Path(cfg.out) if cfg.out else default_out_dir(preset.name, cfg.scale, cfg.resume)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
+    is_seeds_run = (out / "seeds.json").is_file()
+    if cfg.resume and not is_seeds_run:
+        raise RunError(f"--resume: {out} holds no --seeds run to resume (no seeds.json)")
+    if not cfg.resume and not cfg.overwrite and not _is_free(out):
+        raise RunError(f"out: {out} is not empty. Pass --resume to continue the --seeds run there, --overwrite to "
+                       f"replace it, or choose another --out.")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    old = _read_json(out / "seeds.json", "--resume") if cfg.resume else None
+    all_seeds = list(dict.fromkeys(list((old or {}).get("seeds") or []) + list(seeds)))
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "seeds.json", json.dumps({"seeds": all_seeds, "config": {
+            **asdict(cfg), "seed": None, "out": str(out)}}, indent=1, default=str))
+    per_seed: Dict[int, dict] = {}
+    for seed in seeds:
+        d = seed_dir(out, seed)
+        child = RunConfig(**{**asdict(cfg), "seed": int(seed), "out": str(d),
+                             "resume": bool(cfg.resume and _is_run_dir(d)), "overwrite": bool(cfg.overwrite)})
+        try:
+            per_seed[seed] = run(child, callbacks)
+        except RunInterrupted as exc:
+            raise RunInterrupted(f"{exc.where} (seed {seed} of {list(seeds)})", out, exc.world_size) from None
+    for seed in all_seeds:  # seeds of earlier sessions not asked for now: their finished results
+        if seed not in per_seed:
+            prev = _read_json(seed_dir(out, seed) / "results.json", "--resume")
+            if prev is not None:
+                per_seed[seed] = prev
+    agg = aggregate_seeds(per_seed)
+    payload = {"preset": preset.name, "description": preset.description, "scale": cfg.scale,
+               "config": {**asdict(cfg), "seed": None, "seeds": sorted(per_seed)},
+               "metric": per_seed[seeds[0]]["metric"], "data": per_seed[seeds[0]]["data"],
+               **agg,
+               "per_seed": {str(s): {"out": seed_dir(out, s).name, "methods": per_seed[s]["methods"],
+                                     "protocol": per_seed[s].get("protocol"), "timings": per_seed[s].get("timings")}
+                            for s in sorted(per_seed)}}
+    if main_rank:
+        from .report import write_seeds_outputs
+        write_seeds_outputs(out, payload, print if cfg.progress else (lambda *_: None))
+    return payload
