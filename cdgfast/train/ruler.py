@@ -3,9 +3,8 @@
     python -m cdgfast.train.ruler                 # every embedded data set found on this machine
     python -m cdgfast.train.ruler --dataset digits
 
-For each embedded data set (`RULERS`: scikit-learn digits; the MNIST test-set fallback, when the MNIST
-t10k files are here) at the cpu-scale resolution, it loads the data exactly as `cdgfast.train` does
-(the same fixed train / evaluation split, independent of --seed), trains a SmallCNN with
+For each embedded data set (`RULERS`: scikit-learn digits) at the cpu-scale resolution, it loads the
+data exactly as `cdgfast.train` does (the same fixed train / evaluation split, independent of --seed), trains a SmallCNN with
 `cdgfast.metrics.classifier.RULER_SEED` in one thread (deterministic on CPU: the same bytes for the same
 torch version), measures its accuracy on the evaluation split and writes
 `cdgfast/data/assets/<ruler stem>.safetensors` with, in its header, the sha256 of the training and
@@ -22,9 +21,12 @@ from typing import Dict, List, Optional
 import torch
 
 # data set -> (loader name for load_benchmark_data, image size, training settings, accuracy it must reach)
+# The MNIST test-set fallback ("mnist-test") is not shipped yet: trained on its 8,000-image train part at
+# 16x16 this SmallCNN reached 0.9895 (40 epochs, width 32) and 0.9865 (30 epochs, width 48) on the
+# 2,000 held-out images, short of the 0.99 a shipped MNIST ruler must reach; runs on it train the
+# ruler once with RULER_SEED and cache it by content hash (fixed per machine, not across machines).
 RULERS: Dict[str, dict] = {
     "digits": {"dataset": "digits", "image_size": 16, "epochs": 30, "width": 32, "min_accuracy": 0.97},
-    "mnist-test": {"dataset": "mnist", "image_size": 16, "epochs": 40, "width": 32, "min_accuracy": 0.99},
 }
 
 
@@ -33,9 +35,9 @@ def embedded_data(key: str, data_root: Optional[str] = None):
     from .data import _load_exact, _mnist_test_set
 
     spec = RULERS[key]
-    if key == "digits":
+    if spec["dataset"] == "digits":
         return _load_exact("digits", None, spec["image_size"], print)
-    return _mnist_test_set(data_root, spec["image_size"])
+    return _mnist_test_set(data_root, spec["image_size"])  # a future "mnist-test" entry
 
 
 def train_ruler(key: str, data_root: Optional[str] = None, out_dir=None, progress: bool = True) -> Optional[dict]:
