@@ -22,7 +22,7 @@ install_requires = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "peft>=0.10",
-    "safetensors>=0.4",  # checkpoints and method state without pickle (cdgfast.serialization)
+    "safetensors>=0.4",  # checkpoints, method state and the shipped FID classifiers, without pickle
 ]
 # Triton ships wheels for Linux x86_64 only; elsewhere the CPU path is used.
 if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.9",
     packages=packages,
     package_dir={"cdgfast.kernels": "kernels", "cdgfast.csrc": "csrc"},
-    package_data={"cdgfast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "cdgfast": ["data/assets/*"]},
+    package_data={"cdgfast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "cdgfast": ["data/assets/*.safetensors"]},
     include_package_data=True,
     install_requires=install_requires,
     extras_require={

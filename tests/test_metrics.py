@@ -158,6 +158,8 @@ def test_class_balanced_labels():
 
 
 def test_classifier_cache_and_features(tmp_path):
+    from cdgfast.metrics.classifier import classifier_cache_key, network_sha256
+
     g = torch.Generator().manual_seed(0)
     # two trivially separable classes: bright top half vs bright bottom half
     x = -torch.ones(64, 1, 8, 8)
@@ -166,18 +168,21 @@ def test_classifier_cache_and_features(tmp_path):
     x[y == 1, :, 4:] = 1.0
     x = x + 0.05 * torch.randn(x.shape, generator=g)
     logs = []
-    m1, p1 = get_classifier("toy", x, y, 2, seed=0, epochs=8, cache_dir=tmp_path, progress=False, log=logs.append)
-    assert (m1(x).argmax(1) == y).float().mean() > 0.9
-    m2, p2 = get_classifier("toy", x, y, 2, seed=0, epochs=8, cache_dir=tmp_path, progress=False, log=logs.append)
-    assert p1 == p2 and "loaded" in logs[-1]
+    m1, i1 = get_classifier("toy", x, y, 2, epochs=8, cache_dir=tmp_path, progress=False, log=logs.append)
+    assert i1["source"] == "trained" and (m1(x).argmax(1) == y).float().mean() > 0.9
+    m2, i2 = get_classifier("toy", x, y, 2, epochs=8, cache_dir=tmp_path, progress=False, log=logs.append)
+    assert i1["path"] == i2["path"] and i2["source"] == "cached" and "loaded" in logs[-1]
+    assert i1["sha256"] == i2["sha256"] == network_sha256(m2)
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
-    from cdgfast.metrics.classifier import classifier_cache_key
-    k0 = classifier_cache_key("toy", x, 2, 8, 0)
-    assert k0 in p1
-    assert k0 != classifier_cache_key("toy", x, 2, 8, 1)          # seed
-    assert k0 != classifier_cache_key("other", x, 2, 8, 0)        # data set
-    assert k0 != classifier_cache_key("toy", x[:, :, :6, :6], 2, 8, 0)  # resolution
+    k0 = classifier_cache_key("toy", x, y, 2, 8)
+    assert k0 in i1["path"]
+    assert k0 != classifier_cache_key("toy", x, 1 - y, 2, 8)           # labels (content hash)
+    x2 = x.clone()
+    x2[5, 0, 3, 3] += 0.5
+    assert k0 != classifier_cache_key("toy", x2, y, 2, 8)               # one pixel (content hash, every row)
+    assert k0 != classifier_cache_key("other", x, y, 2, 8)              # data set
+    assert k0 != classifier_cache_key("toy", x[:, :, :6, :6], y, 2, 8)  # resolution
     f = extract_features(ClassifierFeatures(m1), x, batch_size=10)
     assert f.shape == (64, m1.feature_dim)
     assert fid_from_features(f[y == 0], f[y == 1]) > fid_from_features(f[y == 0][:16], f[y == 0][16:])

@@ -2,8 +2,9 @@
   * the features for "classifier-FID" (used when no Inception weights are given), and
   * the class predictions for the KLD between the true class distribution and the histogram of
     classes a generator produces.
-Trained classifiers are cached on disk, keyed by data set, resolution, channels, classes, training
-set size, epochs and seed, so every method (and a resumed run) is measured with the same network.
+It is a fixed ruler (see `get_classifier`): the same network for every --seed and every machine, shipped
+inside the package for the embedded data sets, trained once with RULER_SEED and cached by the content
+hash of the training split for any other.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class SmallCNN(nn.Module):
         if in_channels < 1 or num_classes < 1 or feature_dim < 1 or width < 1:
             raise ValueError(f"SmallCNN: expected positive sizes, got in_channels={in_channels}, "
                              f"num_classes={num_classes}, feature_dim={feature_dim}, width={width}")
-        self.in_channels, self.num_classes, self.feature_dim = in_channels, num_classes, feature_dim
+        self.in_channels, self.num_classes, self.feature_dim, self.width = in_channels, num_classes, feature_dim, width
 
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.ReLU())
@@ -45,16 +46,6 @@ class SmallCNN(nn.Module):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CDGFAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cdgfast")))
-
-
-def classifier_cache_key(dataset_key: str, x: torch.Tensor, num_classes: int, epochs: int, seed: int) -> str:
-    """File stem identifying a classifier: data set, resolution, channels, classes, size, epochs, seed,
-    plus a short content hash of the training images so a changed data set never reuses a stale net."""
-    h = hashlib.sha1()
-    h.update(x[:: max(1, x.shape[0] // 64)].contiguous().numpy().tobytes())
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in dataset_key)
-    return (f"classifier-{safe}-{x.shape[-1]}px-c{x.shape[1]}-k{num_classes}-n{x.shape[0]}-e{epochs}"
-            f"-seed{seed}-{h.hexdigest()[:8]}")
 
 
 @torch.no_grad()
@@ -78,7 +69,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int = 8,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, feature_dim: int = 64,
-                     device=None, progress: bool = True) -> SmallCNN:
+                     width: int = 32, device=None, progress: bool = True) -> SmallCNN:
     """Train a SmallCNN on images x [N, C, H, W] in [-1, 1] with labels y [N]; deterministic given seed.
     Light augmentation (random shifts of up to 1/8 of the side) keeps the features from keying on
     exact pixel positions, which generated samples never match."""
@@ -100,7 +91,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
     g = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = SmallCNN(x.shape[1], num_classes, feature_dim=feature_dim).to(device)
+        model = SmallCNN(x.shape[1], num_classes, feature_dim=feature_dim, width=width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x.shape[0]
     shift = max(1, x.shape[-1] // 8)
@@ -125,28 +116,127 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
     return model.eval()
 
 
-def get_classifier(dataset_key: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, seed: int = 0,
-                   epochs: int = 8, cache_dir: Optional[os.PathLike] = None, device=None,
-                   progress: bool = True, log=None) -> Tuple[SmallCNN, str]:
-    """Load the cached classifier for (data set, resolution, ..., seed) or train and cache it.
-    Returns (model, cache file path). The cache file is written atomically (temp + os.replace)."""
+# ------------------------------------------------------------------------------------------------ the ruler
+# The classifier behind classifier-FID and the KLD is a fixed ruler per data set and resolution: it never
+# depends on --seed or on the machine. For the embedded data (scikit-learn digits; the MNIST test-set
+# fallback) its weights ship inside the package (cdgfast/data/assets/, trained by
+# `python -m cdgfast.metrics.train_ruler`); for any other data it is trained once on the training split
+# with RULER_SEED and cached under the content hash of that split.
+RULER_SEED = 0
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "data" / "assets"
+
+
+def data_sha256(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> str:
+    """sha256 of images x (float32, contiguous, with their shape) and labels y (int64): the identity of a split."""
+    h = hashlib.sha256()
+    x = x.detach().to(torch.float32).contiguous().cpu()
+    h.update(repr(tuple(x.shape)).encode())
+    h.update(x.numpy().tobytes())
+    if y is not None:
+        h.update(y.detach().to(torch.int64).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def network_sha256(model: nn.Module) -> str:
+    """sha256 over a network's state dict (names, dtypes, shapes, float32 values in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.to(torch.float32).numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def ruler_stem(dataset_key: str, image_size: int, channels: int, num_classes: int) -> str:
+    """File stem of a data set's ruler: data set, resolution, channels and classes (never the seed)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in dataset_key)
+    return f"ruler-{safe}-{int(image_size)}px-c{int(channels)}-k{int(num_classes)}"
+
+
+def classifier_cache_key(dataset_key: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int) -> str:
+    """Cache file stem of a classifier trained here: the ruler stem, the training size and epochs, and the
+    sha256 of the whole training split (so a changed data set never reuses a stale net). No seed:
+    every run, whatever its --seed, gets the same network (trained with RULER_SEED)."""
+    return (f"{ruler_stem(dataset_key, x.shape[-1], x.shape[1], num_classes)}-n{x.shape[0]}-e{int(epochs)}"
+            f"-{data_sha256(x, y)[:16]}")
+
+
+def save_ruler(model: SmallCNN, path: os.PathLike, metadata: dict) -> None:
+    """Write a SmallCNN as safetensors (float32) with its architecture and `metadata` (str values) in the
+    header; atomically (temp + os.replace)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {"in_channels": str(model.in_channels), "num_classes": str(model.num_classes),
+            "feature_dim": str(model.feature_dim), "width": str(model.width),
+            **{k: str(v) for k, v in metadata.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_ruler(path: os.PathLike) -> Tuple[SmallCNN, dict]:
+    """(model, header metadata) from a safetensors file written by `save_ruler`; ValueError when it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model = SmallCNN(int(meta["in_channels"]), int(meta["num_classes"]), feature_dim=int(meta["feature_dim"]),
+                         width=int(meta["width"]))
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ValueError(f"classifier weights: {path} is not a cdgfast classifier file "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return model.eval(), meta
+
+
+def shipped_ruler_path(dataset_key: str, image_size: int, channels: int, num_classes: int) -> Optional[Path]:
+    """The packaged weights for this data set and resolution, or None when none ship."""
+    p = ASSETS_DIR / (ruler_stem(dataset_key, image_size, channels, num_classes) + ".safetensors")
+    return p if p.is_file() else None
+
+
+def get_classifier(dataset_key: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int = 8,
+                   cache_dir: Optional[os.PathLike] = None, device=None, progress: bool = True,
+                   log=None) -> Tuple[SmallCNN, dict]:
+    """The fixed ruler of a data set: the shipped classifier when one ships for (data set, resolution,
+    channels, classes) and was trained on exactly this training split (its recorded sha256); else the
+    one cached for this training split's content hash; else trained once here with RULER_SEED and cached
+    (atomically). `--seed` plays no part. Returns (model, info): info has "source" ("shipped" /
+    "cached" / "trained"), "path", "sha256" (network_sha256) and "train_split_sha256"."""
+    train_sha = data_sha256(x, y)
+    shipped = shipped_ruler_path(dataset_key, x.shape[-1], x.shape[1], num_classes)
+    if shipped is not None:
+        model, meta = load_ruler(shipped)
+        if meta.get("train_split_sha256") == train_sha:
+            if log:
+                log(f"classifier for FID: the shipped ruler {shipped.name}")
+            return model.to(device or "cpu").eval(), {"source": "shipped", "path": str(shipped),
+                                                      "sha256": network_sha256(model), "train_split_sha256": train_sha}
+        if log:
+            log(f"classifier for FID: the shipped {shipped.name} was trained on another split of {dataset_key} "
+                f"(sha256 {meta.get('train_split_sha256', '?')[:12]}, this run's {train_sha[:12]}); using one trained "
+                f"on this split instead")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / (classifier_cache_key(dataset_key, x, num_classes, epochs, seed) + ".pt")
-    model = SmallCNN(x.shape[1], num_classes)
+    path = cache / (classifier_cache_key(dataset_key, x, y, num_classes, epochs) + ".safetensors")
     if path.is_file():
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            model, _ = load_ruler(path)
             if log:
                 log(f"classifier for FID: loaded {path}")
-            return model.to(device or "cpu").eval(), str(path)
-        except Exception as exc:  # a corrupt cache entry is retrained, not fatal
+            return model.to(device or "cpu").eval(), {"source": "cached", "path": str(path),
+                                                      "sha256": network_sha256(model), "train_split_sha256": train_sha}
+        except ValueError as exc:  # a corrupt cache entry is retrained, not fatal
             if log:
                 log(f"classifier cache {path} unreadable ({exc}); retraining")
-    model = train_classifier(x, y, num_classes, epochs=epochs, seed=seed, device=device, progress=progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    model = train_classifier(x, y, num_classes, epochs=epochs, seed=RULER_SEED, device=device, progress=progress)
+    save_ruler(model, path, {"dataset": dataset_key, "train_split_sha256": train_sha, "epochs": epochs,
+                             "seed": RULER_SEED})
     if log:
-        log(f"classifier for FID: trained and cached at {path}")
-    return model, str(path)
+        log(f"classifier for FID: trained (seed {RULER_SEED}) and cached at {path}")
+    return model, {"source": "trained", "path": str(path), "sha256": network_sha256(model),
+                   "train_split_sha256": train_sha}

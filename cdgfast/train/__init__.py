@@ -5,7 +5,7 @@ distributed helpers, reports). Programmatic use::
     results = run(RunConfig(preset="default", scale="smoke", out="runs/try"))
 """
 from .loop import (NonFiniteLoss, RunCallbacks, RunConfig, RunError, RunInterrupted, RunStopped, TRAINER_METHODS,
-                   run)
+                   run, run_seeds)
 from .presets import PRESETS, SCALES, Preset, ScaleConfig, get_preset
 
 
@@ -14,6 +14,6 @@ def main(argv=None, *, callbacks=None) -> int:
     return _main(argv, callbacks=callbacks)
 
 
-__all__ = ["RunConfig", "run", "RunCallbacks", "RunError", "RunInterrupted", "RunStopped", "NonFiniteLoss",
+__all__ = ["RunConfig", "run", "run_seeds", "RunCallbacks", "RunError", "RunInterrupted", "RunStopped", "NonFiniteLoss",
            "TRAINER_METHODS",
            "PRESETS", "SCALES", "Preset", "ScaleConfig", "get_preset", "main"]

@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="with --resume: also read checkpoints of the old pickle format (.pt); unpickling can run "
                         "any code a file contains, so only for runs you made yourself")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    sg = p.add_mutually_exclusive_group()
+    sg.add_argument("--seed", type=int, default=None,
+                    help="seed of the training randomness (default 0); the evaluation split and the FID "
+                         "classifier are fixed and do not depend on it")
+    sg.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                    help="run every seed (OUT/seed-S/, each resumable) and report mean ± standard error over them")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--inception", metavar="PATH",
                    help="local Inception-v3 weights (TorchScript or torchvision state dict) for standard FID")
@@ -115,7 +120,8 @@ def main(argv: Optional[List[str]] = None, *, callbacks=None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str], callbacks) -> int:
-    from .loop import RunConfig, RunError, RunInterrupted, RunStopped, all_method_names, parse_method_args, run
+    from .loop import (RunConfig, RunError, RunInterrupted, RunStopped, all_method_names, parse_method_args, run,
+                       run_seeds)
     from .data import DataUnavailable
 
     if args.preset not in PRESETS:
@@ -136,12 +142,16 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
         parser.error(f"argument --{exc}")
     cfg = RunConfig(preset=args.preset, methods=methods, dataset=args.dataset, scale=args.scale or "cpu",
                     data_root=args.data_root, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                    seed=args.seed, device=args.device, inception=args.inception, cache_dir=args.cache_dir,
+                    seed=0 if args.seed is None else args.seed, device=args.device, inception=args.inception,
+                    cache_dir=args.cache_dir,
                     steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
                     num_tasks=args.num_tasks, progress=not args.no_progress,
                     allow_pickle=args.allow_pickle, method_args=method_args)
     try:
-        run(cfg, callbacks)
+        if args.seeds:
+            run_seeds(cfg, args.seeds, callbacks)
+        else:
+            run(cfg, callbacks)
     except (RunError, DataUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,13 @@ set lives in a sub-folder named after it (`mnist/`, `fashion-mnist/`, `cifar10/`
 itself the data set's folder (e.g. `--data-root ../shared/data/mnist`) works too.
 
 At the smoke and cpu scales a data set the machine lacks is replaced by the MNIST test set (10,000
-images) split into train and evaluation parts (80/20, stratified, seeded); when even that is missing,
+images) split into train and evaluation parts (80/20, stratified); when even that is missing,
 by scikit-learn digits. Every substitution is printed and recorded in results.json. At the paper
 scale nothing is substituted: a missing data set is an error saying what to download and where.
+
+Every train / evaluation split drawn here uses EVAL_SPLIT_SEED, never the run's --seed: the evaluation
+split is part of the ruler (like the FID classifier), fixed per data set and resolution, so runs with
+different seeds are measured on the same images.
 
 A --data-root that does not exist is never passed over quietly: at the paper scale it is an error;
 where substitution is allowed, a WARNING line says so (and the substitution records it).
@@ -23,6 +27,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from cdgfast.data import DATASET_REGISTRY, ImageDataset, canonical_dataset, load_dataset, train_eval_split
+
+
+# The seed of every train / evaluation split (module docstring); --seed controls training randomness only.
+EVAL_SPLIT_SEED = 0
 
 
 class DataUnavailable(FileNotFoundError):
@@ -102,14 +110,14 @@ def substitution_allowed(scale: str) -> bool:
     return scale != "paper"
 
 
-def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], seed: int, log,
+def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], log,
                 progress: bool = False) -> BenchmarkData:
-    """Load `name` (train + official test split, or a seeded 80/20 split when it has none)."""
+    """Load `name` (train + official test split, or the fixed 80/20 split when it has none)."""
     loader = DATASET_REGISTRY[name].loader
     if name == "digits":
         ds = load_dataset("digits", image_size=image_size)
-        return BenchmarkData("digits", name, *train_eval_split(ds, 0.2, seed),
-                             "scikit-learn digits (bundled), seeded 80/20 train/eval split")
+        return BenchmarkData("digits", name, *train_eval_split(ds, 0.2, EVAL_SPLIT_SEED),
+                             "scikit-learn digits (bundled), fixed 80/20 train/eval split")
     if name == "imagefolder" and not data_root:
         raise DataUnavailable("dataset imagefolder: pass the folder with --data-root (root/<class>/*.png, or "
                               "root/train/<class> and root/test/<class>)")
@@ -128,8 +136,8 @@ def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], 
                 raise FileNotFoundError("no separate test split")
             return BenchmarkData(name, name, train, test, f"{name} from {d} (official train / test splits)")
         except (FileNotFoundError, ValueError):
-            return BenchmarkData(name, name, *train_eval_split(train, 0.2, seed),
-                                 f"{name} from {d} (train split, seeded 80/20 train/eval split)")
+            return BenchmarkData(name, name, *train_eval_split(train, 0.2, EVAL_SPLIT_SEED),
+                                 f"{name} from {d} (train split, fixed 80/20 train/eval split)")
     where = ", ".join(str(r / _folder(name)) if DATASET_REGISTRY[name].folders else str(r)
                       for r in candidate_roots(data_root)[:3])
     msg = (f"dataset {name}: not found. Download {_download_hint(name)} and put it in one of: {where} "
@@ -139,19 +147,19 @@ def _load_exact(name: str, data_root: Optional[str], image_size: Optional[int], 
     raise DataUnavailable(msg)
 
 
-def _mnist_test_set(data_root: Optional[str], image_size: Optional[int], seed: int) -> Optional[BenchmarkData]:
+def _mnist_test_set(data_root: Optional[str], image_size: Optional[int]) -> Optional[BenchmarkData]:
     for d in _dataset_dirs("mnist", data_root):
         try:
             ds = load_dataset("mnist", root=d, train=False, image_size=image_size, download=False)
         except (FileNotFoundError, ValueError):
             continue
-        return BenchmarkData("mnist-test", "mnist", *train_eval_split(ds, 0.2, seed),
-                             f"MNIST test set (t10k, 10,000 images) from {d}, seeded 80/20 train/eval split")
+        return BenchmarkData("mnist-test", "mnist", *train_eval_split(ds, 0.2, EVAL_SPLIT_SEED),
+                             f"MNIST test set (t10k, 10,000 images) from {d}, fixed 80/20 train/eval split")
     return None
 
 
 def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Optional[int], scale: str,
-                        seed: int = 0, log=print, progress: bool = False) -> BenchmarkData:
+                        log=print, progress: bool = False) -> BenchmarkData:
     """The data for a run: `name` if present; at smoke/cpu scale otherwise the MNIST test set (then digits).
     A `data_root` that does not exist: DataUnavailable at the paper scale, a WARNING line otherwise."""
     name = canonical_dataset(name)
@@ -168,7 +176,7 @@ def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Opti
             log(f"WARNING: {missing_root}: looking for {name} in the default data folders instead, and substituting "
                 f"another data set if it is not there")
     try:
-        ds = _load_exact(name, data_root, image_size, seed, log, progress)
+        ds = _load_exact(name, data_root, image_size, log, progress)
         if missing_root and name != "digits":
             ds.substitutions.append(f"{missing_root}; {name} was found elsewhere: {ds.source}")
         return ds
@@ -176,9 +184,9 @@ def load_benchmark_data(name: str, *, data_root: Optional[str], image_size: Opti
         if not substitution_allowed(scale):
             raise
         reason = str(exc)
-    sub = _mnist_test_set(data_root, image_size, seed)
+    sub = _mnist_test_set(data_root, image_size)
     if sub is None:
-        ds = _load_exact("digits", None, image_size, seed, log)
+        ds = _load_exact("digits", None, image_size, log)
         note = (f"{name} is not on this machine and neither is the MNIST test set: using scikit-learn digits "
                 f"instead ({ds.source})")
         ds.requested, ds.name = name, "digits"

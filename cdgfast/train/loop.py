@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -335,7 +336,8 @@ def clear_run_outputs(out: Path) -> None:
 
 
 def _is_run_dir(p: Path) -> bool:
-    return (p / "results.json").is_file() or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
+    return ((p / "results.json").is_file() or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
+            or (p / "seeds.json").is_file())
 
 
 def _is_free(p: Path) -> bool:
@@ -381,7 +383,7 @@ class Evaluator:
         self.sc, self.schedule, self.seed, self.device = sc, schedule, seed, device
         self.num_classes = data.num_classes
         self.log, self.progress = log, progress
-        self.ref_stats = []
+        self.ref_stats, self.real_counts = [], []
         for t in tasks:
             mask = torch.zeros_like(data.eval.y, dtype=torch.bool)
             for c in t.classes:
@@ -391,6 +393,7 @@ class Evaluator:
                 raise RunError(f"data: task {t.index} has {x.shape[0]} evaluation images; FID needs at least 2")
             feats = extract_features(extractor, x, device=device)
             self.ref_stats.append(feature_statistics(feats))
+            self.real_counts.append(int(x.shape[0]))
 
     def sample(self, model, classes: List[int], key) -> tuple:
         """(images, labels) class-balanced, `fid_samples_per_class` per class; chunks of 256 labels, chunk
@@ -698,9 +701,9 @@ def _run(cfg: RunConfig, callbacks: RunCallbacks, where: _Where) -> dict:
     other run settings on --resume) is refused before `_start_outputs` writes anything."""
     session = _open_session(cfg, callbacks, where)
     inputs = _load_inputs(session)
-    prints = _fingerprints(session, inputs)
-    run_info = _start_outputs(session, inputs, prints)
-    ruler = _build_ruler(session, inputs)
+    ruler = _build_ruler(session, inputs)  # part of the inputs: a run with another protocol is refused on --resume
+    prints = _fingerprints(session, inputs, ruler)
+    run_info = _start_outputs(session, inputs, prints, ruler)
     results: Dict[str, dict] = {}
     unreadable: Dict[str, str] = {}  # method -> what to do about its checkpoint
     for name in session.methods:
@@ -767,6 +770,7 @@ class _Inputs:
     data: BenchmarkData
     tasks: List[Task]
     inception: Optional[object]
+    ruler_train: tuple = ()  # (x, y): the full training split, which the FID classifier is trained on
 
     @property
     def num_tasks(self) -> int:
@@ -789,7 +793,8 @@ def _load_inputs(s: _Session) -> _Inputs:
         except (FileNotFoundError, ImportError, ValueError) as exc:
             raise RunError(str(exc)) from None
     data = load_benchmark_data(s.dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
-                               seed=cfg.seed, log=log, progress=s.progress)
+                               log=log, progress=s.progress)
+    ruler_train = (data.train.x, data.train.y)  # the ruler learns the whole training split, whatever the cap below
     if sc.max_train_per_class is not None:
         data.train = ImageDataset(*limit_per_class(data.train.x, data.train.y, sc.max_train_per_class),
                                   num_classes=data.num_classes, name=data.train.name)
@@ -800,7 +805,7 @@ def _load_inputs(s: _Session) -> _Inputs:
     tasks = class_incremental_split(data.train.y, num_tasks=T, classes_per_task=cpt)
     log(f"data: {data.source}; train {len(data.train)}, eval {len(data.eval)}, "
         f"{data.channels}x{data.image_size}x{data.image_size}; tasks {[t.classes for t in tasks]}")
-    return _Inputs(data=data, tasks=tasks, inception=inception)
+    return _Inputs(data=data, tasks=tasks, inception=inception, ruler_train=ruler_train)
 
 
 @dataclass
@@ -814,12 +819,14 @@ class _Fingerprints:
     methods: Dict[str, str]
 
 
-def _fingerprints(s: _Session, inputs: _Inputs) -> _Fingerprints:
-    """Stage 3a: the fingerprints of the run and of this session's methods."""
+def _fingerprints(s: _Session, inputs: _Inputs, ruler: "_Ruler") -> _Fingerprints:
+    """Stage 3a: the fingerprints of the run and of this session's methods (the evaluation protocol's
+    digest included, so checkpoints measured with another ruler are never mixed in)."""
     cfg = s.cfg
     source = {"preset": s.preset.name, "scale": cfg.scale, "dataset": inputs.data.name, "seed": cfg.seed,
               "scale_config": asdict(s.sc), "tasks": [t.classes for t in inputs.tasks],
-              "inception": bool(cfg.inception), "world_size": s.info.world_size}
+              "inception": bool(cfg.inception), "world_size": s.info.world_size,
+              "protocol": protocol_digest(ruler.protocol)}
     run_fp = _digest(source)
     methods = {}
     for name in s.methods:
@@ -828,12 +835,17 @@ def _fingerprints(s: _Session, inputs: _Inputs) -> _Fingerprints:
     return _Fingerprints(run=run_fp, source=source, methods=methods)
 
 
-def _start_outputs(s: _Session, inputs: _Inputs, prints: _Fingerprints) -> dict:
-    """Stage 3b: on --resume, refuse a run.json made with other run settings; then (only now, so that
-    a run refused on its inputs deletes nothing) clear the outputs of --overwrite, open train.log and
-    write run.json. Returns run.json's content."""
+def _start_outputs(s: _Session, inputs: _Inputs, prints: _Fingerprints, ruler: "_Ruler") -> dict:
+    """Stage 3b: on --resume, refuse a run.json made with another evaluation protocol or other run
+    settings; then (only now, so that a run refused on its inputs deletes nothing) clear the outputs of
+    --overwrite, open train.log and write run.json. Returns run.json's content."""
     cfg, out = s.cfg, s.out
     old = _read_json(out / "run.json", "--resume") if cfg.resume else None
+    if old is not None:
+        diff = protocol_differences(old.get("protocol"), ruler.protocol)
+        if diff:
+            raise RunError(f"--resume: {out} was measured with another evaluation protocol ({diff}); its numbers "
+                           f"cannot be continued with this ruler. Start a new run (another --out, or --overwrite)")
     if old is not None and old.get("fingerprint") != prints.run:
         src, now = old.get("fingerprint_source"), _as_json(prints.source)
         what = (", ".join(f"{k} {v!r} -> {now.get(k)!r}" for k, v in sorted(src.items()) if now.get(k) != v)
@@ -845,7 +857,7 @@ def _start_outputs(s: _Session, inputs: _Inputs, prints: _Fingerprints) -> dict:
     run_info = {"command": "cdgfast.train", "config": {**asdict(cfg), "methods": s.methods, "dataset": s.dataset},
                 "scale_config": asdict(s.sc), "fingerprint": prints.run, "fingerprint_source": prints.source,
                 "method_fingerprints": {**((old or {}).get("method_fingerprints") or {}), **prints.methods},
-                "all_methods": all_methods}
+                "all_methods": all_methods, "protocol": ruler.protocol}
     D.barrier()
     if s.main:
         if cfg.overwrite:
@@ -868,11 +880,14 @@ class _Ruler:
     fid_label: str
     schedule: NoiseSchedule
     evaluator: Evaluator
+    protocol: dict = field(default_factory=dict)  # evaluation_protocol(): what the numbers were measured with
 
 
 def _build_ruler(s: _Session, inputs: _Inputs) -> _Ruler:
-    """Stage 4: the classifier, cached by data set / resolution / seed (rank 0 trains and caches it, the
-    other ranks then load the cache), the FID features, and the reference statistics of every task."""
+    """Stage 3 (before anything is written): the classifier, fixed per data set and resolution and
+    independent of --seed (shipped, or trained once with a fixed seed and cached; rank 0 trains, the
+    other ranks then load the cache), the FID features, the reference statistics of every task, and
+    the evaluation protocol they make up."""
     from cdgfast.diffusion import NoiseSchedule
     from cdgfast.metrics import CLASSIFIER_LABEL, ClassifierFeatures, get_classifier
     from cdgfast.metrics.classifier import accuracy
@@ -881,14 +896,17 @@ def _build_ruler(s: _Session, inputs: _Inputs) -> _Ruler:
     s.where.phase = "training the FID classifier"
     t0 = time.time()
     clf = clf_path = None
+    clf_info: dict = {}
     for turn in ("main", "others"):
         if (turn == "main") == s.main:
-            clf, clf_path = get_classifier(f"{data.name}", data.train.x, data.train.y, data.num_classes,
-                                           seed=cfg.seed, epochs=s.sc.classifier_epochs, cache_dir=cfg.cache_dir,
+            clf, clf_info = get_classifier(f"{data.name}", *inputs.ruler_train, data.num_classes,
+                                           epochs=s.sc.classifier_epochs, cache_dir=cfg.cache_dir,
                                            device=s.device, progress=s.progress, log=log)
         D.barrier()
+    clf_path = clf_info["path"]
     clf_acc = accuracy(clf, data.eval.x, data.eval.y)
-    log(f"classifier: held-out accuracy {clf_acc:.3f} ({time.time() - t0:.1f}s)")
+    log(f"classifier: held-out accuracy {clf_acc:.4f} on {len(data.eval)} evaluation images ({clf_info['source']}, "
+        f"sha256 {clf_info['sha256'][:12]}, {time.time() - t0:.1f}s)")
     extractor = inputs.inception if inputs.inception is not None else ClassifierFeatures(clf)
     if extractor.label == CLASSIFIER_LABEL:
         log("FID below is classifier-FID: Fréchet distance on the features of a small CNN trained on this data set; "
@@ -896,8 +914,57 @@ def _build_ruler(s: _Session, inputs: _Inputs) -> _Ruler:
     schedule = NoiseSchedule()
     evaluator = Evaluator(data=data, tasks=inputs.tasks, extractor=extractor, classifier=clf, sc=s.sc,
                           schedule=schedule, seed=cfg.seed, device=s.device, log=log, progress=s.progress)
+    protocol = evaluation_protocol(data=data, sc=s.sc, extractor=extractor, classifier_info=clf_info,
+                                   classifier_accuracy=clf_acc, inception=cfg.inception, evaluator=evaluator)
     return _Ruler(classifier_path=clf_path, classifier_accuracy=clf_acc, fid_label=extractor.label,
-                  schedule=schedule, evaluator=evaluator)
+                  schedule=schedule, evaluator=evaluator, protocol=protocol)
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def evaluation_protocol(*, data: BenchmarkData, sc: ScaleConfig, extractor, classifier_info: dict,
+                        classifier_accuracy: float, inception: Optional[str], evaluator: "Evaluator") -> dict:
+    """What a run's numbers were measured with: the feature network (its sha256: the classifier's state
+    dict, or the Inception weights file), the classifier behind the KLD and its held-out accuracy, the
+    evaluation split's sha256, the sample counts and the sampler. Two runs whose protocols differ do not
+    measure with the same ruler (`protocol_differences`)."""
+    from cdgfast.metrics.classifier import data_sha256
+
+    return {"feature_network": extractor.label,
+            "feature_network_sha256": _file_sha256(inception) if inception else classifier_info["sha256"],
+            "classifier_sha256": classifier_info["sha256"], "classifier_source": classifier_info["source"],
+            "classifier_eval_accuracy": round(float(classifier_accuracy), 6),
+            "eval_split_sha256": data_sha256(data.eval.x, data.eval.y), "num_eval": len(data.eval),
+            "real_per_task": evaluator.real_counts, "fid_samples_per_class": sc.fid_samples_per_class,
+            "fid_real_per_class": sc.fid_real_per_class,
+            "sampler": {"name": "ddim", "steps": sc.ddim_steps, "eta": 0.0,
+                        "noise_schedule": {"num_timesteps": evaluator.schedule.num_timesteps,
+                                           "beta_start": evaluator.schedule.beta_start,
+                                           "beta_end": evaluator.schedule.beta_end}}}
+
+
+# Protocol entries that may differ between runs measured with the same ruler (how the net was obtained).
+_PROTOCOL_INFORMATIONAL = ("classifier_source",)
+
+
+def protocol_digest(protocol: dict) -> str:
+    return _digest({k: v for k, v in protocol.items() if k not in _PROTOCOL_INFORMATIONAL})
+
+
+def protocol_differences(old: Optional[dict], new: dict) -> str:
+    """"" when `old` and `new` measure with the same ruler, else what differs (a run without a recorded
+    protocol, made before the ruler was fixed, differs)."""
+    if not isinstance(old, dict):
+        return "the earlier run recorded no evaluation protocol"
+    o, n = _as_json(old), _as_json(new)
+    keys = sorted((set(o) | set(n)) - set(_PROTOCOL_INFORMATIONAL))
+    return ", ".join(f"{k} {o.get(k)!r} -> {n.get(k)!r}" for k in keys if o.get(k) != n.get(k))
 
 
 # A method's metrics after each task, as its checkpoint and _method_summary hold them.
@@ -1112,9 +1179,10 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
                  "substitutions": data.substitutions, "num_train": len(data.train), "num_eval": len(data.eval),
                  "image_size": data.image_size, "channels": data.channels, "num_classes": data.num_classes,
                  "tasks": [t.classes for t in inputs.tasks]},
+        "protocol": ruler.protocol,
         "metric": {"fid": ruler.fid_label, "fid_reference": "held-out evaluation images of each task's classes",
                    "fid_samples_per_class": sc.fid_samples_per_class, "ddim_steps": sc.ddim_steps,
-                   "classifier_cache": ruler.classifier_path, "classifier_eval_accuracy": ruler.classifier_accuracy,
+                   "classifier_path": ruler.classifier_path, "classifier_eval_accuracy": ruler.classifier_accuracy,
                    "inception_weights": cfg.inception,
                    "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
                                    "afid_at_k": "mean_{i<=k} FID_i(m_k)",
@@ -1130,3 +1198,124 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
         "method_fingerprints": run_info["method_fingerprints"],
     }
 
+
+# -------------------------------------------------------------------------------------------------- --seeds
+SEED_METRICS = ("mf", "imf", "forgetting", "kld", "final_accuracy_on_samples")
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed `seed` of a `--seeds` run lives: a complete run of its own (run.json, checkpoints, ...)."""
+    return Path(out) / f"seed-{int(seed)}"
+
+
+def mean_se(values: List[float]) -> dict:
+    """Mean and standard error (sample standard deviation / sqrt(n); None for one value) of finite values."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "se": None, "n": 0, "values": list(values)}
+    mean = sum(vals) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else None
+    return {"mean": mean, "se": se, "n": n, "values": list(values)}
+
+
+def aggregate_seeds(per_seed: Dict[int, dict]) -> dict:
+    """The summary of a `--seeds` run from each seed's results.json content: per method and metric the
+    per-seed values, mean and standard error; for every pair of methods the MF gap and whether it exceeds
+    the combined error sqrt(se_a^2 + se_b^2); and whether every seed was measured with the same
+    evaluation protocol (a seed measured with another ruler is flagged, not averaged silently)."""
+    seeds = sorted(per_seed)
+    methods: List[str] = []
+    for s in seeds:
+        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    summary = {}
+    for m in methods:
+        rows = [per_seed[s]["methods"].get(m) for s in seeds]
+        entry = {}
+        for key in SEED_METRICS:
+            if key == "final_accuracy_on_samples":
+                vals = [r["classifier_accuracy_on_samples"][-1] if r else None for r in rows]
+            else:
+                vals = [r.get(key) if r else None for r in rows]
+            entry[key] = mean_se(vals)
+        entry["min_accuracy_on_samples"] = mean_se([min(r["classifier_accuracy_on_samples"]) if r else None
+                                                    for r in rows])
+        summary[m] = entry
+    comparisons = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            ma, mb = summary[a]["mf"], summary[b]["mf"]
+            if ma["mean"] is None or mb["mean"] is None:
+                continue
+            err = (math.sqrt(ma["se"] ** 2 + mb["se"] ** 2) if ma["se"] is not None and mb["se"] is not None
+                   else None)
+            gap = mb["mean"] - ma["mean"]
+            comparisons.append({"a": a, "b": b, "mf_gap_b_minus_a": gap, "combined_se": err,
+                                "exceeds_error": None if err is None else abs(gap) > err,
+                                "exceeds_2x_error": None if err is None else abs(gap) > 2 * err})
+    protocols = {s: per_seed[s].get("protocol") for s in seeds}
+    digests = {s: protocol_digest(p) if isinstance(p, dict) else None for s, p in protocols.items()}
+    consistent = len(set(digests.values())) == 1 and None not in digests.values()
+    differing = [] if consistent else [
+        f"seed {s}: " + (protocol_differences(protocols[seeds[0]], protocols[s]) or "no protocol recorded")
+        for s in seeds[1:] if digests[s] != digests[seeds[0]] or digests[s] is None]
+    return {"seeds": seeds, "methods": summary, "comparisons": comparisons, "protocol": protocols[seeds[0]],
+            "protocol_consistent": consistent, "protocol_differences": differing}
+
+
+def run_seeds(cfg: RunConfig, seeds: List[int], callbacks: Optional[RunCallbacks] = None) -> dict:
+    """`--seeds S1 S2 ...`: one complete run per seed in <out>/seed-<s>/ (each with its own run.json,
+    checkpoints, results and report, and its own --resume: a finished seed is kept, an interrupted one
+    continues, a new one starts), then <out>/results.json with every seed's results and their mean and
+    standard error, and <out>/report.md with the mean ± s.e. tables. Returns that results.json content."""
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise RunError("seeds: expected one or more integer seeds")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
+        raise RunError(f"seeds: expected integers, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise RunError(f"seeds: listed twice in {list(seeds)}")
+    if cfg.resume and cfg.overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    preset, _, _, _ = resolve(cfg)  # bad names and --set values fail before any folder is touched
+    out = Path(cfg.out) if cfg.out else default_out_dir(preset.name, cfg.scale, cfg.resume)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
+    is_seeds_run = (out / "seeds.json").is_file()
+    if cfg.resume and not is_seeds_run:
+        raise RunError(f"--resume: {out} holds no --seeds run to resume (no seeds.json)")
+    if not cfg.resume and not cfg.overwrite and not _is_free(out):
+        raise RunError(f"out: {out} is not empty. Pass --resume to continue the --seeds run there, --overwrite to "
+                       f"replace it, or choose another --out.")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    old = _read_json(out / "seeds.json", "--resume") if cfg.resume else None
+    all_seeds = list(dict.fromkeys(list((old or {}).get("seeds") or []) + list(seeds)))
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "seeds.json", json.dumps({"seeds": all_seeds, "config": {
+            **asdict(cfg), "seed": None, "out": str(out)}}, indent=1, default=str))
+    per_seed: Dict[int, dict] = {}
+    for seed in seeds:
+        d = seed_dir(out, seed)
+        child = RunConfig(**{**asdict(cfg), "seed": int(seed), "out": str(d),
+                             "resume": bool(cfg.resume and _is_run_dir(d)), "overwrite": bool(cfg.overwrite)})
+        try:
+            per_seed[seed] = run(child, callbacks)
+        except RunInterrupted as exc:
+            raise RunInterrupted(f"{exc.where} (seed {seed} of {list(seeds)})", out, exc.world_size) from None
+    for seed in all_seeds:  # seeds of earlier sessions not asked for now: their finished results
+        if seed not in per_seed:
+            prev = _read_json(seed_dir(out, seed) / "results.json", "--resume")
+            if prev is not None:
+                per_seed[seed] = prev
+    agg = aggregate_seeds(per_seed)
+    payload = {"preset": preset.name, "description": preset.description, "scale": cfg.scale,
+               "config": {**asdict(cfg), "seed": None, "seeds": sorted(per_seed)},
+               "metric": per_seed[seeds[0]]["metric"], "data": per_seed[seeds[0]]["data"],
+               **agg,
+               "per_seed": {str(s): {"out": seed_dir(out, s).name, "methods": per_seed[s]["methods"],
+                                     "protocol": per_seed[s].get("protocol"), "timings": per_seed[s].get("timings")}
+                            for s in sorted(per_seed)}}
+    if main_rank:
+        from .report import write_seeds_outputs
+        write_seeds_outputs(out, payload, print if cfg.progress else (lambda *_: None))
+    return payload

@@ -196,3 +196,77 @@ def _clean(obj):
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+# -------------------------------------------------------------------------------------------------- --seeds
+def _pm(stat: dict, digits: int = 2) -> str:
+    """"mean ± s.e." of a mean_se entry ("mean" alone for one seed)."""
+    if not stat or stat.get("mean") is None:
+        return "-"
+    if stat.get("se") is None:
+        return _fmt(stat["mean"], digits)
+    return f"{stat['mean']:.{digits}f} ± {stat['se']:.{digits}f}"
+
+
+def seeds_table(payload: dict) -> str:
+    """Per method: MF, forgetting, IMF, KLD and the classifier's accuracy on the final task's samples,
+    each as mean ± standard error over the seeds."""
+    label = payload["metric"]["fid"]
+    n = len(payload["seeds"])
+    lines = [f"| method | MF ({label}) | forgetting F | IMF | KLD | acc. on samples (final) | seeds |",
+             "|" + "---|" * 7]
+    for name, m in payload["methods"].items():
+        lines.append(f"| {name} | {_pm(m['mf'])} | {_pm(m['forgetting'])} | {_pm(m['imf'])} | {_pm(m['kld'], 3)} | "
+                     f"{_pm(m['final_accuracy_on_samples'], 3)} | {m['mf']['n']} of {n} |")
+    return "\n".join(lines)
+
+
+def seeds_comparisons(payload: dict) -> List[str]:
+    """One line per pair of methods: their MF gap against the combined standard error."""
+    out = []
+    for c in payload["comparisons"]:
+        if c["combined_se"] is None:
+            out.append(f"- {c['a']} vs {c['b']}: MF gap {c['mf_gap_b_minus_a']:+.2f} (one seed: no error to compare)")
+            continue
+        verdict = ("exceeds twice the combined error" if c["exceeds_2x_error"] else
+                   "exceeds the combined error (but not twice it)" if c["exceeds_error"] else
+                   "is LESS than the combined error: not a difference these seeds can show")
+        out.append(f"- {c['a']} vs {c['b']}: MF({c['b']}) - MF({c['a']}) = {c['mf_gap_b_minus_a']:+.2f}, combined "
+                   f"s.e. {c['combined_se']:.2f}: the gap {verdict}")
+    return out
+
+
+def seeds_report_markdown(payload: dict) -> str:
+    p = payload.get("protocol") or {}
+    d = payload["data"]
+    out = [f"# cdgfast.train: {payload['preset']} ({payload['scale']} scale), seeds {payload['seeds']}", "",
+           payload["description"], "",
+           f"- data: {d['source']}; train {d['num_train']}, eval {d['num_eval']} images, tasks {d['tasks']}",
+           f"- FID: **{payload['metric']['fid']}**, {payload['metric']['fid_samples_per_class']} DDIM samples per class "
+           f"({payload['metric']['ddim_steps']} steps)",
+           f"- ruler: feature network sha256 {str(p.get('feature_network_sha256'))[:16]}, classifier held-out accuracy "
+           f"{_fmt(p.get('classifier_eval_accuracy'), 4)}, evaluation split sha256 {str(p.get('eval_split_sha256'))[:16]}",
+           "- each seed is a complete run in `seed-<s>/` (its own report.md, samples and checkpoints)", ""]
+    if not payload["protocol_consistent"]:
+        out += ["> **WARNING: the seeds were measured with different evaluation protocols**; their numbers are not "
+                "comparable: " + "; ".join(payload["protocol_differences"]), ""]
+    out += ["## Mean ± standard error over the seeds", "", seeds_table(payload), "",
+            "Standard error = sample standard deviation / sqrt(number of seeds).", "",
+            "## Which gaps the errors allow", "", *seeds_comparisons(payload), "",
+            "## Per seed (MF)", "",
+            "| method | " + " | ".join(f"seed {s}" for s in payload["seeds"]) + " |",
+            "|" + "---|" * (1 + len(payload["seeds"]))]
+    for name, m in payload["methods"].items():
+        out.append(f"| {name} | " + " | ".join(_fmt(v) for v in m["mf"]["values"]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_seeds_outputs(out: Path, payload: dict, log=print) -> None:
+    out = Path(out)
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str, allow_nan=False)
+                      if _finite(payload) else json.dumps(_clean(payload), indent=1, default=str))
+    atomic_write_text(out / "report.md", seeds_report_markdown(payload))
+    log("\n" + seeds_table(payload) + "\n" + "\n".join(seeds_comparisons(payload)) + "\n")
+    if not payload["protocol_consistent"]:
+        log("WARNING: the seeds were measured with different evaluation protocols: "
+            + "; ".join(payload["protocol_differences"]))
