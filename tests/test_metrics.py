@@ -113,7 +113,7 @@ def test_continual_summaries_match_loops(t):
     if t == 1:
         assert math.isnan(forgetting(m))
     else:
-        f_ref = sum(float(m[t - 1, k] - m[k, k]) for k in range(t - 1)) / (t - 1)
+        f_ref = sum(float(m[t - 1, k] - m[k, k]) for k in range(t)) / t  # rank-1 paper, Sec. 4: over all T tasks, / T
         assert forgetting(m) == pytest.approx(f_ref, rel=1e-12)
     # list-of-lists with None works the same and summarize is JSON-ready
     rows = [[None if math.isnan(v) else v for v in row] for row in m.tolist()]

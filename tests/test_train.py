@@ -84,7 +84,7 @@ def test_smoke_preset_families(tmp_path, cache_dir, preset, methods, dataset):
         assert all(math.isfinite(v) for v in r["afid_at_k"]) and math.isfinite(r["forgetting"])
         assert r["mf"] == pytest.approx(r["afid_at_k"][-1])
         assert r["imf"] == pytest.approx(sum(r["afid_at_k"]) / 2)
-        assert r["forgetting"] == pytest.approx(r["fid"][1][0] - r["fid"][0][0])
+        assert r["forgetting"] == pytest.approx((r["fid"][1][0] - r["fid"][0][0]) / 2)  # (1/T) sum_k, T = 2
         assert r["kld"] >= 0
         for k in (1, 2):
             assert (out / "samples" / f"{name}_task{k}.png").is_file()

@@ -20,6 +20,7 @@ class Teacher(Method):
     (a copy of the model's structure with the saved weights)."""
 
     _state_attrs = ("teacher",)
+    prepares_next_task = True  # its end_task only readies the next task
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -53,6 +54,7 @@ class Buffered(Method):
     specs = {"buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch")}
     buffer_type = ReservoirBuffer
     _state_attrs = ("buffer",)
+    prepares_next_task = True  # its end_task only readies the next task
 
     def __init__(self, **overrides):
         super().__init__(**overrides)

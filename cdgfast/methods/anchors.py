@@ -2,7 +2,9 @@
 
 Every penalty goes through `cdgfast.ops.penalties.diag_penalty` (0.5 * sum w * (theta - anchor)^2) on
 the flat trainable parameter vector, and every Fisher through `cdgfast.fisher.diag_fisher` (true
-per-sample squared gradients, never the square of a batch gradient).
+per-sample squared gradients) unless EWC's `fisher_estimator="batch_squared"` asks for CLoG's estimator
+(the square of each batch's mean gradient, averaged over batches: biased towards 0 by a factor of about
+the batch size, offered only to reproduce CLoG's EWC rows).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from ..fisher import diag_fisher, online_update
 from ..ops import diag_penalty
 from ..params import flat_grads as flat_grads_of
-from ._hparams import count, flag, nonneg, positive
+from ._hparams import HP, count, flag, nonneg, positive
 from ._registry import register, register_composition
 from .base import Method, TinyRun, flat_grads, flat_params, params_of
 
@@ -23,6 +25,7 @@ class _AnchorPenalty(Method):
     (anchor, weights) pairs. Subclasses fill `self.anchors` / `self.weights` in `end_task`."""
 
     _state_attrs = ("anchors", "weights")
+    prepares_next_task = True  # its end_task only readies the next task
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
@@ -67,9 +70,11 @@ class EWC(_AnchorPenalty):
     (via `cdgfast.fisher.accumulator.online_update`) and one anchor; `online=False` keeps (F_k, theta_k)
     per task. `fisher_max_samples` caps the samples of the Fisher pass (None: the whole task)."""
 
-    defaults = {"lam": 15000.0, "online": True, "gamma": 1.0, "fisher_max_samples": None}
+    defaults = {"lam": 15000.0, "online": True, "gamma": 1.0, "fisher_max_samples": None,
+                "fisher_estimator": "per_sample"}
     specs = {"lam": nonneg(), "online": flag(), "gamma": nonneg(),
-             "fisher_max_samples": count(none=True, none_means="the whole task")}
+             "fisher_max_samples": count(none=True, none_means="the whole task"),
+             "fisher_estimator": HP("choice", choices=("per_sample", "batch_squared"))}
     tiny = TinyRun(terms={"ewc"})
 
     def penalty_scale(self):
@@ -77,7 +82,25 @@ class EWC(_AnchorPenalty):
 
     def fisher(self, model, data) -> torch.Tensor:
         batches = self.fresh_batches(data, max_samples=self.config["fisher_max_samples"])
+        if self.config["fisher_estimator"] == "batch_squared":
+            return self._batch_squared_fisher(model, batches)
         return diag_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
+
+    def _batch_squared_fisher(self, model, batches) -> torch.Tensor:
+        """CLoG's EWC estimate: mean over batches b of (grad of the batch's mean loss)^2. Not the Fisher
+        (whose diagonal is the mean of per-sample squares); kept to reproduce CLoG's numbers."""
+        if self.parallel.world_size > 1:
+            raise ValueError("fisher_estimator: 'batch_squared' runs in one process; use 'per_sample' under torchrun")
+        params = params_of(model)
+        total, count = None, 0
+        for batch in batches():
+            loss = self.loss_fn(model, batch).mean()
+            g = flat_grads_of(params, torch.autograd.grad(loss, params, allow_unused=True))
+            total = g.pow(2) if total is None else total + g.pow(2)
+            count += 1
+        if count == 0:
+            raise ValueError("data: expected at least one batch for the Fisher, got none")
+        return total / count
 
     def end_task(self, model, data):
         super().end_task(model, data)

@@ -95,6 +95,11 @@ class Method:
     specs: Dict[str, HP] = {"seed": count(0), "label_dropout": probability()}
     tiny: Optional[TinyRun] = None
     owns_task_loss: bool = False
+    # True when `end_task` only prepares the next task (a Fisher, an anchor, a teacher, a replay pool or
+    # buffer) and leaves the model as it is: after the last task `end_last_task` then does only the
+    # bookkeeping (nothing would use the rest; at ImageNet32 scale a replay pool is 1.3M samples). False
+    # (the safe default) for a method whose end_task changes the model (the LoRA methods merge).
+    prepares_next_task: bool = False
     # Attributes saved by the generic state_dict (tensors, numbers, lists, dicts of those, and objects with
     # state_dict / load_state_dict such as modules); a class's own tuple adds to its bases'.
     _state_attrs: Tuple[str, ...] = ()
@@ -212,6 +217,14 @@ class Method:
         for c in self.current_classes:
             if c not in self.seen_classes:
                 self.seen_classes.append(c)
+
+    def end_last_task(self, model: torch.nn.Module, data: Data) -> None:
+        """The end of the run's last task: `end_task`, or, when that only prepares the next task
+        (`prepares_next_task`), only the base bookkeeping (the seen classes)."""
+        if self.prepares_next_task:
+            Method.end_task(self, model, data)
+        else:
+            self.end_task(model, data)
 
     def post_task_phase(self, model: torch.nn.Module, data: Data) -> None:
         pass

@@ -102,6 +102,11 @@ class Compose(Method):
         for m in self.members:
             m.end_task(model, data)
 
+    def end_last_task(self, model, data):
+        data = reusable(data)
+        for m in self.members:
+            m.end_last_task(model, data)
+
     def post_task_phase(self, model, data):
         data = reusable(data)
         for m in self.members:

@@ -12,7 +12,7 @@ import torch
 from ..data import generate_replay_pool
 from ..ops import bregman_distill
 from ..sampling import ddim_sample
-from ._hparams import HP, count, nonneg
+from ._hparams import HP, count, flag, nonneg
 from ._mixins import Teacher
 from ._registry import register
 from .base import TinyRun, with_replay
@@ -50,13 +50,21 @@ class GD(Teacher):
     default; the rank-1 paper uses 5000 per class, the small default suits CPU runs).
     replay="online": `online_steps` (2) DDIM steps per training step with `cdgfast.sampling.ddim_sample`.
     `replay_batch` replayed samples per step (None: as many as the current batch).
+
+    weighting="uniform" (default): task loss over the concatenated rows (current and replayed, when
+    `replay_in_task_loss`) + `lam_gd * distill`. weighting="task_fraction" (the generative-distillation
+    paper, at task k with k earlier tasks): `1/(k+1) * task loss of the current rows + k/(k+1) *
+    (lam_gd * distill [+ the replayed rows' task loss, when replay_in_task_loss])`. With
+    `replay_in_task_loss=False` the replayed rows are trained only towards the teacher's eps (the
+    distillation); generative replay (`gr`, lam_gd = 0) keeps them in the task loss, against the true noise.
     """
 
     defaults = {"lam_gd": 1.0, "replay": "pool", "pool_per_class": 32, "pool_steps": 50, "online_steps": 2,
-                "replay_batch": None, "pool_batch_size": 256}
+                "replay_batch": None, "pool_batch_size": 256, "weighting": "uniform", "replay_in_task_loss": True}
     specs = {"lam_gd": nonneg(), "replay": HP("choice", choices=("pool", "online")), "pool_per_class": count(),
              "pool_steps": count(), "online_steps": count(),
-             "replay_batch": count(none=True, none_means="as many as the current batch"), "pool_batch_size": count()}
+             "replay_batch": count(none=True, none_means="as many as the current batch"), "pool_batch_size": count(),
+             "weighting": HP("choice", choices=("uniform", "task_fraction")), "replay_in_task_loss": flag()}
     owns_task_loss = True
     tiny = TinyRun(config={"pool_per_class": 3, "pool_steps": 2}, terms={"gd"}, frozen=("teacher",))
     _state_attrs = ("pool_x", "pool_y")
@@ -98,11 +106,22 @@ class GD(Teacher):
         if rep is None:
             return {"task": self.task_loss(model, nb)}
         pred = self.predict(model, nb)
-        terms = {"task": self.task_loss(model, nb, pred)}
+        current = {k: v[:b] for k, v in nb.items()}
         replayed = {k: v[b:] for k, v in nb.items()}
+        in_task = bool(self.config["replay_in_task_loss"])
+        if self.config["weighting"] == "uniform":
+            w_replay = 1.0
+            task = self.task_loss(model, nb, pred) if in_task else self.task_loss(model, current, pred[:b])
+        else:  # task_fraction: task k (0-based) has k earlier tasks behind it
+            k = self.task_index
+            w_data, w_replay = 1.0 / (k + 1), k / (k + 1)
+            task = w_data * self.task_loss(model, current, pred[:b])
+            if in_task:
+                task = task + w_replay * self.task_loss(model, replayed, pred[b:])
+        terms = {"task": task}
         with torch.no_grad():
             target = self.predict(self.teacher, replayed)
-        terms["gd"] = float(self.config["lam_gd"]) * bregman_distill(pred[b:], target)
+        terms["gd"] = w_replay * float(self.config["lam_gd"]) * bregman_distill(pred[b:], target)
         return terms
 
 

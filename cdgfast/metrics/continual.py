@@ -4,7 +4,9 @@ Convention: `M[k, i] = FID_i(m_k)`, the FID on task i of the model after trainin
 (0-based, T tasks); entries with i > k are NaN (a task not yet seen is not evaluated).
 
     AFID@k = mean_{i <= k} FID_i(m_k)
-    F      = mean_{k < T-1} (FID_k(m_T) - FID_k(m_k))      forgetting (0-based: the last row minus the diagonal)
+    F      = (1/T) sum_{k < T} (FID_k(m_T) - FID_k(m_k))    forgetting (rank-1 paper, Sec. 4: divided by T,
+                                                             the last term being 0; 0-based: the last row
+                                                             minus the diagonal)
     MF     = AFID@T                                          (CCD paper)
     IMF    = mean_k AFID@k                                   (CCD paper; a reconstruction, see SPEC section 5)
     KLD    = KL(p_true || p_gen) = sum_c p_true(c) log(p_true(c) / p_gen(c))
@@ -47,12 +49,13 @@ def afid_at_k(fid) -> List[float]:
 
 
 def forgetting(fid) -> float:
-    """mean over tasks k < T-1 of FID_k(m_final) - FID_k(m_k); NaN when T = 1 (nothing to forget)."""
+    """(1/T) sum over tasks k of FID_k(m_final) - FID_k(m_k) (the rank-1 paper's F, Sec. 4: the sum over all
+    T tasks, whose last term is 0, divided by T); NaN when T = 1 (nothing to forget)."""
     m = _matrix(fid)
     t = m.shape[0]
     if t == 1:
         return float("nan")
-    return float((m[t - 1, :t - 1] - torch.diagonal(m)[:t - 1]).mean())
+    return float((m[t - 1, :t - 1] - torch.diagonal(m)[:t - 1]).sum() / t)
 
 
 def mf(fid) -> float:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank1 and to compositions such as rank1+gd; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--list", action="store_true", help="list presets, methods and data sets, then exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved run (data, model, training, evaluation, every method's "
+                        "hyperparameters after --set) as JSON and exit without doing any work")
     return p
 
 
@@ -147,6 +150,15 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
                     steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
                     num_tasks=args.num_tasks, progress=not args.no_progress,
                     allow_pickle=args.allow_pickle, method_args=method_args)
+    if args.print_config:
+        import json
+        from .loop import resolved_config
+        try:
+            print(json.dumps(resolved_config(cfg), indent=1))
+        except RunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.seeds:
             run_seeds(cfg, args.seeds, callbacks)

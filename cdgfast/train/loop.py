@@ -252,13 +252,36 @@ def resolve(cfg: RunConfig):
         if cfg.fid_samples < 2:
             raise RunError(f"fid-samples: expected at least 2 samples per class, got {cfg.fid_samples}")
         sc.fid_samples_per_class = cfg.fid_samples
+        # --fid-samples counts per class whatever the protocol counts in
+        sc.fid_samples_per_task = None
+        if sc.fid_protocol == "seen_classes":
+            sc.fid_samples_total = cfg.fid_samples * preset.num_tasks * preset.classes_per_task
     if cfg.batch_size is not None:
         if cfg.batch_size < 1:
             raise RunError(f"batch-size: expected a positive integer, got {cfg.batch_size}")
         sc.batch_size = cfg.batch_size
+        sc.method_batch_size = {}  # an explicit --batch-size is every method's
+    try:
+        from .protocol import check_scale_config
+        check_scale_config(sc)
+    except ValueError as exc:
+        raise RunError(f"scale config of {preset.name} at {cfg.scale}: {exc}") from None
     for m in methods:  # unknown --set keys fail here, before any data loading or training
         _build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)
     return preset, sc, methods, dataset
+
+
+def resolved_config(cfg: RunConfig) -> dict:
+    """`--print-config`: the fully resolved run as a JSON-ready dict (cdgfast.train.protocol.describe), from
+    the same resolve() / _build_method the run uses; reads no data and trains nothing."""
+    from .protocol import describe
+
+    preset, sc, methods, dataset = resolve(cfg)
+    configs = {m: _as_json(_build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)[0].config) for m in methods}
+    t = cfg.num_tasks if cfg.num_tasks is not None else preset.num_tasks
+    return _as_json(describe(preset=preset, scale=cfg.scale, sc=sc, methods=methods, dataset=dataset,
+                             method_configs=configs, num_tasks=t, classes_per_task=preset.classes_per_task,
+                             inception=cfg.inception))
 
 
 def _check_set_values(method_args: Dict[str, dict]) -> None:
@@ -382,11 +405,16 @@ class Evaluator:
         self.tasks, self.extractor, self.classifier = tasks, extractor, classifier
         self.sc, self.schedule, self.seed, self.device = sc, schedule, seed, device
         self.num_classes = data.num_classes
+        self.shape = (data.channels, data.image_size, data.image_size)
         self.log, self.progress = log, progress
         self.ref_stats, self.real_counts = [], []
-        for t in tasks:
+        # per_task: the reference of task i is its classes' images; seen_classes: after task k, every
+        # class of tasks 0..k (one FID of unconditional samples, the generative-distillation protocol)
+        seen = sc.fid_protocol == "seen_classes"
+        for k, t in enumerate(tasks):
+            classes = [c for tt in tasks[:k + 1] for c in tt.classes] if seen else t.classes
             mask = torch.zeros_like(data.eval.y, dtype=torch.bool)
-            for c in t.classes:
+            for c in classes:
                 mask |= data.eval.y == c
             x, y = limit_per_class(data.eval.x[mask], data.eval.y[mask], sc.fid_real_per_class)
             if x.shape[0] < 2:
@@ -395,28 +423,39 @@ class Evaluator:
             self.ref_stats.append(feature_statistics(feats))
             self.real_counts.append(int(x.shape[0]))
 
-    def sample(self, model, classes: List[int], key) -> tuple:
-        """(images, labels) class-balanced, `fid_samples_per_class` per class; chunks of 256 labels, chunk
-        i sampled by rank i % world with its own seed (so the result does not depend on the world size)."""
+    def task_labels(self, k: int) -> torch.Tensor:
+        """The labels sampled after task k (per_task protocol): for each task i <= k its class-balanced
+        `fid_samples_per_task` (protocol.fid_samples_per_task: per task, or per class x classes), grouped by
+        task and class."""
+        from cdgfast.metrics import class_balanced_labels
+        from .protocol import fid_samples_per_task
+
+        return torch.cat([class_balanced_labels(t.classes, fid_samples_per_task(self.sc, len(t.classes)))
+                          for t in self.tasks[:k + 1]])
+
+    def sample(self, model, labels: Optional[torch.Tensor], key, total: Optional[int] = None) -> tuple:
+        """(images, labels): one sample per label (`labels` None: `total` unconditional samples, labels
+        None); chunks of 256, chunk i sampled by rank i % world with its own seed (so the result does not
+        depend on the world size)."""
         from tqdm.auto import tqdm
         from cdgfast.sampling import ddim_sample
 
-        n = self.sc.fid_samples_per_class
-        labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n)
+        count = labels.numel() if labels is not None else int(total)
         chunk = 256
-        num_chunks = -(-labels.numel() // chunk)
+        num_chunks = -(-count // chunk)
         rank, world = D.get_rank(), D.get_world_size()
         mine = list(range(rank, num_chunks, world))
         xs = []
         for i in tqdm(mine, desc=f"sampling {key[0]} task {key[1] + 1}", disable=not self.progress, leave=False):
-            y = labels[i * chunk:(i + 1) * chunk]
             g = torch.Generator().manual_seed(derive_seed(self.seed, "eval", key[1], i))  # same for every method
-            xs.append(ddim_sample(model, y.to(self.device), schedule=self.schedule, num_steps=self.sc.ddim_steps,
-                                  generator=g))
+            n = min(chunk, count - i * chunk)
+            y = labels[i * chunk:(i + 1) * chunk].to(self.device) if labels is not None else None
+            xs.append(ddim_sample(model, y, schedule=self.schedule, num_steps=self.sc.ddim_steps, generator=g,
+                                  shape=(n,) + self.shape, timestep_spacing=self.sc.ddim_spacing))
         if D.get_world_size() > 1:
             mine_x = torch.cat(xs) if xs else torch.zeros(
                 (0, model.config.in_channels, model.config.sample_size, model.config.sample_size), device=self.device)
-            return D.gather_round_robin(mine_x, labels.numel(), chunk), labels
+            return D.gather_round_robin(mine_x, count, chunk), labels
         return torch.cat(xs).cpu(), labels
 
     def evaluate(self, model, k: int, method: str):
@@ -424,7 +463,16 @@ class Evaluator:
         from cdgfast.metrics import class_kld, extract_features, feature_statistics, frechet_distance, predict
 
         classes = [c for t in self.tasks[:k + 1] for c in t.classes]
-        x, y = self.sample(model, classes, (method, k))
+        if self.sc.fid_protocol == "seen_classes":
+            # one FID of unconditional samples against every seen class; row k repeats it for each task
+            # seen, so AFID@k (and MF) is that FID
+            x, _ = self.sample(model, None, (method, k), total=self.sc.fid_samples_total)
+            mu, sig = feature_statistics(extract_features(self.extractor, x, device=self.device))
+            fid = frechet_distance(*self.ref_stats[k], mu, sig)
+            pred = predict(self.classifier, x)
+            # no labels to compare with: the grid shows the samples by the class the classifier sees
+            return [fid] * (k + 1), class_kld(pred, classes, self.num_classes), float("nan"), x, pred
+        x, y = self.sample(model, self.task_labels(k), (method, k))
         feats = extract_features(self.extractor, x, device=self.device)
         row = []
         for i in range(k + 1):
@@ -464,13 +512,14 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
         raise RunError(f"method {name}: {exc}") from None
 
 
-def _train_task(model, method, loader_factory, steps: int, lr: float, name: str, k: int, T: int, log, progress,
-                on_step: Callable[[str, int, int], None]):
+def _train_task(model, method, loader_factory, steps: int, sc: ScaleConfig, name: str, k: int, T: int, log,
+                progress, on_step: Callable[[str, int, int], None]):
     from tqdm.auto import tqdm
     from cdgfast.params import trainable_parameters
+    from .protocol import clip_gradients, make_optimizer
 
     params = trainable_parameters(model)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt, sched = make_optimizer(params, sc, steps)  # a fresh optimiser (and schedule) every task
     rank, world = D.get_rank(), D.get_world_size()
     student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
     # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
@@ -501,7 +550,10 @@ def _train_task(model, method, loader_factory, steps: int, lr: float, name: str,
             method.before_step(model)
             if resync:
                 D.all_reduce_grads(params)
+            clip_gradients(params, sc)  # after the method's own edits (A-GEM's projection): the step is clipped
             opt.step()
+            if sched is not None:
+                sched.step()
             method.after_step(model)
             bar.update(1)
             if step % 10 == 0 or step == steps:
@@ -794,6 +846,12 @@ def _load_inputs(s: _Session) -> _Inputs:
             raise RunError(str(exc)) from None
     data = load_benchmark_data(s.dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
                                log=log, progress=s.progress)
+    if sc.channels == 3 and data.channels == 1:  # CLoG trains on RGB: grey images repeated to three channels
+        for part in ("train", "eval"):
+            ds = getattr(data, part)
+            setattr(data, part, ImageDataset(ds.x.repeat(1, 3, 1, 1), ds.y, num_classes=ds.num_classes,
+                                             name=ds.name))
+        log("data: grey images repeated to 3 channels (RGB), as the preset's protocol trains")
     ruler_train = (data.train.x, data.train.y)  # the ruler learns the whole training split, whatever the cap below
     if sc.max_train_per_class is not None:
         data.train = ImageDataset(*limit_per_class(data.train.x, data.train.y, sc.max_train_per_class),
@@ -802,7 +860,10 @@ def _load_inputs(s: _Session) -> _Inputs:
     for n in notes:
         data.substitutions.append(n)
         log(f"NOTE: {n}")
-    tasks = class_incremental_split(data.train.y, num_tasks=T, classes_per_task=cpt)
+    # "seeded": the class order is a permutation drawn from the run seed (the generative-distillation
+    # paper's seeded random order); "sorted": 0..K-1 (seed 0 of class_incremental_split)
+    order_seed = derive_seed(cfg.seed, "class_order") if sc.class_order == "seeded" else 0
+    tasks = class_incremental_split(data.train.y, num_tasks=T, classes_per_task=cpt, seed=order_seed)
     log(f"data: {data.source}; train {len(data.train)}, eval {len(data.eval)}, "
         f"{data.channels}x{data.image_size}x{data.image_size}; tasks {[t.classes for t in tasks]}")
     return _Inputs(data=data, tasks=tasks, inception=inception, ruler_train=ruler_train)
@@ -943,7 +1004,11 @@ def evaluation_protocol(*, data: BenchmarkData, sc: ScaleConfig, extractor, clas
             "eval_split_sha256": data_sha256(data.eval.x, data.eval.y), "num_eval": len(data.eval),
             "real_per_task": evaluator.real_counts, "fid_samples_per_class": sc.fid_samples_per_class,
             "fid_real_per_class": sc.fid_real_per_class,
+            **({} if (sc.fid_protocol, sc.fid_samples_per_task) == ("per_task", None) else  # as before by default
+               {"fid_protocol": sc.fid_protocol, "fid_samples_per_task": sc.fid_samples_per_task,
+                "fid_samples_total": sc.fid_samples_total}),
             "sampler": {"name": "ddim", "steps": sc.ddim_steps, "eta": 0.0,
+                        **({} if sc.ddim_spacing == "trailing" else {"spacing": sc.ddim_spacing}),
                         "noise_schedule": {"num_timesteps": evaluator.schedule.num_timesteps,
                                            "beta_start": evaluator.schedule.beta_start,
                                            "beta_end": evaluator.schedule.beta_end}}}
@@ -993,15 +1058,15 @@ class _MethodRun:
         return self._finish(t_method)
 
     def _build(self) -> None:
-        from cdgfast.models.unet import build_unet
+        from .protocol import build_model
 
         s, name, data, device, schedule = self.s, self.name, self.inputs.data, self.s.device, self.ruler.schedule
         cfg, sc = s.cfg, s.sc
         s.where.method, s.where.task, s.where.phase = name, None, "setting up"
         method, self.cumulative = _build_method(name, s.preset, cfg.scale, cfg.seed, cfg.method_args)
         seed_everything(derive_seed(cfg.seed, "init"))  # the same initial weights for every method
-        model = build_unet(sc.unet, num_classes=data.num_classes, in_channels=data.channels,
-                           sample_size=data.image_size).to(device)
+        model = build_model(sc, num_classes=data.num_classes, channels=data.channels,
+                            image_size=data.image_size).to(device)
         D.broadcast_parameters(model)
         method.setup(num_classes=data.num_classes, schedule=schedule, device=device, parallel=s.info.parallel,
                      progress=s.progress)
@@ -1051,7 +1116,7 @@ class _MethodRun:
         if sc.steps_per_task:
             steps = sc.first_task_steps if (k == 0 and sc.first_task_steps) else sc.steps_per_task
         else:
-            steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size))
+            steps = max(1, math.ceil(sc.epochs_per_task * len(task) / sc.batch_size_for(self.name)))
         return task, steps
 
     def _task(self, k: int) -> None:
@@ -1063,11 +1128,12 @@ class _MethodRun:
         train_ds = self.inputs.data.train
         seed_everything(derive_seed(cfg.seed, k))
         task, steps = self._task_and_steps(k)
+        batch = sc.batch_size_for(name)
         data_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, k, "data"))
         where.task, where.phase, where.step, where.steps = k, "training", 0, steps
 
         def loader_factory(task=task, g=data_gen):
-            return task_loader(train_ds, task, sc.batch_size, shuffle=True, generator=g)
+            return task_loader(train_ds, task, batch, shuffle=True, generator=g)
 
         def step_seen(m, k, step):
             where.step = step
@@ -1076,18 +1142,21 @@ class _MethodRun:
         t0, c0 = time.time(), time.process_time()
         method.begin_task(model, task)
         D.decorrelate_generators(method)  # each rank its own noise for its rows while training
-        loss_means = _train_task(model, method, loader_factory, steps, sc.lr, name, k, T, log, progress,
+        loss_means = _train_task(model, method, loader_factory, steps, sc, name, k, T, log, progress,
                                  step_seen)
         t1 = time.time()
         where.phase = "end of task: Fisher / replay pool / buffers"
 
         def task_data(task=task):
-            return task_loader(train_ds, task, sc.batch_size, shuffle=False)
+            return task_loader(train_ds, task, batch, shuffle=False)
 
         # the global stream, as in one process: the estimators take each rank's share (method.parallel)
         end_data = _progress_data(task_data, f"{name} task {k + 1} end_task pass", progress)
         D.sync_generators(method)
-        method.end_task(model, end_data)
+        if k == T - 1:  # nothing comes after: skip what only prepares the next task (Fisher, pool, buffer)
+            method.end_last_task(model, end_data)
+        else:
+            method.end_task(model, end_data)
         method.post_task_phase(model, end_data)
         t2 = time.time()
         where.phase = "evaluation"
@@ -1186,7 +1255,7 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
                    "inception_weights": cfg.inception,
                    "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
                                    "afid_at_k": "mean_{i<=k} FID_i(m_k)",
-                                   "forgetting": "mean_{k<T} FID_k(m_T) - FID_k(m_k)",
+                                   "forgetting": "(1/T) sum_{k<=T} FID_k(m_T) - FID_k(m_k)",
                                    "mf": "AFID@T", "imf": "mean_k AFID@k",
                                    "kld": "KL(uniform over seen classes || classifier histogram of samples)"}},
         "methods": ordered,

@@ -39,6 +39,28 @@ class ScaleConfig:
     max_train_per_class: Optional[int] = None  # cap on training images per class (smoke runs)
     grid_per_class: int = 8                  # samples per class in the per-task sample grid
     method_overrides: Dict[str, dict] = field(default_factory=dict)
+    # The training loop (cdgfast.train.protocol builds the optimiser and schedule from these; the
+    # defaults are the loop as it always was: Adam, constant lr, no clipping, no dropout).
+    optimizer: str = "adam"                  # "adam" | "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"            # "constant" | "cosine" (per task, after linear warm-up)
+    warmup_steps: int = 0                    # linear warm-up steps at the start of every task
+    grad_clip: Optional[float] = None        # max global gradient norm (None: no clipping)
+    dropout: float = 0.0                     # the UNet's dropout
+    method_batch_size: Dict[str, int] = field(default_factory=dict)  # method -> its own batch size
+    # The model and the evaluation.
+    class_conditional: bool = True           # False: an unconditional UNet (no class embedding)
+    channels: Optional[int] = None           # None: the data set's own; 3: grey images repeated to RGB
+    ddim_spacing: str = "trailing"           # timestep spacing of the evaluation sampler (diffusers names)
+    fid_protocol: str = "per_task"           # "per_task": FID_i(m_k) per task; "seen_classes": one FID of
+    #                                          unconditional samples against all seen classes' test images
+    fid_samples_per_task: Optional[int] = None  # per_task: class-balanced samples per task (None: per class x classes)
+    fid_samples_total: Optional[int] = None  # seen_classes: unconditional samples after every task
+    class_order: str = "sorted"              # "sorted" (0..K-1) | "seeded" (a permutation drawn from --seed)
+
+    def batch_size_for(self, method: str) -> int:
+        """The training batch size of `method` (its own entry of method_batch_size, else batch_size)."""
+        return int(self.method_batch_size.get(method, self.batch_size))
 
 
 @dataclass
@@ -96,15 +118,16 @@ def _cpu(**kw) -> ScaleConfig:
     return ScaleConfig(**base)
 
 
-_RANK1_PAPER = {  # Table 1 of the rank-1 Fisher paper: AFID at the final task / forgetting F (Inception FID)
+_RANK1_PAPER = {  # Table 1 of the rank-1 Fisher paper: AFID at the final task / forgetting F (Inception FID);
+    # finetune: Table 6 (appendix E.4.2, lambda = 0: final FID / average forgetting)
     "mnist": {"joint": (2.6, None), "diag": (62.2, 51.1), "rank1": (65.2, 58.3), "gd": (10.1, 2.3),
-              "diag+gd": (14.3, 5.2), "rank1+gd": (7.6, 0.6), "finetune": (102.6, 93.7)},
+              "diag+gd": (14.3, 5.2), "rank1+gd": (7.6, 0.6), "finetune": (102.642, 93.700)},
     "fmnist": {"joint": (5.7, None), "diag": (99.9, 81.7), "rank1": (96.9, 82.1), "gd": (19.1, 3.9),
-               "diag+gd": (27.7, 9.1), "rank1+gd": (15.4, 0.9)},
+               "diag+gd": (27.7, 9.1), "rank1+gd": (15.4, 0.9), "finetune": (103.955, 88.009)},
     "cifar10": {"joint": (23.3, None), "diag": (128.6, 74.4), "rank1": (120.0, 77.4), "gd": (61.2, 16.6),
-                "diag+gd": (72.6, 17.9), "rank1+gd": (50.5, 7.4)},
+                "diag+gd": (72.6, 17.9), "rank1+gd": (50.5, 7.4), "finetune": (115.410, 72.496)},
     "imagenet32": {"joint": (11.7, None), "diag": (86.1, 34.2), "rank1": (74.3, 41.3), "gd": (69.0, 46.2),
-                   "diag+gd": (73.8, 25.8), "rank1+gd": (48.5, 15.2)},
+                   "diag+gd": (73.8, 25.8), "rank1+gd": (48.5, 15.2), "finetune": (265.902, 67.864)},
 }
 
 # CCD paper Table 1: MF / IMF per data set; rehearsal-free rows do not depend on the buffer.
@@ -138,6 +161,10 @@ _CCD_BUFFER = {  # buffer: method: {dataset: (MF, IMF)}
                    "flowers102": (64.97, 79.62), "cub200": (67.00, 61.37)}},
 }
 
+# The generative-distillation paper's protocol: an unconditional model, a seeded random class order, one
+# FID of unconditional samples against every seen class (and the KLD of their classifier histogram).
+_GD_PROTOCOL = dict(class_conditional=False, fid_protocol="seen_classes", class_order="seeded")
+
 RANK1_METHODS = ["joint", "finetune", "diag", "rank1", "gd", "diag+gd", "rank1+gd"]
 CCD_METHODS = ["kd", "ewc", "l2", "si", "mas", "clora", "er", "agem", "ccd"]
 
@@ -160,13 +187,15 @@ def _rank1_preset(key: str, dataset: str, title: str) -> Preset:
             # Task 1 trains from scratch: 1000 steps (measured: after 400 only 40% of MNIST samples were
             # recognisable); 200 samples a class keep the classifier-FID noise below the method gaps.
             "cpu": _cpu(first_task_steps=1000, fid_samples_per_class=200),
+            # PROTOCOLS.md lists the source of every value (paper Sec. 4 / App. D, official src/ddim.py)
             "paper": ScaleConfig(unet="rank1-paper", image_size=native, batch_size=128, lr=2e-4, steps_per_task=None,
                                  epochs_per_task=epochs, fid_samples_per_class=2048 // cpt if not imagenet else 50,
-                                 ddim_steps=50, classifier_epochs=20, grid_per_class=8,
+                                 ddim_steps=50, classifier_epochs=20, grid_per_class=8, dropout=0.1,
+                                 ddim_spacing="leading",
                                  method_overrides={"gd": {"pool_per_class": pool, "pool_steps": 50}}),
         },
         paper=paper, paper_source="Avoid Catastrophic Forgetting with Rank-1 Fisher from Diffusion Models, Table 1 "
-                                  "(AFID at the final task, forgetting F; Inception FID)")
+                                  "(AFID at the final task, forgetting F; Inception FID); finetune: Table 6")
 
 
 def _ccd_preset(key: str, dataset: str, buffer: int, tasks: int, cpt: int) -> Preset:
@@ -177,17 +206,24 @@ def _ccd_preset(key: str, dataset: str, buffer: int, tasks: int, cpt: int) -> Pr
     for m, per in _CCD_BUFFER[buffer].items():
         paper[m] = {"mf": per[key][0], "imf": per[key][1]}
     buf = {"buffer_size": buffer}
+    # CLoG's baseline hyperparameters (PROTOCOLS.md gives the files); A-GEM's reference batch is 128
+    clog = {"kd": {"lam": 0.01}, "ewc": {"lam": 5e6}, "l2": {"lam": 50.0}, "si": {"c": 5.0, "xi": 0.01},
+            "mas": {"lam": 5e-5}, "er": dict(buf), "agem": {**buf, "replay_batch": 128}, "ccd": dict(buf)}
     return Preset(
         name=f"ccd-{key}-{buffer}",
         description=f"CCD paper, Table 1, {dataset} {tasks} tasks x {cpt} classes, buffer {buffer}: "
                     f"{', '.join(CCD_METHODS)}",
         dataset=dataset, num_tasks=tasks, classes_per_task=cpt, methods=list(CCD_METHODS),
-        method_overrides={"er": dict(buf), "agem": dict(buf), "ccd": dict(buf)},
+        method_overrides=clog,
         scales={
             "smoke": _smoke(),
             "cpu": _cpu(),
-            "paper": ScaleConfig(unet="ccd-paper", image_size=32, batch_size=128, lr=1e-3, steps_per_task=None,
-                                 epochs_per_task=100, fid_samples_per_class=max(1, 2048 // (tasks * cpt)),
+            # CLoG: RGB 32x32, Adam 1e-3 with cosine decay after 500 warm-up steps, clipping 1.0, batch 256
+            # (128 for ER and A-GEM), 100 epochs, dropout 0.1; FID on 2048 class-balanced samples per task
+            "paper": ScaleConfig(unet="ccd-paper", image_size=32, channels=3, batch_size=256, lr=1e-3,
+                                 steps_per_task=None, epochs_per_task=100, lr_schedule="cosine", warmup_steps=500,
+                                 grad_clip=1.0, dropout=0.1, method_batch_size={"er": 128, "agem": 128},
+                                 fid_samples_per_class=max(1, 2048 // cpt), fid_samples_per_task=2048,
                                  ddim_steps=50, classifier_epochs=20, grid_per_class=4),
         },
         paper=paper, paper_source=f"How can Diffusion Models Evolve into Continual Generators? (CCD), Table 1, "
@@ -231,13 +267,18 @@ def _build() -> Dict[str, Preset]:
         description="Generative distillation paper: Fashion-MNIST 5 tasks x 2 classes, generative replay (gr) vs "
                     "generative distillation (gd), FID and KLD",
         dataset="fashion-mnist", num_tasks=5, classes_per_task=2, methods=["gr", "gd"],
-        method_overrides={"gd": {"lam_gd": 3.0, "replay": "online", "online_steps": 2},
-                          "gr": {"replay": "online", "online_steps": 2}},
+        # the paper's loss: data/(k+1) + k/(k+1) * lam * distillation, the replayed rows trained towards the
+        # teacher's eps only; generative replay with the same weighting, its replayed rows in the task loss
+        method_overrides={"gd": {"lam_gd": 3.0, "replay": "online", "online_steps": 2, "weighting": "task_fraction",
+                                 "replay_in_task_loss": False},
+                          "gr": {"replay": "online", "online_steps": 2, "weighting": "task_fraction"}},
         scales={
-            "smoke": _smoke(method_overrides={}),
-            "cpu": _cpu(method_overrides={}),
-            "paper": ScaleConfig(unet="rank1-paper", image_size=32, batch_size=128, lr=2e-4, steps_per_task=None,
-                                 epochs_per_task=200, fid_samples_per_class=2048 // 10, ddim_steps=50, classifier_epochs=20),
+            # an unconditional model at every scale: the protocol differs in kind, not in size
+            "smoke": _smoke(method_overrides={}, **_GD_PROTOCOL, fid_samples_total=32),
+            "cpu": _cpu(method_overrides={}, **_GD_PROTOCOL, fid_samples_total=1000),
+            "paper": ScaleConfig(unet="gd-paper", image_size=32, batch_size=128, lr=2e-4, steps_per_task=None,
+                                 epochs_per_task=100, grad_clip=1.0, fid_samples_per_class=1000,
+                                 fid_samples_total=10000, ddim_steps=10, classifier_epochs=20, **_GD_PROTOCOL),
         },
         paper={"gd": {"mf": 23.5, "kld": 0.25}, "gr": {"mf": 211.8, "kld": 3.39}},
         paper_source="Continual Learning of Diffusion Models with Generative Distillation (FID after the last task "
