@@ -217,7 +217,8 @@ def test_every_preset_builds_its_methods_at_every_scale():
     assert r1.scale("paper").lr == 2e-4 and r1.scale("paper").batch_size == 128 and r1.scale("paper").epochs_per_task == 200
     assert r1.overrides_for("rank1+gd", "paper")["pool_per_class"] == 5000
     assert get_preset("ccd-mnist-5120").overrides_for("er", "cpu")["buffer_size"] == 5120
-    assert get_preset("ccd-mnist-5120").scale("paper").fid_samples_per_class * 10 == 2040  # ~2048 class-balanced
+    # CLoG: 2048 class-balanced samples per task (was 2048 over all classes, 204 per class)
+    assert get_preset("ccd-mnist-5120").scale("paper").fid_samples_per_task == 2048
     assert get_preset("gd-fmnist").overrides_for("gd", "paper")["lam_gd"] == 3.0
 
 

@@ -3,8 +3,8 @@
 Every penalty goes through `cdgfast.ops.penalties.diag_penalty` (0.5 * sum w * (theta - anchor)^2) on
 the flat trainable parameter vector, and every Fisher through `cdgfast.fisher.diag_fisher` (true
 per-sample squared gradients) unless EWC's `fisher_estimator="batch_squared"` asks for CLoG's estimator
-(the square of each batch's mean gradient, averaged over batches: biased towards 0 by a factor of about
-the batch size, offered only to reproduce CLoG's EWC rows).
+(the square of each batch's mean gradient, averaged over batches weighted by their sizes: biased towards
+0 by a factor of about the batch size, offered only to reproduce CLoG's EWC rows).
 """
 from __future__ import annotations
 
@@ -87,19 +87,21 @@ class EWC(_AnchorPenalty):
         return diag_fisher(model, self.loss_fn, batches, parallel=self.parallel, progress=self.progress)
 
     def _batch_squared_fisher(self, model, batches) -> torch.Tensor:
-        """CLoG's EWC estimate: mean over batches b of (grad of the batch's mean loss)^2. Not the Fisher
-        (whose diagonal is the mean of per-sample squares); kept to reproduce CLoG's numbers."""
+        """CLoG's EWC estimate (networks/regularize/ewc.py, update / save): sum_b n_b (grad of batch b's mean
+        loss)^2 / sum_b n_b. Not the Fisher (whose diagonal is the mean of per-sample squares); kept to
+        reproduce CLoG's numbers."""
         if self.parallel.world_size > 1:
             raise ValueError("fisher_estimator: 'batch_squared' runs in one process; use 'per_sample' under torchrun")
         params = params_of(model)
         total, count = None, 0
         for batch in batches():
-            loss = self.loss_fn(model, batch).mean()
-            g = flat_grads_of(params, torch.autograd.grad(loss, params, allow_unused=True))
-            total = g.pow(2) if total is None else total + g.pow(2)
-            count += 1
+            losses = self.loss_fn(model, batch)
+            g = flat_grads_of(params, torch.autograd.grad(losses.mean(), params, allow_unused=True))
+            n = int(losses.shape[0])
+            total = n * g.pow(2) if total is None else total + n * g.pow(2)
+            count += n
         if count == 0:
-            raise ValueError("data: expected at least one batch for the Fisher, got none")
+            raise ValueError("data: expected at least one sample for the Fisher, got none")
         return total / count
 
     def end_task(self, model, data):

@@ -423,15 +423,6 @@ class Evaluator:
             self.ref_stats.append(feature_statistics(feats))
             self.real_counts.append(int(x.shape[0]))
 
-    def task_labels(self, k: int) -> torch.Tensor:
-        """The labels sampled after task k (per_task protocol): for each task i <= k its class-balanced
-        `fid_samples_per_task` (protocol.fid_samples_per_task: per task, or per class x classes), grouped by
-        task and class."""
-        from cdgfast.metrics import class_balanced_labels
-        from .protocol import fid_samples_per_task
-
-        return torch.cat([class_balanced_labels(t.classes, fid_samples_per_task(self.sc, len(t.classes)))
-                          for t in self.tasks[:k + 1]])
 
     def sample(self, model, labels: Optional[torch.Tensor], key, total: Optional[int] = None) -> tuple:
         """(images, labels): one sample per label (`labels` None: `total` unconditional samples, labels
@@ -472,7 +463,9 @@ class Evaluator:
             pred = predict(self.classifier, x)
             # no labels to compare with: the grid shows the samples by the class the classifier sees
             return [fid] * (k + 1), class_kld(pred, classes, self.num_classes), float("nan"), x, pred
-        x, y = self.sample(model, self.task_labels(k), (method, k))
+        from .protocol import fid_labels
+
+        x, y = self.sample(model, fid_labels(self.sc, [t.classes for t in self.tasks[:k + 1]]), (method, k))
         feats = extract_features(self.extractor, x, device=self.device)
         row = []
         for i in range(k + 1):

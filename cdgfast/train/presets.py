@@ -206,9 +206,12 @@ def _ccd_preset(key: str, dataset: str, buffer: int, tasks: int, cpt: int) -> Pr
     for m, per in _CCD_BUFFER[buffer].items():
         paper[m] = {"mf": per[key][0], "imf": per[key][1]}
     buf = {"buffer_size": buffer}
-    # CLoG's baseline hyperparameters (PROTOCOLS.md gives the files); A-GEM's reference batch is 128
-    clog = {"kd": {"lam": 0.01}, "ewc": {"lam": 5e6}, "l2": {"lam": 50.0}, "si": {"c": 5.0, "xi": 0.01},
-            "mas": {"lam": 5e-5}, "er": dict(buf), "agem": {**buf, "replay_batch": 128}, "ccd": dict(buf)}
+    # CLoG's baseline hyperparameters (scripts/mnist-*.sh; PROTOCOLS.md gives the lines). CLoG's EWC loss is
+    # weight * sum F d^2 and its MAS loss weight/2 * sum W d^2, where cdgfast's are lam/2 * sum F d^2 and
+    # lam * sum W d^2: the same penalties are lam 2 x 5e6 (EWC) and 5e-5 / 2 (MAS). Replay batch 128 (ER, A-GEM).
+    clog = {"kd": {"lam": 0.01}, "ewc": {"lam": 1e7}, "l2": {"lam": 50.0}, "si": {"c": 5.0, "xi": 0.01},
+            "mas": {"lam": 2.5e-5}, "er": {**buf, "replay_batch": 128}, "agem": {**buf, "replay_batch": 128},
+            "ccd": dict(buf)}
     return Preset(
         name=f"ccd-{key}-{buffer}",
         description=f"CCD paper, Table 1, {dataset} {tasks} tasks x {cpt} classes, buffer {buffer}: "

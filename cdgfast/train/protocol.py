@@ -142,6 +142,20 @@ def fid_samples_per_task(sc: ScaleConfig, classes_per_task: int) -> Optional[int
     return sc.fid_samples_per_task if sc.fid_samples_per_task is not None else sc.fid_samples_per_class * classes_per_task
 
 
+def fid_labels(sc: ScaleConfig, task_classes: List[List[int]]) -> torch.Tensor:
+    """The labels sampled for the per_task FID after the tasks `task_classes` (one list of classes per task
+    seen): for every task its own `fid_samples_per_task` labels, class-balanced (counts differ by at most
+    one), grouped by task and class. With the per-class count (fid_samples_per_task None) this is every
+    class `fid_samples_per_class` times, in task order, as the evaluator always sampled."""
+    from cdgfast.metrics import class_balanced_labels
+
+    if sc.fid_protocol != "per_task":
+        raise ValueError(f"fid_protocol: labels are sampled only by the per_task protocol, got {sc.fid_protocol!r}")
+    if not task_classes:
+        raise ValueError("task_classes: expected at least one task")
+    return torch.cat([class_balanced_labels(c, fid_samples_per_task(sc, len(c))) for c in task_classes])
+
+
 def evaluation_config(sc: ScaleConfig, *, classes_per_task: int, inception: Optional[str] = None) -> dict:
     return {"fid_backbone": "inception (--inception)" if inception else "classifier",
             "fid_protocol": sc.fid_protocol,
@@ -181,4 +195,4 @@ def describe(*, preset: Preset, scale: str, sc: ScaleConfig, methods: List[str],
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULES", "DDIM_SPACINGS", "FID_PROTOCOLS", "CLASS_ORDERS", "check_scale_config",
            "model_config", "build_model", "lr_factor", "make_optimizer", "clip_gradients", "training_config",
-           "fid_samples_per_task", "evaluation_config", "describe"]
+           "fid_samples_per_task", "fid_labels", "evaluation_config", "describe"]
