@@ -417,7 +417,7 @@ def test_no_progress_hides_every_bar_and_progress_shows_them(tmp_path, cache_dir
         bars.append((str(k.get("desc")), bool(self.disable)))
 
     monkeypatch.setattr(tqdm.std.tqdm, "__init__", spy)
-    kw = dict(methods=["rank1+gd", "diag"], num_tasks=1, steps=1)
+    kw = dict(methods=["rank1+gd", "diag"], num_tasks=2, steps=1)  # 2 tasks: no Fisher or pool is built after the last one
     run(tiny_cfg(tmp_path / "quiet", cache_dir, **kw))
     shown = [d for d, disabled in bars if not disabled]
     assert not shown, shown

@@ -79,7 +79,7 @@ def model_config(sc: ScaleConfig, *, num_classes: int, channels: int, image_size
 
 
 def build_model(sc: ScaleConfig, *, num_classes: int, channels: int, image_size: int):
-    from cdgfast.models import build_unet
+    from cdgfast.models.unet import build_unet
 
     return build_unet(sc.unet, num_classes=num_classes, in_channels=channels, sample_size=image_size,
                       dropout=sc.dropout, class_conditional=sc.class_conditional)
