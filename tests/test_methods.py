@@ -26,7 +26,8 @@ from cdgfast.models import build_unet
 NUM_CLASSES = 4
 B = 6
 
-REQUIRED = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "diag", "rank1+gd", "diag+gd",
+REQUIRED = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "rankk", "diag", "rank1+gd",
+            "rankk+gd", "diag+gd",
             "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge"]
 
 # What the built-in methods' declarations must keep saying (the tables these tests had before the
@@ -36,14 +37,17 @@ FAST = {
     "er": dict(buffer_size=16), "agem": dict(buffer_size=16, replay_batch=4),
     "gd": dict(pool_per_class=3, pool_steps=2), "rank1+gd": dict(pool_per_class=3, pool_steps=2),
     "diag+gd": dict(pool_per_class=3, pool_steps=2), "mas": dict(mas_max_samples=4),
+    "rankk": dict(power_iters=2, fisher_max_samples=8),
+    "rankk+gd": dict(pool_per_class=3, pool_steps=2, power_iters=2, fisher_max_samples=8),
     "ccd": dict(buffer_size=16), "dsc": dict(iterations=2), "ewc_dc": dict(k=3),
     "clora": dict(rank=2), "lora_seq": dict(rank=2), "lora_merge": dict(rank=2),
 }
 TERMS = {"finetune": set(), "er": set(), "agem": set(), "kd": {"kd"}, "l2": {"l2"}, "ewc": {"ewc"}, "si": {"si"},
          "mas": {"mas"}, "gd": {"gd"}, "rank1": {"rank1"}, "diag": {"diag"}, "rank1+gd": {"rank1", "gd"},
          "diag+gd": {"diag", "gd"}, "ccd": {"ikc", "ukc", "lkc"}, "ewc_dc": {"ewc_dc"}, "dsc": set(),
-         "clora": {"clora"}, "lora_seq": set(), "lora_merge": set()}
-FROZEN = {"ccd": 2, "kd": 1, "gd": 1, "rank1+gd": 1, "diag+gd": 1}
+         "clora": {"clora"}, "lora_seq": set(), "lora_merge": set(), "rankk": {"rankk"},
+         "rankk+gd": {"rankk", "gd"}}
+FROZEN = {"ccd": 2, "kd": 1, "gd": 1, "rank1+gd": 1, "diag+gd": 1, "rankk+gd": 1}
 
 
 def tiny(name):

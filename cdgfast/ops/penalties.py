@@ -3,6 +3,8 @@ flat buffers).
 
     rank1_penalty(params, anchors[K,P], directions[K,P], coeffs[K]) = 0.5 sum_k c_k (d_k . (theta - a_k))^2
     diag_penalty(params, anchor[P], fisher[P])                      = 0.5 sum_j F_j (theta_j - a_j)^2
+    lowrank_penalty(params, anchors[K,P], directions[K,k,P], lambdas[K,k])
+                                                  = 0.5 sum_{t,j} lambda_tj (v_tj . (theta - a_t))^2
 
 `theta` is the flat parameter vector of SPEC section 1. The weight `lam` is applied by the caller.
 
@@ -16,6 +18,12 @@ torch.library ops (namespace `cdgfast`):
   Autograd with w_k = g c_k s_k + grad_s_k: d/dtheta = sum_k w_k d_k, d/da_k = -w_k d_k,
   d/dd_k = w_k (theta - a_k), d/dc_k = 0.5 g s_k^2 (all closed forms, no second pass over the
   data for s). The theta/anchor/direction gradients are one registered op, `rank1_penalty_backward`.
+* `lowrank_penalty_fwd(theta, anchors, directions, lambdas) -> (loss, s)`, s_tj = v_tj . (theta - a_t)
+  (a rank-k Fisher per consolidated task t: k directions share one anchor). Autograd with
+  w_tj = g lambda_tj s_tj + grad_s_tj: d/dtheta = sum_tj w_tj v_tj, d/da_t = -sum_j w_tj v_tj,
+  d/dv_tj = w_tj (theta - a_t), d/dlambda_tj = 0.5 g s_tj^2; the first three are one registered op,
+  `lowrank_penalty_backward`. No Triton kernel yet: the composite (one [P] difference per task and a
+  [k, P] matrix-vector product) runs on every device.
 * `diag_penalty_fwd(theta, anchor, fisher, save_grad) -> (loss, r)`: with `save_grad`, r = F (theta - a)
   is written in the same pass as the loss, so the backward only scales it (`diag_penalty_backward`).
   d/dtheta = g r, d/da = -g r, d/dF = 0.5 g (theta - a)^2.
@@ -24,7 +32,7 @@ Every op has a plain-PyTorch composite (all devices), a fake (meta) implementati
 Triton kernels of `cdgfast.kernels.penalties` when `cdgfast._dispatch.use_triton(theta)`.
 
 Higher-order derivatives: a backward with create_graph=True differentiates the plain-PyTorch reference
-(`_rank1_ref`, `_diag_ref`, also used under torch.func transforms) instead of calling the first-order
+(`_rank1_ref`, `_lowrank_ref`, `_diag_ref`, also used under torch.func transforms) instead of calling the first-order
 backward ops, so double backward is exact (see `_common`).
 
 Dtypes: inputs may mix floating dtypes (say bfloat16 parameters and float32 Fisher/anchors). Sums are
@@ -48,7 +56,7 @@ from cdgfast._validation import check_same_device, check_tensor
 
 from ._common import acc_dtype as _acc_dtype, empty_unless, recorded_vjp, save, saved, saved_grad_dtype, usable
 
-__all__ = ["rank1_penalty", "diag_penalty", "flat_parameters"]
+__all__ = ["rank1_penalty", "lowrank_penalty", "diag_penalty", "flat_parameters"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,6 +238,106 @@ _rank1_fwd.register_autograd(_rank1_backward, setup_context=_rank1_setup_context
 
 
 # ----------------------------------------------------------------------------------------------------
+# low-rank (k directions per anchor): composites
+
+def _lowrank_fwd_composite(theta: Tensor, anchors: Tensor, directions: Tensor,
+                           lambdas: Tensor) -> Tuple[Tensor, Tensor]:
+    acc = _acc_dtype(theta, anchors, directions, lambdas)
+    th = theta.to(acc)
+    T, k = directions.shape[0], directions.shape[1]
+    s = torch.empty((T, k), dtype=acc, device=theta.device)
+    buf = torch.empty_like(th)
+    for t in range(T):  # V_t (theta - a_t): the difference first (no cancellation near a_t), one P buffer
+        torch.sub(th, anchors[t].to(acc), out=buf)
+        s[t] = torch.mv(directions[t].to(acc), buf)
+    loss = 0.5 * (lambdas.to(acc) * s * s).sum()
+    return loss, s
+
+
+def _lowrank_bwd_composite(grad_loss, grad_s, theta, anchors, directions, lambdas, s,
+                           need_theta, need_anchors, need_directions):
+    acc = _acc_dtype(theta, anchors, directions, lambdas, s)
+    w = grad_loss.to(acc) * lambdas.to(acc) * s.to(acc)          # [T, k]
+    if grad_s is not None:
+        w = w + grad_s.to(acc)
+    T, P = anchors.shape
+    per_task = None
+    if need_theta or need_anchors:
+        # V_t^T w_t for every task [T, P]: the anchor gradient is its negative, theta's gradient its sum
+        per_task = torch.stack([torch.mv(directions[t].to(acc).t(), w[t]) for t in range(T)])
+    gt = per_task.sum(0).to(theta.dtype) if need_theta else theta.new_empty((0,))
+    ga = (-per_task).to(anchors.dtype) if need_anchors else anchors.new_empty((0,))
+    if need_directions:
+        diff = theta.to(acc)[None, :] - anchors.to(acc)           # [T, P]
+        gd = (w[:, :, None] * diff[:, None, :]).to(directions.dtype)
+    else:
+        gd = directions.new_empty((0,))
+    return gt, ga, gd
+
+
+def _lowrank_ref(theta: Tensor, anchors: Tensor, directions: Tensor, lambdas: Tensor) -> Tuple[Tensor, Tensor]:
+    """(loss, s) in plain differentiable PyTorch (transforms, create_graph backward); a [T, P] temporary."""
+    acc = _acc_dtype(theta, anchors, directions, lambdas)
+    diff = theta.to(acc)[None, :] - anchors.to(acc)
+    s = torch.einsum("tkp,tp->tk", directions.to(acc), diff)
+    return 0.5 * (lambdas.to(acc) * s * s).sum(), s
+
+
+# ----------------------------------------------------------------------------------------------------
+# low-rank: ops
+
+@torch.library.custom_op("cdgfast::lowrank_penalty_fwd", mutates_args=())
+def _lowrank_fwd(theta: Tensor, anchors: Tensor, directions: Tensor, lambdas: Tensor) -> Tuple[Tensor, Tensor]:
+    return _lowrank_fwd_composite(theta, anchors, directions, lambdas)
+
+
+@_lowrank_fwd.register_fake
+def _lowrank_fwd_fake(theta, anchors, directions, lambdas):
+    acc = _acc_dtype(theta, anchors, directions, lambdas)
+    return theta.new_empty((), dtype=acc), theta.new_empty(tuple(directions.shape[:2]), dtype=acc)
+
+
+@torch.library.custom_op("cdgfast::lowrank_penalty_backward", mutates_args=())
+def _lowrank_bwd(grad_loss: Tensor, grad_s: Optional[Tensor], theta: Tensor, anchors: Tensor, directions: Tensor,
+                 lambdas: Tensor, s: Tensor, need_theta: bool, need_anchors: bool,
+                 need_directions: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _lowrank_bwd_composite(grad_loss, grad_s, theta, anchors, directions, lambdas, s,
+                                  need_theta, need_anchors, need_directions)
+
+
+@_lowrank_bwd.register_fake
+def _lowrank_bwd_fake(grad_loss, grad_s, theta, anchors, directions, lambdas, s, need_theta, need_anchors,
+                      need_directions):
+    return (empty_unless(need_theta, theta), empty_unless(need_anchors, anchors),
+            empty_unless(need_directions, directions))
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    theta, anchors, directions, lambdas = inputs
+    save(ctx, theta, anchors, directions, lambdas, output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _lowrank_backward(ctx, grad_loss, grad_s):
+    theta, anchors, directions, lambdas, s = saved(ctx)
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        return tuple(recorded_vjp(_lowrank_ref, (theta, anchors, directions, lambdas), need, (grad_loss, grad_s)))
+    if grad_loss is None:
+        grad_loss = s.new_zeros(())
+    gt = ga = gd = gl = None
+    if need[0] or need[1] or need[2]:
+        gt, ga, gd = torch.ops.cdgfast.lowrank_penalty_backward(grad_loss, grad_s, theta, anchors, directions,
+                                                                lambdas, s, need[0], need[1], need[2])
+    if need[3]:
+        gl = (0.5 * grad_loss.to(s.dtype) * s * s).to(lambdas.dtype)
+    return (gt if need[0] else None, ga if need[1] else None, gd if need[2] else None, gl)
+
+
+_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
 # diag
 
 def _diag_fwd_composite(theta: Tensor, anchor: Tensor, fisher: Tensor, save_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -328,10 +436,15 @@ _diag_fwd.register_autograd(_diag_backward, setup_context=_diag_setup_context)
 _lib = torch.library.Library("cdgfast", "FRAGMENT")
 _lib.define("rank1_penalty(Tensor theta, Tensor anchors, Tensor directions, Tensor coeffs) -> Tensor")
 _lib.define("diag_penalty(Tensor theta, Tensor anchor, Tensor fisher) -> Tensor")
+_lib.define("lowrank_penalty(Tensor theta, Tensor anchors, Tensor directions, Tensor lambdas) -> Tensor")
 
 
 def _rank1_penalty_impl(theta, anchors, directions, coeffs):
     return torch.ops.cdgfast.rank1_penalty_fwd(theta, anchors, directions, coeffs)[0]
+
+
+def _lowrank_penalty_impl(theta, anchors, directions, lambdas):
+    return torch.ops.cdgfast.lowrank_penalty_fwd(theta, anchors, directions, lambdas)[0]
 
 
 def _diag_penalty_impl(theta, anchor, fisher):
@@ -342,6 +455,7 @@ def _diag_penalty_impl(theta, anchor, fisher):
 
 _lib.impl("rank1_penalty", _rank1_penalty_impl, "CompositeImplicitAutograd")
 _lib.impl("diag_penalty", _diag_penalty_impl, "CompositeImplicitAutograd")
+_lib.impl("lowrank_penalty", _lowrank_penalty_impl, "CompositeImplicitAutograd")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,6 +503,53 @@ def rank1_penalty(params, anchors: Tensor, directions: Tensor, coeffs) -> Tensor
     if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
         return _rank1_ref(theta, *(usable(t) for t in (anchors, directions, coeffs)))[0]
     return torch.ops.cdgfast.rank1_penalty(theta, anchors, directions, coeffs)
+
+
+def lowrank_penalty(params, anchors: Tensor, directions: Tensor, lambdas) -> Tensor:
+    """0.5 * sum_{t,j} lambdas_tj * (directions_tj . (theta - anchors_t))^2: a rank-k Fisher
+    sum_j lambda_j v_j v_j^T around each anchor (the caller multiplies by lam).
+
+    params: module, sequence of tensors or flat theta [P] (see `flat_parameters`).
+    Either T consolidated tasks: anchors [T, P], directions [T, k, P], lambdas [T, k]; or one:
+    anchors [P] (or [1, P]), directions [k, P], lambdas [k]. T, k >= 1. lambdas may be a tensor or
+    (nested) numbers, which become float32 (float64 beside float64 anchors) on anchors' device.
+    The directions need not be orthonormal; the formula is the one above whatever they are.
+    Returns a 0-dim loss (float32, float64 if any input is float64), differentiable w.r.t. the
+    parameters, anchors, directions and lambdas (each gradient in its input's shape and dtype).
+    Raises ValueError naming the argument for a wrong P, T or k, mixed devices, non-floating or empty
+    input.
+    """
+    theta = _check_params_theta(params)
+    P = theta.numel()
+    check_tensor("directions", directions)
+    if directions.dim() not in (2, 3) or directions.shape[-1] != P:
+        raise ValueError(f"directions: expected shape (T, k, P) or (k, P) with P = {P} (the number of parameter "
+                         f"elements), got {tuple(directions.shape)}")
+    single = directions.dim() == 2
+    T, k = (1, directions.shape[0]) if single else tuple(directions.shape[:2])
+    check_tensor("anchors", anchors)
+    anchor_shapes = ((P,), (1, P)) if single else ((T, P),)
+    if tuple(anchors.shape) not in anchor_shapes:
+        expected = f"({P},) or (1, {P})" if single else f"(T, P) = ({T}, {P})"
+        raise ValueError(f"anchors: expected shape {expected} to match directions {tuple(directions.shape)}, "
+                         f"got {tuple(anchors.shape)}")
+    if not isinstance(lambdas, Tensor):
+        # numbers become float32 (float64 beside float64 anchors): a large lambda would be inf in float16
+        try:
+            lambdas = torch.as_tensor(lambdas, dtype=_acc_dtype(anchors), device=anchors.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"lambdas: expected a tensor or numbers shaped like directions.shape[:-1] = "
+                             f"{tuple(directions.shape[:-1])}, got {type(lambdas).__name__}")
+    check_tensor("lambdas", lambdas)
+    if tuple(lambdas.shape) != tuple(directions.shape[:-1]):
+        raise ValueError(f"lambdas: expected shape {tuple(directions.shape[:-1])} (directions.shape[:-1]), "
+                         f"got {tuple(lambdas.shape)}")
+    check_same_device(params=theta, anchors=anchors, directions=directions, lambdas=lambdas)
+    # one layout for the op: [T, P], [T, k, P], [T, k] (views; gradients flow back in the caller's shapes)
+    anchors, directions, lambdas = anchors.reshape(T, P), directions.reshape(T, k, P), lambdas.reshape(T, k)
+    if transform_active():  # custom ops carry no forward-AD / batching rule: stay in plain PyTorch
+        return _lowrank_ref(theta, *(usable(t) for t in (anchors, directions, lambdas)))[0]
+    return torch.ops.cdgfast.lowrank_penalty(theta, anchors, directions, lambdas)
 
 
 def diag_penalty(params, anchor: Tensor, fisher: Tensor) -> Tensor:
