@@ -47,6 +47,9 @@ setup(
         "cuda": ["cupy-cuda12x"],
         "text": ["transformers>=4.30"],
         "vision": ["torchvision"],
+        # the FID Inception (TF-ported weights) of torch-fidelity, the network torchmetrics' FID wraps; pulls
+        # torchvision, which must match the installed torch (pip install --no-deps to keep a CPU torch)
+        "fid": ["torch-fidelity>=0.3"],
         # benchmark peers (benchmarks/bench_fisher.py). backpack-for-pytorch depends on torchvision, whose
         # latest release pins a newer torch: install these with `pip install --no-deps` (BENCHMARKS.md) so that
         # the torch build in place is never replaced; opacus needs only torch / numpy / scipy / opt_einsum.

@@ -188,7 +188,7 @@ def test_module_entry_point_lists():
 def test_missing_data_and_weights_exit_2_with_instructions(tmp_path, capsys):
     # paper scale never substitutes: CIFAR-10 is not on this machine
     code = main(["--preset", "rank1-cifar10", "--scale", "paper", "--out", str(tmp_path / "a"), "--no-progress",
-                 "--data-root", str(tmp_path / "empty")])
+                 "--data-root", str(tmp_path / "empty"), "--fid", "classifier"])
     err = capsys.readouterr().err
     if code == 0:  # pragma: no cover - a machine that has CIFAR-10
         pytest.skip("CIFAR-10 is present")

@@ -4,10 +4,12 @@ forgetting, MF, IMF, class-distribution KLD)."""
 from .classifier import SmallCNN, get_classifier, predict, train_classifier
 from .continual import (afid_at_k, class_balanced_labels, class_histogram, class_kld, forgetting, imf,
                         kl_divergence, mf, summarize)
-from .fid import (CLASSIFIER_LABEL, INCEPTION_LABEL, ClassifierFeatures, InceptionFeatures, extract_features,
-                  feature_statistics, fid_from_features, frechet_distance)
+from .fid import (CLASSIFIER_LABEL, FID_BACKBONES, INCEPTION_LABEL, ClassifierFeatures, FidBackboneUnavailable,
+                  InceptionFeatures, extract_features, feature_statistics, fid_from_features, fid_inception_cache_path,
+                  frechet_distance, resolve_fid_backbone)
 
 __all__ = ["SmallCNN", "get_classifier", "predict", "train_classifier", "afid_at_k", "class_balanced_labels",
            "class_histogram", "class_kld", "forgetting", "imf", "kl_divergence", "mf", "summarize",
            "CLASSIFIER_LABEL", "INCEPTION_LABEL", "ClassifierFeatures", "InceptionFeatures", "extract_features",
-           "feature_statistics", "fid_from_features", "frechet_distance"]
+           "feature_statistics", "fid_from_features", "frechet_distance", "FID_BACKBONES", "FidBackboneUnavailable",
+           "fid_inception_cache_path", "resolve_fid_backbone"]

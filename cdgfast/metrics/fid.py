@@ -8,25 +8,91 @@ S_1^{1/2} S_2 S_1^{1/2}), which stays real and well defined for the rank-deficie
 small sample sets give; tr((S_1 S_2)^{1/2}) equals the same trace since S_1 S_2 is similar to it.
 
 Two feature sources:
-  * `InceptionFeatures(path)`: the standard Inception-v3 pool features (2048-d) from a LOCAL weights
-    file, either a TorchScript module or a torchvision `inception_v3` state dict. Reported as
+  * `InceptionFeatures(path)`: the FID Inception-v3 pool features (2048-d) from a LOCAL weights file:
+    the TF-ported FID Inception that torch-fidelity and torchmetrics' FID load
+    (`weights-inception-2015-12-05-6726825d.pth`, run through torch-fidelity's
+    `FeatureExtractorInceptionV3`, the network behind `torchmetrics.image.fid`), or a TorchScript
+    module of the same network (pytorch-fid / clean-fid). torchvision's `inception_v3` ImageNet weights
+    are refused: they are not the network the papers' FIDs were measured with. Reported as
     "Inception-FID".
   * `ClassifierFeatures(classifier)`: the penultimate features of the small CNN classifier that
     `cdgfast.metrics.classifier` trains on the same data set. Reported as "classifier-FID"; its
     values are NOT comparable with published Inception FIDs.
+
+`resolve_fid_backbone(fid, inception, scale)` decides which one a run uses (`--fid inception|classifier|
+auto`) without downloading anything: the weights are looked for at `--inception PATH`, else in the
+torch hub cache where torch-fidelity / torchmetrics keep them (`fid_inception_cache_path()`).
 """
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 INCEPTION_LABEL = "Inception-FID"
 CLASSIFIER_LABEL = "classifier-FID"
+FID_BACKBONES = ("auto", "inception", "classifier")
+# torch-fidelity's FID Inception weights (TF Inception 2015-12-05, ported), as torch.hub names them
+FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+_FID_INCEPTION_CLASSES = 1008  # the TF graph's 1008-way head; torchvision's ImageNet Inception has 1000
+
+
+def fid_inception_cache_path() -> Path:
+    """Where torch-fidelity and torchmetrics' FID keep the FID Inception weights once downloaded
+    (torch.hub's checkpoint folder: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints).
+    Only a path: nothing is downloaded or created."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_INCEPTION_FILE
+
+
+class FidBackboneUnavailable(ValueError):
+    """The requested FID backbone cannot be used (missing weights, a paper-scale run without them)."""
+
+
+def resolve_fid_backbone(fid: str = "auto", inception: Optional[Union[str, os.PathLike]] = None,
+                         scale: Optional[str] = None) -> Tuple[str, Optional[Path]]:
+    """("inception", weights path) or ("classifier", None) for `--fid` = fid, `--inception` = inception.
+
+    * "classifier": classifier-FID; giving `inception` as well is a contradiction (ValueError).
+    * "inception": the weights at `inception`, else the torch hub cache (`fid_inception_cache_path`);
+      neither present: FidBackboneUnavailable naming both.
+    * "auto" (default): "inception" when those weights are present, else "classifier" - except at
+      scale "paper", where classifier-FID would be mistaken for the papers' numbers: there it raises
+      FidBackboneUnavailable unless fid="classifier" is asked for explicitly.
+    Checks only that files exist (no import, no download, no loading)."""
+    if fid not in FID_BACKBONES:
+        raise ValueError(f"fid: expected one of {list(FID_BACKBONES)}, got {fid!r}")
+    if fid == "classifier":
+        if inception is not None:
+            raise ValueError("fid: 'classifier' contradicts --inception PATH (Inception weights given); pass one of "
+                             "them")
+        return "classifier", None
+    if inception is not None:
+        path = Path(inception).expanduser()
+        if not path.is_file():
+            raise FidBackboneUnavailable(f"inception weights: {path} does not exist. {_WEIGHTS_HINT}")
+        return "inception", path
+    cached = fid_inception_cache_path()
+    if cached.is_file():
+        return "inception", cached
+    if fid == "inception" or scale == "paper":
+        why = ("--fid inception" if fid == "inception" else
+               "--scale paper reports the papers' Inception FID, and classifier-FID numbers must not be mistaken "
+               "for them")
+        raise FidBackboneUnavailable(
+            f"FID Inception weights not found ({why}): expected {cached} (where torch-fidelity and torchmetrics' "
+            f"FID keep {FID_INCEPTION_FILE}; on a machine with internet they download it there on first use, "
+            f"from where it can be copied) or pass --inception PATH. To run with classifier-FID instead, pass "
+            f"--fid classifier.")
+    return "classifier", None
+
+
+_WEIGHTS_HINT = (f"Pass the FID Inception weights: torch-fidelity's {FID_INCEPTION_FILE} (the file torchmetrics' "
+                 f"FID downloads; needs `pip install cdgfast[fid]`) or a TorchScript FID Inception (pytorch-fid / "
+                 f"clean-fid). Without them, --fid classifier (or auto below --scale paper) reports classifier-FID.")
 
 
 def feature_statistics(features: torch.Tensor, name: str = "features", *,
@@ -134,12 +200,14 @@ class ClassifierFeatures:
 
 
 class InceptionFeatures:
-    """Inception-v3 pool features (metric label "Inception-FID") from a local weights file.
+    """FID Inception-v3 pool features (metric label "Inception-FID", 2048-d) from a local weights file.
 
-    `path` is either a TorchScript module (torch.jit.save) that maps images [B, 3, 299, 299] in [-1, 1]
-    to features [B, D] (or [B, D, 1, 1]), or a torchvision `inception_v3` state dict (needs torchvision;
-    the classifier head is dropped, giving the 2048-d pool features). Grey images are repeated to 3
-    channels and everything is resized bilinearly to 299 x 299.
+    `path` is either torch-fidelity's FID Inception state dict (`weights-inception-2015-12-05-6726825d.pth`:
+    first loaded with `weights_only=True`, so a file holding anything but tensors is refused before
+    torch-fidelity reads it; needs the `fid` extra), run through torch-fidelity's
+    `FeatureExtractorInceptionV3` (its TF-compatible resize to 299 and normalisation; images go in as
+    uint8, as torchmetrics' FID hands them), or a TorchScript module that maps images [B, 3, 299, 299]
+    in [-1, 1] to features [B, D] (or [B, D, 1, 1]). Grey images are repeated to 3 channels.
     """
 
     label = INCEPTION_LABEL
@@ -147,44 +215,55 @@ class InceptionFeatures:
     def __init__(self, path: Union[str, os.PathLike], device=None):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"inception weights: {path} does not exist. Pass a local file: a TorchScript Inception "
-                f"feature extractor (e.g. the pytorch-fid / clean-fid 'pt_inception-2015-12-05' model saved "
-                f"with torch.jit.save) or torchvision's inception_v3 state dict (inception_v3_google-*.pth "
-                f"from https://download.pytorch.org/models/). Without --inception, cdgfast reports "
-                f"classifier-FID instead.")
+            raise FileNotFoundError(f"inception weights: {path} does not exist. {_WEIGHTS_HINT}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.path = path
         net = None
         try:
             net = torch.jit.load(str(path), map_location=self.device)
         except Exception:
             net = None
+        self.kind = "torchscript" if net is not None else "torch-fidelity"
         if net is None:
-            try:
-                from torchvision.models import inception_v3
-            except ImportError as exc:
-                raise ImportError(f"inception weights: {path} is not a TorchScript module, and loading a "
-                                  f"state dict needs torchvision (pip install torchvision)") from exc
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if [k for k in missing if not k.startswith("AuxLogits")]:
-                raise ValueError(f"inception weights: {path} is not an inception_v3 state dict "
-                                 f"(missing {missing[:5]}...)")
-            net.fc = torch.nn.Identity()
-            net = net.to(self.device)
+            net = self._fidelity_net(path)
         self.net = net.eval()
+
+    def _fidelity_net(self, path: Path):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"inception weights: {path} is neither a TorchScript module nor a state dict of "
+                             f"tensors ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        fc = state.get("fc.weight") if isinstance(state, dict) else None
+        if not isinstance(fc, torch.Tensor) or fc.shape[0] != _FID_INCEPTION_CLASSES:
+            got = "no fc.weight" if not isinstance(fc, torch.Tensor) else f"a {fc.shape[0]}-way head"
+            raise ValueError(f"inception weights: {path} is not the FID Inception ({got}; the TF-ported FID "
+                             f"Inception has a {_FID_INCEPTION_CLASSES}-way head - torchvision's ImageNet "
+                             f"inception_v3 weights give other FIDs than the papers'). {_WEIGHTS_HINT}")
+        del state
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as exc:
+            raise ImportError(f"inception weights: {path} is torch-fidelity's FID Inception; running it needs "
+                              f"torch-fidelity (pip install 'cdgfast[fid]'): {exc}") from exc
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        return net.to(self.device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        if x.shape[-1] != 299 or x.shape[-2] != 299:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out = self.net(x)
+        if self.kind == "torch-fidelity":
+            # [-1, 1] -> uint8 [0, 255], what torch-fidelity's extractor takes (it resizes and normalises)
+            u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out = self.net(u8)
+        else:
+            if x.shape[-1] != 299 or x.shape[-2] != 299:
+                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            out = self.net(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.flatten(1)

@@ -14,6 +14,7 @@ import sys
 from typing import List, Optional
 
 from cdgfast.data import DATASET_ALIASES, DATASET_REGISTRY, canonical_dataset
+from cdgfast.metrics.fid import FID_BACKBONES, FidBackboneUnavailable, resolve_fid_backbone
 
 from .presets import DEFAULT_PRESET, FAMILIES, PRESETS, SCALES
 
@@ -48,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"data sets: {', '.join(DATASET_REGISTRY)}\n\n"
         "Without arguments: the embedded default (scikit-learn digits at 16x16, 5 tasks x 2 classes, finetune vs gd "
         "vs rank1+gd, a few CPU minutes), written to runs/default-cpu.\n"
-        "FID is classifier-FID (a small CNN trained on the same data) unless --inception PATH gives local "
-        "Inception weights.\nDistributed: torchrun --nproc_per_node N -m cdgfast.train [options] (gloo on CPU, NCCL on GPU).")
+        "FID (--fid auto): Inception-FID when the FID Inception weights are present (--inception PATH, or "
+        "torch-fidelity's weights-inception-2015-12-05-6726825d.pth in the torch hub cache; never downloaded), "
+        "else classifier-FID (a small CNN trained on the same data); --scale paper refuses to run without the "
+        "Inception weights unless --fid classifier.\n"
+        "Distributed: torchrun --nproc_per_node N -m cdgfast.train [options] (gloo on CPU, NCCL on GPU).")
     p = argparse.ArgumentParser(prog="python -m cdgfast.train",
                                 description="Continual-learning benchmarks for diffusion models (cdgfast).",
                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every seed (OUT/seed-S/, each resumable) and report mean ± standard error over them")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--inception", metavar="PATH",
-                   help="local Inception-v3 weights (TorchScript or torchvision state dict) for standard FID")
+                   help="local FID Inception weights: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                        "(needs the fid extra) or a TorchScript FID Inception; default: the torch hub cache")
+    p.add_argument("--fid", choices=FID_BACKBONES, default="auto",
+                   help="FID features: inception (the FID Inception; refuses without its weights), classifier "
+                        "(classifier-FID) or auto (default: inception when its weights are present, else classifier; "
+                        "at --scale paper, refuses without them)")
     p.add_argument("--cache-dir", metavar="DIR", help="where the FID classifier is cached (default ~/.cache/cdgfast)")
     p.add_argument("--steps", type=int, metavar="N", help="override: training steps per task")
     p.add_argument("--fid-samples", type=int, metavar="N", help="override: generated samples per class for FID/KLD")
@@ -143,9 +152,17 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
         method_args = parse_method_args(args.method_args)
     except ValueError as exc:
         parser.error(f"argument --{exc}")
+    try:  # the FID backbone before any work: files only, nothing loaded or downloaded
+        resolve_fid_backbone(args.fid, args.inception, args.scale or "cpu")
+    except FidBackboneUnavailable as exc:
+        if not args.print_config:  # --print-config shows that the run would refuse, and why
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    except ValueError as exc:
+        parser.error(f"argument --{exc}")
     cfg = RunConfig(preset=args.preset, methods=methods, dataset=args.dataset, scale=args.scale or "cpu",
                     data_root=args.data_root, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                    seed=0 if args.seed is None else args.seed, device=args.device, inception=args.inception,
+                    seed=0 if args.seed is None else args.seed, device=args.device, inception=args.inception, fid=args.fid,
                     cache_dir=args.cache_dir,
                     steps=args.steps, fid_samples=args.fid_samples, batch_size=args.batch_size,
                     num_tasks=args.num_tasks, progress=not args.no_progress,

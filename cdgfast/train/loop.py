@@ -114,6 +114,7 @@ class RunConfig:
     seed: int = 0
     device: Optional[str] = None
     inception: Optional[str] = None
+    fid: str = "auto"                    # --fid: FID backbone, "auto" / "inception" / "classifier"
     cache_dir: Optional[str] = None
     steps: Optional[int] = None          # override: training steps per task
     fid_samples: Optional[int] = None    # override: generated samples per class for FID / KLD
@@ -276,12 +277,21 @@ def resolved_config(cfg: RunConfig) -> dict:
     the same resolve() / _build_method the run uses; reads no data and trains nothing."""
     from .protocol import describe
 
+    from cdgfast.metrics.fid import FidBackboneUnavailable, resolve_fid_backbone
+
     preset, sc, methods, dataset = resolve(cfg)
     configs = {m: _as_json(_build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)[0].config) for m in methods}
     t = cfg.num_tasks if cfg.num_tasks is not None else preset.num_tasks
-    return _as_json(describe(preset=preset, scale=cfg.scale, sc=sc, methods=methods, dataset=dataset,
-                             method_configs=configs, num_tasks=t, classes_per_task=preset.classes_per_task,
-                             inception=cfg.inception))
+    # the backbone the run would use (the same resolver); where the run would refuse, say so instead
+    try:
+        backbone, weights = resolve_fid_backbone(cfg.fid, cfg.inception, cfg.scale)
+        fid_backbone = "classifier" if backbone == "classifier" else f"inception ({weights})"
+    except FidBackboneUnavailable:
+        fid_backbone = "inception (weights not found here: the run refuses; --inception PATH or --fid classifier)"
+    out = describe(preset=preset, scale=cfg.scale, sc=sc, methods=methods, dataset=dataset, method_configs=configs,
+                   num_tasks=t, classes_per_task=preset.classes_per_task)
+    out["evaluation"]["fid_backbone"] = fid_backbone
+    return _as_json(out)
 
 
 def _check_set_values(method_args: Dict[str, dict]) -> None:
@@ -826,17 +836,22 @@ def _load_inputs(s: _Session) -> _Inputs:
     """Stage 2: the Inception weights (--inception; checked first, so a bad path costs no data loading),
     the data (substituted at the smoke / cpu scales when missing), and the class-incremental tasks."""
     from cdgfast.data import class_incremental_split
-    from cdgfast.metrics import InceptionFeatures
-
+    from cdgfast.metrics import InceptionFeatures, resolve_fid_backbone
 
     cfg, sc, log = s.cfg, s.sc, s.log
     s.where.phase = "loading the data"
+    # the FID backbone first (--fid / --inception; no download): a refusal costs no data loading
+    try:
+        backbone, weights = resolve_fid_backbone(cfg.fid, cfg.inception, cfg.scale)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     inception = None
-    if cfg.inception:
+    if backbone == "inception":
         try:
-            inception = InceptionFeatures(cfg.inception, device=s.device)
+            inception = InceptionFeatures(weights, device=s.device)
         except (FileNotFoundError, ImportError, ValueError) as exc:
             raise RunError(str(exc)) from None
+        log(f"FID backbone: Inception ({inception.kind}, {weights})")
     data = load_benchmark_data(s.dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
                                log=log, progress=s.progress)
     if sc.channels == 3 and data.channels == 1:  # CLoG trains on RGB: grey images repeated to three channels
@@ -964,12 +979,14 @@ def _build_ruler(s: _Session, inputs: _Inputs) -> _Ruler:
     extractor = inputs.inception if inputs.inception is not None else ClassifierFeatures(clf)
     if extractor.label == CLASSIFIER_LABEL:
         log("FID below is classifier-FID: Fréchet distance on the features of a small CNN trained on this data set; "
-            "not comparable with published Inception FIDs (pass --inception PATH for those).")
+            "not comparable with published Inception FIDs (the FID Inception weights give those: --fid inception).")
     schedule = NoiseSchedule()
     evaluator = Evaluator(data=data, tasks=inputs.tasks, extractor=extractor, classifier=clf, sc=s.sc,
                           schedule=schedule, seed=cfg.seed, device=s.device, log=log, progress=s.progress)
     protocol = evaluation_protocol(data=data, sc=s.sc, extractor=extractor, classifier_info=clf_info,
-                                   classifier_accuracy=clf_acc, inception=cfg.inception, evaluator=evaluator)
+                                   classifier_accuracy=clf_acc,
+                                   inception=None if inputs.inception is None else inputs.inception.path,
+                                   evaluator=evaluator)
     return _Ruler(classifier_path=clf_path, classifier_accuracy=clf_acc, fid_label=extractor.label,
                   schedule=schedule, evaluator=evaluator, protocol=protocol)
 
@@ -988,9 +1005,12 @@ def evaluation_protocol(*, data: BenchmarkData, sc: ScaleConfig, extractor, clas
     dict, or the Inception weights file), the classifier behind the KLD and its held-out accuracy, the
     evaluation split's sha256, the sample counts and the sampler. Two runs whose protocols differ do not
     measure with the same ruler (`protocol_differences`)."""
+    from cdgfast.metrics import CLASSIFIER_LABEL
     from cdgfast.metrics.classifier import data_sha256
 
     return {"feature_network": extractor.label,
+            # "inception" (the FID Inception, torch-fidelity weights or TorchScript) or "classifier"
+            "fid_backbone": "classifier" if extractor.label == CLASSIFIER_LABEL else "inception",
             "feature_network_sha256": _file_sha256(inception) if inception else classifier_info["sha256"],
             "classifier_sha256": classifier_info["sha256"], "classifier_source": classifier_info["source"],
             "classifier_eval_accuracy": round(float(classifier_accuracy), 6),
@@ -1008,7 +1028,9 @@ def evaluation_protocol(*, data: BenchmarkData, sc: ScaleConfig, extractor, clas
 
 
 # Protocol entries that may differ between runs measured with the same ruler (how the net was obtained).
-_PROTOCOL_INFORMATIONAL = ("classifier_source",)
+# fid_backbone follows from feature_network and its sha256 (kept out of the digest so that runs recorded before
+# it existed still resume).
+_PROTOCOL_INFORMATIONAL = ("classifier_source", "fid_backbone")
 
 
 def protocol_digest(protocol: dict) -> str:
@@ -1245,7 +1267,7 @@ def _results_payload(s: _Session, inputs: _Inputs, ruler: _Ruler, run_info: dict
         "metric": {"fid": ruler.fid_label, "fid_reference": "held-out evaluation images of each task's classes",
                    "fid_samples_per_class": sc.fid_samples_per_class, "ddim_steps": sc.ddim_steps,
                    "classifier_path": ruler.classifier_path, "classifier_eval_accuracy": ruler.classifier_accuracy,
-                   "inception_weights": cfg.inception,
+                   "inception_weights": None if inputs.inception is None else str(inputs.inception.path),
                    "definitions": {"fid": "fid[k][i] = FID_i(m_k), task i after training task k",
                                    "afid_at_k": "mean_{i<=k} FID_i(m_k)",
                                    "forgetting": "(1/T) sum_{k<=T} FID_k(m_T) - FID_k(m_k)",

@@ -156,8 +156,10 @@ def fid_labels(sc: ScaleConfig, task_classes: List[List[int]]) -> torch.Tensor:
     return torch.cat([class_balanced_labels(c, fid_samples_per_task(sc, len(c))) for c in task_classes])
 
 
-def evaluation_config(sc: ScaleConfig, *, classes_per_task: int, inception: Optional[str] = None) -> dict:
-    return {"fid_backbone": "inception (--inception)" if inception else "classifier",
+def evaluation_config(sc: ScaleConfig, *, classes_per_task: int) -> dict:
+    """The evaluation protocol; "fid_backbone" is filled in by the caller from --fid / --inception
+    (cdgfast.metrics.fid.resolve_fid_backbone), which needs the machine's files."""
+    return {"fid_backbone": None,
             "fid_protocol": sc.fid_protocol,
             "fid_samples_per_task": fid_samples_per_task(sc, classes_per_task),
             "fid_samples_total": sc.fid_samples_total if sc.fid_protocol == "seen_classes" else None,
@@ -171,8 +173,7 @@ def evaluation_config(sc: ScaleConfig, *, classes_per_task: int, inception: Opti
 
 
 def describe(*, preset: Preset, scale: str, sc: ScaleConfig, methods: List[str], dataset: str,
-             method_configs: Dict[str, dict], num_tasks: int, classes_per_task: int,
-             inception: Optional[str] = None) -> dict:
+             method_configs: Dict[str, dict], num_tasks: int, classes_per_task: int) -> dict:
     """The `--print-config` JSON: preset, scale, data, model, training, evaluation, methods."""
     check_scale_config(sc)
     num_classes, native_channels, native_size = DATASET_SHAPES.get(dataset, (None, 3, 32))
@@ -187,7 +188,7 @@ def describe(*, preset: Preset, scale: str, sc: ScaleConfig, methods: List[str],
                  "num_tasks": num_tasks, "classes_per_task": classes_per_task, "class_order": sc.class_order},
         "model": model,
         "training": training_config(sc, methods),
-        "evaluation": evaluation_config(sc, classes_per_task=classes_per_task, inception=inception),
+        "evaluation": evaluation_config(sc, classes_per_task=classes_per_task),
         "methods": {m: method_configs[m] for m in methods},
         "paper": {"source": preset.paper_source, "metric": preset.paper_metric},
     }
