@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cdgfast.fisher import lowrank_fisher_gram, lowrank_fisher_power
+from naive import per_sample_gradient_rows
 
 D = torch.float64
 
@@ -26,14 +27,7 @@ def make_batches(sizes, seed=1):
 
 
 def explicit_fisher(model, batches):
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for b in batches:
-        for i in range(b["x"].shape[0]):
-            one = {k: v[i:i + 1] for k, v in b.items()}
-            grads = torch.autograd.grad(loss_fn(model, one).sum(), params)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    G = torch.stack(rows)
+    G = per_sample_gradient_rows(model, loss_fn, batches, [p for p in model.parameters() if p.requires_grad])
     F = G.T @ G / G.shape[0]
     evals, evecs = torch.linalg.eigh(F)
     return F, evals.flip(0), evecs.flip(1).T  # descending, eigenvectors as rows

@@ -421,6 +421,19 @@ def test_fp16_saved_diag_gradient_survives_a_large_grad_output():
 
 # ---------------------------------------------------------------------------------------------------- modes
 
+def assert_first_and_second_derivatives_match(ours, ref, params, rtol):
+    """The gradient of ours(params) and of the naive ref(params), and the gradient of its squared norm
+    (a double backward), agree to rtol."""
+    got = torch.autograd.grad(ours(params), params, create_graph=True)
+    exp = torch.autograd.grad(ref(params), params, create_graph=True)
+    for x, y in zip(got, exp):
+        close(x, y, rtol)
+    g2 = torch.autograd.grad(sum(x.square().sum() for x in got), params)
+    e2 = torch.autograd.grad(sum(y.square().sum() for y in exp), params)
+    for x, y in zip(g2, e2):
+        close(x, y, rtol)
+
+
 def test_inference_tensors_as_anchors_and_fisher():
     """Consolidation state computed under torch.inference_mode at the end of a task, then used while
     training the next task (first and second derivatives)."""
@@ -436,14 +449,7 @@ def test_inference_tensors_as_anchors_and_fisher():
                       (lambda ps: rank1_penalty(ps, Ai, Di, [0.3, 0.7]),
                        lambda ps: naive_rank1(ps, A, D, torch.tensor([0.3, 0.7], dtype=torch.float64))),
                       (lambda ps: diag_penalty(ps, ai, fi), lambda ps: naive_diag(ps, a, f))):
-        got = torch.autograd.grad(ours(params), params, create_graph=True)
-        exp = torch.autograd.grad(ref(params), params, create_graph=True)
-        for x, y in zip(got, exp):
-            close(x, y, 1e-12)
-        g2 = torch.autograd.grad(sum(x.square().sum() for x in got), params)
-        e2 = torch.autograd.grad(sum(y.square().sum() for y in exp), params)
-        for x, y in zip(g2, e2):
-            close(x, y, 1e-12)
+        assert_first_and_second_derivatives_match(ours, ref, params, 1e-12)
     # under torch.func transforms too (the plain-PyTorch path)
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     g = torch.func.grad(lambda th: rank1_penalty(th, Ai, Di, ci) + diag_penalty(th, ai, fi))(theta)

@@ -6,6 +6,7 @@ import torch
 from torch.library import opcheck
 
 from cdgfast.ops import lowrank_penalty, rank1_penalty
+from test_ops_penalties import assert_first_and_second_derivatives_match
 
 TOL = {  # (loss, gradient) relative tolerances per input dtype; sums run in float32 for half inputs
     torch.float64: (1e-10, 1e-10),
@@ -231,14 +232,8 @@ def test_inference_tensors_as_state_first_and_second_derivatives():
     with torch.inference_mode():
         Ai, Vi, li = A.clone(), V.clone(), lam.clone()
         close(lowrank_penalty(params, Ai, Vi, li), naive(params, A, V, lam), 1e-12)
-    got = torch.autograd.grad(lowrank_penalty(params, Ai, Vi, li), params, create_graph=True)
-    exp = torch.autograd.grad(naive(params, A, V, lam), params, create_graph=True)
-    for x, y in zip(got, exp):
-        close(x, y, 1e-12)
-    g2 = torch.autograd.grad(sum(x.square().sum() for x in got), params)
-    e2 = torch.autograd.grad(sum(y.square().sum() for y in exp), params)
-    for x, y in zip(g2, e2):
-        close(x, y, 1e-12)
+    assert_first_and_second_derivatives_match(lambda ps: lowrank_penalty(ps, Ai, Vi, li),
+                                              lambda ps: naive(ps, A, V, lam), params, 1e-12)
 
 
 def test_torch_func_transforms_give_the_right_numbers():

@@ -12,15 +12,20 @@ from cdgfast.sampling import ddim_sample, make_ddim_scheduler
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def unet64():
-    torch.manual_seed(1)
+def randomised_tiny_unet(seed):
+    """A float64 tiny UNet (3 classes, 8x8) with every parameter perturbed: the zero-initialised output
+    conv would otherwise make eps trivially ~0."""
+    torch.manual_seed(seed)
     m = build_unet("tiny", num_classes=3, sample_size=8).double()
-    # Randomise the zero-initialised output conv so eps is not trivially ~0.
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return m
+
+
+@pytest.fixture(scope="module")
+def unet64():
+    return randomised_tiny_unet(1)
 
 
 def reference_ddim(model, labels, shape, num_steps, eta, seed, clip=True):

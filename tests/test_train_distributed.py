@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from cdgfast import parallel as P
 from cdgfast.train import distributed as D
+from naive import per_sample_gradient_rows
 
 
 class TinyNet(torch.nn.Module):
@@ -95,14 +96,7 @@ def test_two_process_fisher_equals_single_process(tmp_path):
     torch.testing.assert_close(got["diag"], ref_diag, rtol=1e-10, atol=1e-14)
 
     # independent check of the single-process reference itself: per-sample gradients by a loop
-    params = [p for p in model.parameters()]
-    gs = []
-    for b in batches:
-        for i in range(b["x"].shape[0]):
-            one = {k: v[i:i + 1] for k, v in b.items()}
-            g = torch.autograd.grad(loss_fn(model, one).sum(), params)
-            gs.append(torch.cat([x.reshape(-1) for x in g]))
-    G = torch.stack(gs)
+    G = per_sample_gradient_rows(model, loss_fn, batches, list(model.parameters()))
     mu = G.mean(0)
     torch.testing.assert_close(got["mu"], mu, rtol=1e-9, atol=1e-12)
     assert got["coeff"] == pytest.approx(float(((G @ mu) ** 2).mean() / mu.dot(mu) ** 2), rel=1e-8)

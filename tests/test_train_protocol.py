@@ -135,14 +135,10 @@ def test_leading_ddim_spacing_is_the_official_list(n):
 
 def test_leading_ddim_sample_matches_a_naive_loop():
     from cdgfast.diffusion import NoiseSchedule
-    from cdgfast.models import build_unet
     from cdgfast.sampling import ddim_sample
+    from test_sampling import randomised_tiny_unet
 
-    torch.manual_seed(3)
-    model = build_unet("tiny", num_classes=3, sample_size=8).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = randomised_tiny_unet(3)
     labels = torch.tensor([0, 1, 2])
     n = 7
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]

@@ -205,36 +205,43 @@ def _rank1_bwd(grad_loss: Tensor, grad_s: Optional[Tensor], theta: Tensor, ancho
 _rank1_bwd.register_kernel("cuda")(triton_or_composite("penalties", "rank1_penalty_backward", _rank1_bwd_composite))
 
 
-@_rank1_bwd.register_fake
-def _rank1_bwd_fake(grad_loss, grad_s, theta, anchors, directions, coeffs, s, need_theta, need_anchors,
-                    need_directions):
+def _projection_bwd_fake(grad_loss, grad_s, theta, anchors, directions, weights, s, need_theta, need_anchors,
+                         need_directions):
     return (empty_unless(need_theta, theta), empty_unless(need_anchors, anchors),
             empty_unless(need_directions, directions))
 
 
-def _rank1_setup_context(ctx, inputs, output):
-    theta, anchors, directions, coeffs = inputs
-    save(ctx, theta, anchors, directions, coeffs, output[1])
-    ctx.set_materialize_grads(False)
+def _register_projection_autograd(fwd, backward_op, ref) -> None:
+    """Autograd of a projection penalty 0.5 * sum w * s^2, s = directions . (theta - anchors), returning
+    (loss, s): the rank-1 and the low-rank ops differ only in the shapes of s and w, so they share this.
+    Under create_graph the plain reference is differentiated (double backward); otherwise the backward op
+    computes the theta / anchors / directions gradients and the weights' gradient is 0.5 * g * s^2."""
+
+    def setup_context(ctx, inputs, output):
+        theta, anchors, directions, weights = inputs
+        save(ctx, theta, anchors, directions, weights, output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_s):
+        theta, anchors, directions, weights, s = saved(ctx)
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            return tuple(recorded_vjp(ref, (theta, anchors, directions, weights), need, (grad_loss, grad_s)))
+        if grad_loss is None:
+            grad_loss = s.new_zeros(())
+        gt = ga = gd = gw = None
+        if need[0] or need[1] or need[2]:
+            gt, ga, gd = backward_op(grad_loss, grad_s, theta, anchors, directions, weights, s,
+                                     need[0], need[1], need[2])
+        if need[3]:
+            gw = (0.5 * grad_loss.to(s.dtype) * s * s).to(weights.dtype)
+        return (gt if need[0] else None, ga if need[1] else None, gd if need[2] else None, gw)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
 
 
-def _rank1_backward(ctx, grad_loss, grad_s):
-    theta, anchors, directions, coeffs, s = saved(ctx)
-    need = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        return tuple(recorded_vjp(_rank1_ref, (theta, anchors, directions, coeffs), need, (grad_loss, grad_s)))
-    if grad_loss is None:
-        grad_loss = s.new_zeros(())
-    gt = ga = gd = gc = None
-    if need[0] or need[1] or need[2]:
-        gt, ga, gd = torch.ops.cdgfast.rank1_penalty_backward(grad_loss, grad_s, theta, anchors, directions,
-                                                              coeffs, s, need[0], need[1], need[2])
-    if need[3]:
-        gc = (0.5 * grad_loss.to(s.dtype) * s * s).to(coeffs.dtype)
-    return (gt if need[0] else None, ga if need[1] else None, gd if need[2] else None, gc)
-
-
-_rank1_fwd.register_autograd(_rank1_backward, setup_context=_rank1_setup_context)
+_rank1_bwd.register_fake(_projection_bwd_fake)
+_register_projection_autograd(_rank1_fwd, torch.ops.cdgfast.rank1_penalty_backward, _rank1_ref)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,36 +312,8 @@ def _lowrank_bwd(grad_loss: Tensor, grad_s: Optional[Tensor], theta: Tensor, anc
                                   need_theta, need_anchors, need_directions)
 
 
-@_lowrank_bwd.register_fake
-def _lowrank_bwd_fake(grad_loss, grad_s, theta, anchors, directions, lambdas, s, need_theta, need_anchors,
-                      need_directions):
-    return (empty_unless(need_theta, theta), empty_unless(need_anchors, anchors),
-            empty_unless(need_directions, directions))
-
-
-def _lowrank_setup_context(ctx, inputs, output):
-    theta, anchors, directions, lambdas = inputs
-    save(ctx, theta, anchors, directions, lambdas, output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _lowrank_backward(ctx, grad_loss, grad_s):
-    theta, anchors, directions, lambdas, s = saved(ctx)
-    need = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        return tuple(recorded_vjp(_lowrank_ref, (theta, anchors, directions, lambdas), need, (grad_loss, grad_s)))
-    if grad_loss is None:
-        grad_loss = s.new_zeros(())
-    gt = ga = gd = gl = None
-    if need[0] or need[1] or need[2]:
-        gt, ga, gd = torch.ops.cdgfast.lowrank_penalty_backward(grad_loss, grad_s, theta, anchors, directions,
-                                                                lambdas, s, need[0], need[1], need[2])
-    if need[3]:
-        gl = (0.5 * grad_loss.to(s.dtype) * s * s).to(lambdas.dtype)
-    return (gt if need[0] else None, ga if need[1] else None, gd if need[2] else None, gl)
-
-
-_lowrank_fwd.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+_lowrank_bwd.register_fake(_projection_bwd_fake)
+_register_projection_autograd(_lowrank_fwd, torch.ops.cdgfast.lowrank_penalty_backward, _lowrank_ref)
 
 
 # ----------------------------------------------------------------------------------------------------
