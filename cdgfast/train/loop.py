@@ -855,10 +855,10 @@ def _load_inputs(s: _Session) -> _Inputs:
     data = load_benchmark_data(s.dataset, data_root=cfg.data_root, image_size=sc.image_size, scale=cfg.scale,
                                log=log, progress=s.progress)
     if sc.channels == 3 and data.channels == 1:  # CLoG trains on RGB: grey images repeated to three channels
-        for part in ("train", "eval"):
-            ds = getattr(data, part)
-            setattr(data, part, ImageDataset(ds.x.repeat(1, 3, 1, 1), ds.y, num_classes=ds.num_classes,
-                                             name=ds.name))
+        def rgb(ds):
+            return ImageDataset(ds.x.repeat(1, 3, 1, 1), ds.y, num_classes=ds.num_classes, name=ds.name)
+
+        data.train, data.eval = rgb(data.train), rgb(data.eval)
         log("data: grey images repeated to 3 channels (RGB), as the preset's protocol trains")
     ruler_train = (data.train.x, data.train.y)  # the ruler learns the whole training split, whatever the cap below
     if sc.max_train_per_class is not None:
