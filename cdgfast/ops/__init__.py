@@ -5,11 +5,12 @@ and the CUDA path that runs the Triton kernels in `cdgfast.kernels`.
 """
 from .bregman import bregman_distill, hutchinson_metric
 from .dc import dc_cross_entropy, dc_errors, dc_scores
+from .dc_predictions import dc_predictions
 from .lora import lora_overlap_penalty
 from .penalties import diag_penalty, flat_parameters, rank1_penalty
 
 __all__ = [
-    "dc_errors", "dc_scores", "dc_cross_entropy",
+    "dc_errors", "dc_scores", "dc_cross_entropy", "dc_predictions",
     "rank1_penalty", "diag_penalty", "flat_parameters",
     "bregman_distill", "hutchinson_metric",
     "lora_overlap_penalty",
