@@ -1,7 +1,8 @@
 """Drop-in consolidation ops, registered as `torch.ops.cdgfast.*` (SPEC section 3).
 
 Each family lives in one file: validation, torch.library registration, the CPU composite, autograd,
-and the CUDA path that runs the Triton kernels in `cdgfast.kernels`.
+and the CUDA path that runs the Triton kernels in `cdgfast.kernels`. `dc_predictions` (dc_predictions.py) is
+the model forward feeding the DC ops: plain PyTorch around the user's UNet, not a registered op.
 """
 from .bregman import bregman_distill, hutchinson_metric
 from .dc import dc_cross_entropy, dc_errors, dc_scores
