@@ -24,7 +24,7 @@ if __package__ in (None, ""):
 else:
     from . import _common as C
 
-FAMILIES = ("dc", "penalties", "fisher", "bregman", "fisher_update")
+FAMILIES = ("dc", "dc_text", "penalties", "fisher", "bregman", "fisher_update")
 
 
 def _module(family: str):

@@ -1,160 +1,241 @@
-"""cdgfast.ops.dc_predictions against the naive path: K separate forwards of the model, one per
-condition, for a class-conditional UNet2DModel and a text UNet2DConditionModel (tiny, built from
-configs: no downloads), in float64 and float32, with gradients to the parameters (LoRA on attn2 K/V
-included) and to x_t; the attention processors and hooks are restored; bad inputs are refused."""
+"""cdgfast.ops.dc_predictions against K separate forwards (the naive reference), for a class-conditional
+UNet2DModel and a text-conditional UNet2DConditionModel; LoRA gradients; processors restored; refusals."""
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel
 
-from cdgfast.ops import dc_predictions, dc_scores
+from cdgfast.models.unet import tiny_unet
+from cdgfast.ops import dc_cross_entropy, dc_errors, dc_predictions, dc_scores
+from cdgfast.ops.dc_predictions import shared_prefix_modules
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 B, K, M, L, D = 3, 5, 4, 7, 32
+TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 
-def class_unet(dtype):
-    torch.manual_seed(0)
-    m = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                    norm_num_groups=8, num_class_embeds=6)
-    return m.to(dtype)
+def text_unet(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=D, norm_num_groups=8, attention_head_dim=4).to(dtype)
 
 
-def text_unet(dtype):
-    torch.manual_seed(0)
-    m = UNet2DConditionModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(16, 32),
-                             layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                             cross_attention_dim=D, attention_head_dim=8)
-    return m.to(dtype)
+def class_unet(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return tiny_unet(num_classes=6).to(dtype)
 
 
-def naive_class(model, x, t, labels):
-    return torch.stack([model(x, t, class_labels=labels[:, k]).sample for k in range(labels.shape[1])], 1)
-
-
-def naive_text(model, x, t, ehs, index):
-    return torch.stack([model(x, t, encoder_hidden_states=ehs[index[:, k]]).sample for k in range(index.shape[1])], 1)
-
-
-def inputs(channels, dtype, seed=1):
+def text_inputs(dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, channels, 8, 8, generator=g, dtype=dtype)
+    x = torch.randn(B, 4, 16, 16, generator=g, dtype=dtype)
     t = torch.randint(0, 1000, (B,), generator=g)
-    return x, t, g
+    ehs = torch.randn(M, L, D, generator=g, dtype=dtype)
+    idx = torch.randint(0, M, (B, K), generator=g)
+    return x, t, ehs, idx
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_class_labels_equal_k_forwards_with_gradients(dtype):
-    model = class_unet(dtype)
-    x, t, g = inputs(1, dtype)
-    labels = torch.randint(0, 6, (B, K), generator=g)
-    eps = torch.randn(B, 1, 8, 8, generator=g, dtype=dtype)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fast = dc_predictions(model, x1, t, labels)
-    ref = naive_class(model, x2, t, labels)
-    assert fast.shape == (B, K, 1, 8, 8)
-    torch.testing.assert_close(fast, ref, **TOL[dtype])
-    params = [p for p in model.parameters()]
-    gf = torch.autograd.grad(dc_scores(fast, eps)[:, 0].sum(), [x1, *params], allow_unused=True)
-    gr = torch.autograd.grad(dc_scores(ref, eps)[:, 0].sum(), [x2, *params], allow_unused=True)
-    for a, b in zip(gf, gr):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(a, b, **TOL[dtype])
+def class_inputs(dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 1, 16, 16, generator=g, dtype=dtype)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    y = torch.randint(0, 7, (B, K), generator=g)
+    return x, t, y
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_text_conditions_equal_k_forwards_with_lora_gradients(dtype):
+def naive_text(u, x, t, ehs, idx):
+    return torch.stack([u(x, t, encoder_hidden_states=ehs[idx[:, k]]).sample for k in range(idx.shape[1])], 1)
+
+
+def naive_class(m, x, t, y):
+    return torch.stack([m(x, t, class_labels=y[:, k]).sample for k in range(y.shape[1])], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_labels_equal_k_forwards(dtype):
+    m = class_unet(dtype)
+    x, t, y = class_inputs(dtype)
+    out = dc_predictions(m, x, t, y)
+    assert out.shape == (B, K, 1, 16, 16) and out.dtype == dtype
+    torch.testing.assert_close(out, naive_class(m, x, t, y), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_text_equal_k_forwards(dtype):
+    u = text_unet(dtype)
+    x, t, ehs, idx = text_inputs(dtype)
+    out = dc_predictions(u, x, t, ehs, idx)
+    assert out.shape == (B, K, 4, 16, 16) and out.dtype == dtype
+    torch.testing.assert_close(out, naive_text(u, x, t, ehs, idx), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_k1_and_b1():
+    u = text_unet(torch.float64)
+    x, t, ehs, idx = text_inputs(torch.float64)
+    for xs, ts, ix in ((x[:1], t[:1], idx[:1]), (x, t, idx[:, :1])):
+        torch.testing.assert_close(dc_predictions(u, xs, ts, ehs, ix), naive_text(u, xs, ts, ehs, ix))
+
+
+def test_shared_work_runs_once_per_sample_and_kv_once_per_prompt():
+    u = text_unet()
+    x, t, ehs, idx = text_inputs(torch.float32)
+    seen = {}
+    mods = shared_prefix_modules(u)
+    names = {id(m): n for n, m in u.named_modules()}
+    assert u.conv_in in mods and u.down_blocks[0].attentions[0].transformer_blocks[0].attn1 in mods
+    hooks = [m.register_forward_hook(lambda mod, a, o: seen.__setitem__(names[id(mod)], a[0].shape[0])) for m in mods]
+    kv_rows = []
+    to_k = u.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    hooks.append(to_k.register_forward_hook(lambda mod, a, o: kv_rows.append(a[0].shape[0])))
+    try:
+        dc_predictions(u, x, t, ehs, idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == {names[id(m)] for m in mods} and set(seen.values()) == {B}, seen
+    assert kv_rows == [M]
+
+
+def test_lora_gradients_equal_naive_path():
     from peft import LoraConfig, inject_adapter_in_model
 
-    model = text_unet(dtype)
-    names = [n for n, _ in model.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    assert names
-    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=names, init_lora_weights=False),
-                                    model)
-    model.to(dtype)
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert lora and all("attn2" in n for n, _ in model.named_parameters() if "lora_" in n)
-    x, t, g = inputs(2, dtype)
-    ehs = torch.randn(M, L, D, generator=g, dtype=dtype)
-    index = torch.randint(0, M, (B, K), generator=g)
-    eps = torch.randn(B, 2, 8, 8, generator=g, dtype=dtype)
-    before = {n: type(a.processor) for n, a in model.named_modules() if hasattr(a, "processor")}
-    e1, e2 = ehs.clone().requires_grad_(), ehs.clone().requires_grad_()
-    fast = dc_predictions(model, x, t, e1, index)
-    ref = naive_text(model, x, t, e2, index)
-    torch.testing.assert_close(fast, ref, **TOL[dtype])
-    gf = torch.autograd.grad(dc_scores(fast, eps)[:, 0].sum(), [e1, *lora])
-    gr = torch.autograd.grad(dc_scores(ref, eps)[:, 0].sum(), [e2, *lora])
-    for a, b in zip(gf, gr):
-        torch.testing.assert_close(a, b, **TOL[dtype])
-    after = {n: type(a.processor) for n, a in model.named_modules() if hasattr(a, "processor")}
-    assert after == before
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    dtype = torch.float64
+    u = text_unet(dtype)
+    targets = [n for n, _ in u.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    u = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), u)
+    lora = {n: p for n, p in u.named_parameters() if "lora_" in n}
+    assert lora and all("attn2" in n for n in lora)
+    for n, p in u.named_parameters():
+        p.requires_grad_(n in lora)
+    x, t, ehs, idx = text_inputs(dtype)
+    eps = torch.randn(B, 4, 16, 16, dtype=dtype)
+    target = torch.randint(0, K, (B,))
+
+    def grads(fn):
+        xg = x.clone().requires_grad_(True)
+        eg = ehs.clone().requires_grad_(True)
+        u.zero_grad(set_to_none=True)
+        dc_cross_entropy(fn(xg, eg), eps, target).backward()
+        return [lora[n].grad.clone() for n in sorted(lora)] + [xg.grad, eg.grad]
+
+    fast = grads(lambda xg, eg: dc_predictions(u, xg, t, eg, idx))
+    ref = grads(lambda xg, eg: naive_text(u, xg, t, eg, idx))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
-def test_no_grad_and_inference_mode_agree_with_grad_mode():
-    model = text_unet(torch.float64)
-    x, t, g = inputs(2, torch.float64)
-    ehs = torch.randn(M, L, D, generator=g, dtype=torch.float64)
-    index = torch.randint(0, M, (B, K), generator=g)
-    ref = dc_predictions(model, x, t, ehs, index).detach()
+def test_class_gradients_to_parameters_and_x_t():
+    dtype = torch.float64
+    m = class_unet(dtype)
+    x, t, y = class_inputs(dtype)
+    eps = torch.randn_like(x)
+
+    def grads(fn):
+        xg = x.clone().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        dc_scores(fn(xg), eps).sum().backward()
+        return [p.grad.clone() for p in m.parameters()] + [xg.grad]
+
+    fast = grads(lambda xg: dc_predictions(m, xg, t, y))
+    ref = grads(lambda xg: naive_class(m, xg, t, y))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_composition_with_dc_ops():
+    u = text_unet(torch.float64)
+    x, t, ehs, idx = text_inputs(torch.float64)
+    eps = torch.randn_like(x)
+    pred = dc_predictions(u, x, t, ehs, idx)
+    ref = naive_text(u, x, t, ehs, idx)
+    err = ((ref - eps[:, None]) ** 2).flatten(2).mean(-1)
+    torch.testing.assert_close(dc_errors(pred, eps), err)
+    torch.testing.assert_close(dc_scores(pred, eps), torch.log_softmax(-err, -1))
+    q = torch.softmax(torch.randn(B, K, dtype=torch.float64), -1)
+    torch.testing.assert_close(dc_cross_entropy(pred, eps, q), -(q * torch.log_softmax(-err, -1)).sum(-1).mean())
+
+
+def test_no_grad_and_inference_mode():
+    u = text_unet()
+    x, t, ehs, idx = text_inputs(torch.float32)
+    ref = dc_predictions(u, x, t, ehs, idx)
     with torch.no_grad():
-        a = dc_predictions(model, x, t, ehs, index)
+        torch.testing.assert_close(dc_predictions(u, x, t, ehs, idx), ref)
     with torch.inference_mode():
-        b = dc_predictions(model, x, t, ehs, index)
-    torch.testing.assert_close(a, ref)
-    torch.testing.assert_close(b, ref)
+        torch.testing.assert_close(dc_predictions(u, x, t, ehs, idx), ref.detach())
 
 
-def test_processors_and_hooks_restored_after_an_error():
-    model = text_unet(torch.float64)
-    x, t, g = inputs(2, torch.float64)
-    before = {n: a.processor for n, a in model.named_modules() if hasattr(a, "processor")}
-    ehs = torch.randn(M, L, D, dtype=torch.float64)
-    index = torch.randint(0, M, (B, K), generator=g)
-    # an error raised inside the model's forward (attention mask not supported by the shared processor)
-    boom = RuntimeError("boom")
+def test_processors_and_hooks_restored_also_after_exception():
+    u = text_unet()
+    before = dict(u.attn_processors)
+    x, t, ehs, idx = text_inputs(torch.float32)
+    dc_predictions(u, x, t, ehs, idx)
+    assert all(u.attn_processors[n] is p for n, p in before.items())
 
-    def fail(mod, args):
-        raise boom
+    def boom(*a):
+        raise RuntimeError("boom")
 
-    h = model.up_blocks[0].register_forward_pre_hook(fail)
+    h = u.up_blocks[1].register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
-        dc_predictions(model, x, t, ehs, index)
+        dc_predictions(u, x, t, ehs, idx)
     h.remove()
-    assert {n: a.processor for n, a in model.named_modules() if hasattr(a, "processor")} == before
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(u.attn_processors[n] is p for n, p in before.items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in u.modules())
+    # a plain forward afterwards is the model's own
+    torch.testing.assert_close(u(x, t, encoder_hidden_states=ehs[idx[:, 0]]).sample,
+                               naive_text(u, x, t, ehs, idx[:, :1])[:, 0])
 
 
-@pytest.mark.parametrize("case, match", [
-    ("labels_shape", "conditions"), ("labels_range", "conditions"), ("labels_float_dtype_mismatch", "conditions"),
-    ("index_missing", "index"), ("index_dtype", "index"), ("index_range", "index"), ("index_shape", "index"),
-    ("width", "conditions"), ("timesteps_shape", "timesteps"), ("x_dtype", "x_t"), ("x_channels", "x_t"),
-    ("labels_for_text_model", "conditions"), ("index_with_labels", "index"),
-])
-def test_refusals_name_the_argument(case, match):
-    cm, tm = class_unet(torch.float32), text_unet(torch.float32)
-    x1, t, g = inputs(1, torch.float32)
-    x2 = torch.randn(B, 2, 8, 8)
-    labels = torch.randint(0, 6, (B, K))
-    ehs, index = torch.randn(M, L, D), torch.randint(0, M, (B, K))
-    calls = {
-        "labels_shape": lambda: dc_predictions(cm, x1, t, labels[:2]),
-        "labels_range": lambda: dc_predictions(cm, x1, t, labels + 6),
-        "labels_float_dtype_mismatch": lambda: dc_predictions(tm, x2, t, ehs.double(), index),
-        "index_missing": lambda: dc_predictions(tm, x2, t, ehs),
-        "index_dtype": lambda: dc_predictions(tm, x2, t, ehs, index.int()),
-        "index_range": lambda: dc_predictions(tm, x2, t, ehs, index + M),
-        "index_shape": lambda: dc_predictions(tm, x2, t, ehs, index[:, 0]),
-        "width": lambda: dc_predictions(tm, x2, t, torch.randn(M, L, D + 1), index),
-        "timesteps_shape": lambda: dc_predictions(cm, x1, t[:2], labels),
-        "x_dtype": lambda: dc_predictions(cm, x1.double(), t, labels),
-        "x_channels": lambda: dc_predictions(cm, x2, t, labels),
-        "labels_for_text_model": lambda: dc_predictions(tm, x2, t, labels),
-        "index_with_labels": lambda: dc_predictions(cm, x1, t, labels, index),
-    }
-    with pytest.raises(ValueError, match=match):
-        calls[case]()
+def test_refusals():
+    u = text_unet()
+    m = class_unet()
+    x, t, ehs, idx = text_inputs(torch.float32)
+    xc, tc, y = class_inputs(torch.float32)
+    cases = [
+        ("model", lambda: dc_predictions("unet", x, t, ehs, idx)),
+        ("x_t", lambda: dc_predictions(u, x.long(), t, ehs, idx)),
+        ("x_t", lambda: dc_predictions(u, x.double(), t, ehs, idx)),
+        ("x_t", lambda: dc_predictions(u, x[:, :3], t, ehs, idx)),
+        ("timesteps", lambda: dc_predictions(u, x, t[:2], ehs, idx)),
+        ("timesteps", lambda: dc_predictions(u, x, t > 0, ehs, idx)),
+        ("conditions", lambda: dc_predictions(u, x, t, ehs[0], idx)),
+        ("conditions", lambda: dc_predictions(u, x, t, ehs.double(), idx)),
+        ("conditions", lambda: dc_predictions(u, x, t, ehs[..., :16], idx)),
+        ("conditions", lambda: dc_predictions(u, x, t, idx)),  # labels for a text model
+        ("index", lambda: dc_predictions(u, x, t, ehs)),
+        ("index", lambda: dc_predictions(u, x, t, ehs, idx.int())),
+        ("index", lambda: dc_predictions(u, x, t, ehs, idx[:2])),
+        ("index", lambda: dc_predictions(u, x, t, ehs, idx[:, 0])),
+        ("index", lambda: dc_predictions(u, x, t, ehs, idx + M)),
+        ("index", lambda: dc_predictions(u, x, t, ehs, idx - M)),
+        ("model", lambda: dc_predictions(m, xc, tc, ehs, idx)),  # text for a class model
+        ("index", lambda: dc_predictions(m, xc, tc, y, idx)),
+        ("conditions", lambda: dc_predictions(m, xc, tc, y[0])),
+        ("conditions", lambda: dc_predictions(m, xc, tc, y[:2])),
+        ("conditions", lambda: dc_predictions(m, xc, tc, y + 7)),
+        ("conditions", lambda: dc_predictions(m, xc, tc, y > 0)),
+        ("model", lambda: dc_predictions(_no_class(), xc, tc, y)),
+    ]
+    cases.append(("expected all tensors on one device", lambda: dc_predictions(u, x, t, ehs.to("meta"), idx)))
+    for name, fn in cases:
+        with pytest.raises(ValueError, match=name):
+            fn()
+
+
+def _no_class():
+    from diffusers import UNet2DModel
+    from cdgfast.models.unet import UNET_CONFIGS
+
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, **UNET_CONFIGS["tiny"])
+
+
+def test_method_condition_predictions_uses_it():
+    from cdgfast.diffusion import NoiseSchedule
+    from cdgfast.methods.dc import condition_predictions
+
+    m = class_unet(torch.float64)
+    x, t, y = class_inputs(torch.float64)
+    sched = NoiseSchedule()
+    eps = torch.randn_like(x)
+    batch = {"x": x, "t": t, "eps": eps}
+    x_t = sched.add_noise(x, eps, t)
+    torch.testing.assert_close(condition_predictions(m, batch, y, sched), naive_class(m, x_t, t, y))

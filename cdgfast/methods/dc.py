@@ -13,9 +13,9 @@ from typing import Dict, List
 
 import torch
 
-from ..diffusion import as_schedule, predict_eps
+from ..diffusion import as_schedule
 from ..fisher import diag_fisher
-from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
+from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_predictions, dc_scores
 from ._hparams import count, nonneg, positive
 from ._registry import register
 from .anchors import EWC
@@ -24,7 +24,8 @@ from .base import Method, TinyRun, flat_params, frozen_copy, load_flat_params, p
 
 def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.Tensor:
     """eps_theta(x_t, t, c) for every condition of every sample: cond [B, K] -> eps_pred [B, K, *S], one
-    batched forward over B*K with the sample's (t, eps) shared by its K conditions.
+    batched forward over B*K with the sample's (t, eps) shared by its K conditions
+    (`cdgfast.ops.dc_predictions`, which also runs the condition-independent prefix once per sample).
 
     DC errors are always taken in eps space: for a v- or x0-prediction model (`schedule.prediction_type`)
     the outputs are converted to eps predictions with `NoiseSchedule.eps_from_prediction` before they are
@@ -34,10 +35,12 @@ def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.T
     schedule = as_schedule(schedule)
     b, k = cond.shape
     x_t = schedule.add_noise(batch["x"], batch["eps"], batch["t"])
+    pred = dc_predictions(model, x_t, batch["t"], cond)
+    if schedule.prediction_type == "epsilon":
+        return pred
     xk = x_t.repeat_interleave(k, dim=0)
     tk = batch["t"].repeat_interleave(k, dim=0)
-    pred = schedule.eps_from_prediction(predict_eps(model, xk, tk, cond.reshape(-1)), xk, tk)
-    return pred.view(b, k, *x_t.shape[1:])
+    return schedule.eps_from_prediction(pred.reshape(b * k, *x_t.shape[1:]), xk, tk).view(b, k, *x_t.shape[1:])
 
 
 @register("ewc_dc", order=150)
