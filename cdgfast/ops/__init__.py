@@ -8,11 +8,11 @@ from .bregman import bregman_distill, hutchinson_metric
 from .dc import dc_cross_entropy, dc_errors, dc_scores
 from .dc_predictions import dc_predictions
 from .lora import lora_overlap_penalty
-from .penalties import diag_penalty, flat_parameters, rank1_penalty
+from .penalties import diag_penalty, flat_parameters, lowrank_penalty, rank1_penalty
 
 __all__ = [
     "dc_errors", "dc_scores", "dc_cross_entropy", "dc_predictions",
-    "rank1_penalty", "diag_penalty", "flat_parameters",
+    "rank1_penalty", "lowrank_penalty", "diag_penalty", "flat_parameters",
     "bregman_distill", "hutchinson_metric",
     "lora_overlap_penalty",
 ]
