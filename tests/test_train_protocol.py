@@ -304,18 +304,19 @@ def test_gd_task_fraction_weighting_matches_a_naive_formula(in_task):
     assert float(terms["gd"]) == pytest.approx(2 / 3 * 2.0 * distill, rel=1e-4)
 
 
-def test_no_end_task_work_after_the_last_task():
+@pytest.mark.parametrize("name", ["rank1+gd", "rankk+gd"])
+def test_no_end_task_work_after_the_last_task(name):
     from cdgfast.data import Task
     from cdgfast.models import build_unet
 
     torch.manual_seed(0)
     model = build_unet("tiny", num_classes=4, sample_size=8)
     data = _batches(torch.Generator().manual_seed(3))
-    m = _tiny_method("rank1+gd", **{"gd.pool_per_class": 2, "gd.pool_steps": 2})
+    m = _tiny_method(name, **{"gd.pool_per_class": 2, "gd.pool_steps": 2})
     m.begin_task(model, Task(index=0, classes=[0, 1], indices=torch.arange(4)))
     m.end_last_task(model, data)
-    r1, gd = m.members
-    assert r1.anchors is None and gd.teacher is None and gd.pool_x is None  # nothing prepared
+    fisher, gd = m.members
+    assert fisher.anchors is None and gd.teacher is None and gd.pool_x is None  # nothing prepared
     assert m.seen_classes == [0, 1]  # the bookkeeping still done
     lora = _tiny_method("lora_seq", rank=2)  # its end_task merges the adapter into the model: it still runs
     assert not lora.prepares_next_task

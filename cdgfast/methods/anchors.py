@@ -45,6 +45,22 @@ class _AnchorPenalty(Method):
         return {self.name: self.penalty_scale() * total}
 
 
+class _SampleMean:
+    """A running mean over samples of flat tensors, `add(value, n)` counting `value` for n samples;
+    `value()` refuses an empty mean, naming what was averaged."""
+
+    def __init__(self, what: str):
+        self.what, self.total, self.count = what, None, 0
+
+    def add(self, value: torch.Tensor, n: int = 1) -> None:
+        self.total = n * value if self.total is None else self.total + n * value
+        self.count += n
+
+    def value(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError(f"data: expected at least one sample for {self.what}, got none")
+        return self.total / self.count
+
 @register("l2", order=50)
 class L2(_AnchorPenalty):
     """`lam/2 * ||theta - theta_old||^2` towards the parameters at the end of the previous task."""
@@ -93,16 +109,12 @@ class EWC(_AnchorPenalty):
         if self.parallel.world_size > 1:
             raise ValueError("fisher_estimator: 'batch_squared' runs in one process; use 'per_sample' under torchrun")
         params = params_of(model)
-        total, count = None, 0
+        mean = _SampleMean("the Fisher")
         for batch in batches():
             losses = self.loss_fn(model, batch)
             g = flat_grads_of(params, torch.autograd.grad(losses.mean(), params, allow_unused=True))
-            n = int(losses.shape[0])
-            total = n * g.pow(2) if total is None else total + n * g.pow(2)
-            count += n
-        if count == 0:
-            raise ValueError("data: expected at least one sample for the Fisher, got none")
-        return total / count
+            mean.add(g.pow(2), int(losses.shape[0]))
+        return mean.value()
 
     def end_task(self, model, data):
         super().end_task(model, data)
@@ -187,18 +199,13 @@ class MAS(_AnchorPenalty):
 
     def importance(self, model, data) -> torch.Tensor:
         params = params_of(model)
-        total, count = None, 0
+        mean = _SampleMean("the MAS importance")
         for batch in self.fresh_batches(data, max_samples=self.config["mas_max_samples"])():
             for i in range(batch["x"].shape[0]):
                 one = {k: v[i:i + 1] for k, v in batch.items()}
                 out = self.predict(model, one).pow(2).sum()
-                grads = torch.autograd.grad(out, params, allow_unused=True)
-                flat = flat_grads_of(params, grads).abs()
-                total = flat if total is None else total + flat
-                count += 1
-        if count == 0:
-            raise ValueError("data: expected at least one sample for the MAS importance, got none")
-        return total / count
+                mean.add(flat_grads_of(params, torch.autograd.grad(out, params, allow_unused=True)).abs())
+        return mean.value()
 
     def end_task(self, model, data):
         super().end_task(model, data)

@@ -39,6 +39,7 @@ class RankK(Method):
              "gram_samples": count(2)}
     tiny = TinyRun(config={"power_iters": 2, "fisher_max_samples": 8}, terms={"rankk"})
     _state_attrs = ("anchors", "directions", "eigenvalues")
+    prepares_next_task = True  # its end_task only readies the next task
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
