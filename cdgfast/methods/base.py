@@ -206,6 +206,14 @@ class Method:
         """Terms added to another member's task loss (penalties). The base method adds none."""
         return {}
 
+    def _projection_terms(self, model: torch.nn.Module, penalty, weights) -> Dict[str, torch.Tensor]:
+        """`lam * penalty(params, self.anchors, self.directions, weights)` once an anchor exists: the
+        extra term of the projection-penalty methods (rank1 with its c_k, rankk with its eigenvalues)."""
+        if getattr(self, "anchors", None) is None:
+            return {}
+        pen = penalty(params_of(model), self.anchors, self.directions, weights)
+        return {self.name: float(self.config["lam"]) * pen}
+
     def before_step(self, model: torch.nn.Module) -> None:
         pass
 

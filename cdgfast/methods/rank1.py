@@ -16,7 +16,7 @@ from ..fisher import rank1_fisher
 from ..ops import rank1_penalty
 from ._hparams import HP, count, nonneg
 from ._registry import register, register_composition
-from .base import Method, TinyRun, flat_params, params_of
+from .base import Method, TinyRun, flat_params
 
 
 @register("rank1", order=100)
@@ -35,10 +35,7 @@ class Rank1(Method):
         self.coeffs: Optional[torch.Tensor] = None       # [K]
 
     def extra_terms(self, model, batch) -> Dict[str, torch.Tensor]:
-        if self.anchors is None:
-            return {}
-        pen = rank1_penalty(params_of(model), self.anchors, self.directions, self.coeffs)
-        return {self.name: float(self.config["lam"]) * pen}
+        return self._projection_terms(model, rank1_penalty, self.coeffs)
 
     def end_task(self, model, data):
         super().end_task(model, data)

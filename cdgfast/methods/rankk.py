@@ -25,7 +25,7 @@ from ..fisher import lowrank_fisher_gram, lowrank_fisher_power
 from ..ops import lowrank_penalty
 from ._hparams import HP, count, nonneg
 from ._registry import register, register_composition
-from .base import Method, TinyRun, flat_params, params_of
+from .base import Method, TinyRun, flat_params
 
 ESTIMATORS = ("power", "gram")
 
@@ -48,10 +48,7 @@ class RankK(Method):
         self.eigenvalues: Optional[torch.Tensor] = None   # [T, k]
 
     def extra_terms(self, model, batch) -> Dict[str, torch.Tensor]:
-        if self.anchors is None:
-            return {}
-        pen = lowrank_penalty(params_of(model), self.anchors, self.directions, self.eigenvalues)
-        return {self.name: float(self.config["lam"]) * pen}
+        return self._projection_terms(model, lowrank_penalty, self.eigenvalues)
 
     def _estimate(self, model, data):
         k = int(self.config["k"])
