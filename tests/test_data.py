@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdgfast.data import (DATASETS, ClassBalancedBuffer, ImageDataset, ReservoirBuffer, Task,
+from cdgfast.data import (DATASETS, ClassBalancedBuffer, ImageDataset, ReplaceWhenFullBuffer, ReservoirBuffer, Task,
                           class_incremental_split, generate_replay_pool, load_dataset, read_idx, task_loader,
                           train_eval_split)
 from cdgfast.diffusion import NoiseSchedule
@@ -316,6 +316,60 @@ def test_reservoir_inclusion_is_uniform():
     assert abs(freq[:10].mean() - freq[10:].mean()) < 4 * sd
 
 
+def _clog_memory_add(slots_x, slots_y, seen, cap, x, y, rng):
+    """CLoG's Memory.add written out item by item (Programmergg/CLoG networks/memory.py): the target slot
+    is the seen-count while not full, else a uniform slot; the count stops at the capacity."""
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        idx = seen if seen < cap else int(rng.integers(0, cap))
+        slots_x[idx], slots_y[idx] = xi, yi
+        seen = min(seen + 1, cap)
+    return seen
+
+
+def test_replace_when_full_buffer_matches_clogs_memory_in_distribution():
+    """CLoG's buffer: items 0..cap-1 fill the slots in order; every later item is stored (it always
+    replaces), and an old item survives m later items with probability (1 - 1/cap)^m. Compared with a
+    naive item-by-item transcription of CLoG's Memory over 400 runs each, and against the closed form;
+    a reservoir keeps an old item with probability cap / n instead, which the bounds tell apart."""
+    cap, n, runs = 8, 20, 400
+    m = n - cap
+    surv_ours, surv_ref, last_ours = 0.0, 0.0, 0.0
+    for r in range(runs):
+        buf = ReplaceWhenFullBuffer(cap, seed=r)
+        items = torch.arange(n, dtype=torch.float32)[:, None]
+        buf.add(items[:5], items[:5, 0].long())
+        assert torch.equal(buf.data()[1], torch.arange(5))  # filled in order
+        for chunk in (items[5:11], items[11:12], items[12:]):  # straddling the fill, single, a batch
+            buf.add(chunk, chunk[:, 0].long())
+        x, y = buf.data()
+        assert len(buf) == cap and buf.num_seen == n and torch.equal(x[:, 0].long(), y)
+        assert 19 in y.tolist()  # the last item offered is always stored
+        surv_ours += (y < cap).sum().item() / cap
+        last_ours += (y >= n - 4).sum().item()
+        sx, sy = [None] * cap, [None] * cap
+        _clog_memory_add(sx, sy, 0, cap, items[:, 0], items[:, 0].long(), np.random.default_rng(r))
+        surv_ref += sum(v < cap for v in sy) / cap
+    expected = (1 - 1 / cap) ** m  # 0.201; a reservoir would keep an old item with probability cap / n = 0.4
+    sd = math.sqrt(expected * (1 - expected) / (runs * cap))
+    assert abs(surv_ours / runs - expected) < 4 * sd * 2, surv_ours / runs  # x2: slots within a run correlate
+    assert abs(surv_ref / runs - expected) < 4 * sd * 2, surv_ref / runs
+    # each of the last 4 items survives the ones after it with probability (1 - 1/cap)^j, j = 0..3
+    assert abs(last_ours / runs - sum((1 - 1 / cap) ** j for j in range(4))) < 0.15
+
+
+def test_buffer_policy_is_a_method_option():
+    from cdgfast.methods import create
+
+    assert create("er").config["buffer_policy"] == "reservoir"
+    assert create("ccd").config["buffer_policy"] == "class_balanced"
+    m = create("er", buffer_policy="replace_when_full", buffer_size=4)
+    assert isinstance(m._make_buffer(), ReplaceWhenFullBuffer)
+    assert isinstance(create("agem")._make_buffer(), ReservoirBuffer)
+    assert isinstance(create("ccd")._make_buffer(), ClassBalancedBuffer)
+    with pytest.raises(ValueError, match="buffer_policy"):
+        create("er", buffer_policy="fifo")
+
+
 def test_class_balanced_buffer_shares():
     runs, idx0 = 100, []
     for r in range(runs):
@@ -340,7 +394,7 @@ def test_class_balanced_buffer_shares():
     assert counts[2] == 12 and abs(counts[0] - counts[1]) <= 1 and sum(counts.values()) == 60
 
 
-@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedBuffer])
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ReplaceWhenFullBuffer, ClassBalancedBuffer])
 def test_buffer_state_roundtrip_and_sample(cls):
     a = cls(16, seed=7)
     g = torch.Generator().manual_seed(0)
@@ -368,7 +422,7 @@ def test_buffer_state_roundtrip_and_sample(cls):
         a.add(torch.randn(2, 4), ys[:2])
 
 
-@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedBuffer])
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ReplaceWhenFullBuffer, ClassBalancedBuffer])
 def test_buffer_first_add_under_inference_mode(cls):
     """(3) storage allocated by a first add under inference_mode was an inference tensor: every later
     add outside it failed. The buffer now owns normal tensors, whatever mode it is filled in."""
@@ -387,7 +441,7 @@ def test_buffer_first_add_under_inference_mode(cls):
     b.add(xs[:2], ys[:2])
 
 
-@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedBuffer])
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ReplaceWhenFullBuffer, ClassBalancedBuffer])
 def test_buffer_labels_generator_and_state_checked(cls):
     """(6) boolean labels were stored as classes 0/1, negative ones failed later in class_counts; a
     state with size > capacity loaded silently."""

@@ -273,8 +273,30 @@ def test_extract_features_rows_and_batch_size():
     torch.testing.assert_close(extract_features(lambda xb: xb.flatten(1), x, batch_size=4), x.flatten(1))
 
 
+def test_translate_augmentation_against_a_naive_loop():
+    """Each image moved by its own offset, the uncovered border filled with the background -1 (odd sizes)."""
+    from cdgfast.metrics.classifier import _translate
+
+    g = torch.Generator().manual_seed(0)
+    for shift, (n, c, h, w) in ((1, (5, 1, 7, 9)), (2, (3, 3, 5, 6))):
+        x = torch.rand(n, c, h, w, generator=g, dtype=torch.float64) * 2 - 1
+        off = torch.randint(0, 2 * shift + 1, (n, 2), generator=g)
+        want = torch.full_like(x, -1.0)
+        for i in range(n):
+            dy, dx = int(off[i, 0]) - shift, int(off[i, 1]) - shift  # output (r, q) reads input (r + dy, q + dx)
+            for r in range(h):
+                for q in range(w):
+                    if 0 <= r + dy < h and 0 <= q + dx < w:
+                        want[i, :, r, q] = x[i, :, r + dy, q + dx]
+        assert torch.equal(_translate(x, off, shift), want)
+
+
 def test_train_classifier_labels_checked():
     x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(ValueError, match="augmentation"):
+        train_classifier(x, torch.zeros(8, dtype=torch.long), 2, epochs=1, augmentation="flip", progress=False)
+    with pytest.raises(ValueError, match="max_shift"):
+        train_classifier(x, torch.zeros(8, dtype=torch.long), 2, epochs=1, max_shift=-1, progress=False)
     with pytest.raises(ValueError, match="y.*integer"):
         train_classifier(x, torch.zeros(8), 2, epochs=1, progress=False)
     with pytest.raises(ValueError, match="y.*\\[0, 2\\)"):

@@ -2,6 +2,8 @@
 
 ReservoirBuffer: classic reservoir sampling (Vitter's algorithm R): after n items were offered, every
 one of them is in the buffer with probability capacity / n.
+ReplaceWhenFullBuffer: CLoG's buffer, kept only to reproduce its rows: once full, every new item
+overwrites a random slot (not a reservoir: recent items crowd out old ones).
 ClassBalancedBuffer: class-balanced reservoir sampling (Chrysakis & Moens, 2020): when the buffer is
 full, a sample of a class that is not (one of) the largest in the buffer evicts a random sample of a
 largest class; a sample of a largest class replaces a random sample of its own class with probability
@@ -61,6 +63,29 @@ class _BufferBase:
 
     def _rand_below(self, n: int) -> int:
         return int(torch.randint(0, n, (1,), generator=self._gen))
+
+    def _write_in_order(self, x, y, src: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write items x[src[k]] into slots[k] as if one after another: a later item overwrites an
+        earlier one in the same slot, so only the last writer of each slot is copied."""
+        last: Dict[int, int] = {}
+        for k, s in zip(src.tolist(), slots.tolist()):
+            last[s] = k
+        if not last:
+            return
+        slot_t = torch.tensor(list(last.keys()), dtype=torch.long, device=self.x.device)
+        src_t = torch.tensor(list(last.values()), dtype=torch.long, device=self.x.device)
+        self.x[slot_t] = x[src_t]
+        self.y[slot_t] = y[src_t]
+
+    def _fill(self, x, y) -> int:
+        """Append items into the free slots; returns how many were appended."""
+        fill = min(x.shape[0], self.capacity - self.size)
+        if fill > 0:
+            self.x[self.size:self.size + fill] = x[:fill]
+            self.y[self.size:self.size + fill] = y[:fill]
+            self.size += fill
+            self.num_seen += fill
+        return fill
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """n stored samples, without replacement when n <= len(self), else with replacement.
@@ -138,14 +163,8 @@ class ReservoirBuffer(_BufferBase):
 
     def add(self, x: torch.Tensor, y) -> None:
         x, y = self._check_batch(x, y)
-        b = x.shape[0]
-        fill = min(b, self.capacity - self.size)
-        if fill > 0:
-            self.x[self.size:self.size + fill] = x[:fill]
-            self.y[self.size:self.size + fill] = y[:fill]
-            self.size += fill
-            self.num_seen += fill
-        rest = b - fill
+        fill = self._fill(x, y)
+        rest = x.shape[0] - fill
         if rest == 0:
             return
         # Item k (0-based within `rest`) is the (num_seen + k + 1)-th offered: slot j ~ U{0..n-1}, kept if j < capacity.
@@ -153,17 +172,26 @@ class ReservoirBuffer(_BufferBase):
         j = torch.floor(torch.rand(rest, generator=self._gen, dtype=torch.float64) * n).long()
         self.num_seen += rest
         keep = torch.nonzero(j < self.capacity).flatten()
-        if keep.numel() == 0:
+        self._write_in_order(x, y, keep + fill, j[keep])
+
+
+class ReplaceWhenFullBuffer(_BufferBase):
+    """CLoG's replay buffer (`networks/memory.py` of Programmergg/CLoG), kept to reproduce its ER / A-GEM
+    rows: it fills the free slots in order and, once full, *every* later item overwrites a uniformly
+    chosen slot (its seen-counter stops at the capacity, so the reservoir's keep probability
+    capacity / n is always 1). Not a reservoir: the last task crowds out the earlier ones (after m items
+    of a new task each old item survives with probability (1 - 1/capacity)^m). `num_seen` counts every
+    item offered, as in the other buffers."""
+
+    def add(self, x: torch.Tensor, y) -> None:
+        x, y = self._check_batch(x, y)
+        fill = self._fill(x, y)
+        rest = x.shape[0] - fill
+        if rest == 0:
             return
-        slots = j[keep]
-        # Sequential semantics: a later item overwrites an earlier one in the same slot. Keep the last writer.
-        last: Dict[int, int] = {}
-        for k, s in zip(keep.tolist(), slots.tolist()):
-            last[s] = k
-        slot_t = torch.tensor(list(last.keys()), dtype=torch.long, device=self.x.device)
-        src_t = torch.tensor(list(last.values()), dtype=torch.long, device=self.x.device) + fill
-        self.x[slot_t] = x[src_t]
-        self.y[slot_t] = y[src_t]
+        slots = torch.randint(0, self.capacity, (rest,), generator=self._gen)
+        self.num_seen += rest
+        self._write_in_order(x, y, torch.arange(rest) + fill, slots)
 
 
 class ClassBalancedBuffer(_BufferBase):

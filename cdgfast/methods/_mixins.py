@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import torch
 
-from cdgfast.data import ReservoirBuffer
+from cdgfast.data import ClassBalancedBuffer, ReplaceWhenFullBuffer, ReservoirBuffer
 
-from ._hparams import count
+from ._hparams import HP, count
 from .base import Method, frozen_copy, reusable
 
 
@@ -45,14 +45,21 @@ class Teacher(Method):
         self._pending_teacher = saved
 
 
-class Buffered(Method):
-    """`buffer`: `buffer_type` holding at most `buffer_size` real samples, filled in `end_task` with one
-    pass over the finished task's data, so during task n it holds a sample of tasks < n (None before
-    the first end_task). `replay(n, like)` draws a batch of it with the method's generator."""
+# `buffer_policy` -> buffer class. "replace_when_full" is CLoG's buffer, offered only to reproduce its rows
+# (PROTOCOLS.md, ccd-*): it is not a reservoir.
+BUFFER_POLICIES = {"reservoir": ReservoirBuffer, "class_balanced": ClassBalancedBuffer,
+                   "replace_when_full": ReplaceWhenFullBuffer}
 
-    defaults = {"buffer_size": 512, "replay_batch": None}
-    specs = {"buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch")}
-    buffer_type = ReservoirBuffer
+
+class Buffered(Method):
+    """`buffer`: a `BUFFER_POLICIES[buffer_policy]` buffer of at most `buffer_size` real samples,
+    filled in `end_task` with one pass over the finished task's data, so during task n it holds a sample
+    of tasks < n (None before the first end_task). `replay(n, like)` draws a batch of it with the
+    method's generator."""
+
+    defaults = {"buffer_size": 512, "replay_batch": None, "buffer_policy": "reservoir"}
+    specs = {"buffer_size": count(), "replay_batch": count(none=True, none_means="as many as the current batch"),
+             "buffer_policy": HP("choice", choices=tuple(BUFFER_POLICIES))}
     _state_attrs = ("buffer",)
     prepares_next_task = True  # its end_task only readies the next task
 
@@ -61,7 +68,7 @@ class Buffered(Method):
         self.buffer = None
 
     def _make_buffer(self):
-        return self.buffer_type(int(self.config["buffer_size"]), seed=int(self.config["seed"]))
+        return BUFFER_POLICIES[self.config["buffer_policy"]](int(self.config["buffer_size"]), seed=int(self.config["seed"]))
 
     def end_task(self, model, data):
         super().end_task(model, data)

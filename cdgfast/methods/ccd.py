@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import NoiseSchedule, as_schedule, predict_eps
-from ..data import ClassBalancedBuffer
 from ..ops import bregman_distill, hutchinson_metric
 from ._hparams import nonneg, positive
 from ._mixins import Buffered, Teacher
@@ -82,16 +81,16 @@ class _MidFeatures:
 
 @register("ccd", order=140)
 class CCD(Teacher, Buffered, Method):
-    """The task loss over current + class-balanced buffer samples (`Buffered`, a ClassBalancedBuffer),
+    """The task loss over current + class-balanced buffer samples (`Buffered`, a ClassBalancedBuffer by
+    default: `buffer_policy`),
     and, from the second task on, L_IKC / L_UKC / L_LKC against the frozen previous model (`Teacher`) and
     its label regressor (`teacher_regressor`)."""
 
     defaults = {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "kappa": 1.0, "temperature": 2.0,
-                "regressor_lr": 1e-3, "label_dropout": 0.1}
+                "regressor_lr": 1e-3, "label_dropout": 0.1, "buffer_policy": "class_balanced"}
     specs = {"alpha": nonneg(), "beta": nonneg(), "gamma": nonneg(), "kappa": nonneg(), "temperature": positive(),
              "regressor_lr": positive()}
     owns_task_loss = True
-    buffer_type = ClassBalancedBuffer
     tiny = TinyRun(config={"buffer_size": 16}, terms={"ikc", "ukc", "lkc"}, frozen=("teacher", "teacher_regressor"),
                    needs={"class_labels", "null_class", "mid_block"})
     _state_attrs = ("regressor", "teacher_regressor", "regressor_opt")

@@ -67,12 +67,27 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
                       for i in range(0, x.shape[0], batch_size)])
 
 
+def _translate(x: torch.Tensor, offsets: torch.Tensor, shift: int) -> torch.Tensor:
+    """Image i moved by (offsets[i] - shift) pixels along (H, W), the uncovered border set to -1: crop
+    [a, a + H) x [b, b + W) of x padded by `shift` with the background value."""
+    H, W = x.shape[-2:]
+    padded = F.pad(x, (shift, shift, shift, shift), value=-1.0)
+    rows = offsets[:, 0, None] + torch.arange(H)  # [N, H]
+    cols = offsets[:, 1, None] + torch.arange(W)  # [N, W]
+    n = torch.arange(x.shape[0])[:, None, None]
+    return padded.permute(0, 2, 3, 1)[n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int = 8,
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0, feature_dim: int = 64,
-                     width: int = 32, device=None, progress: bool = True) -> SmallCNN:
+                     width: int = 32, augmentation: str = "batch_roll", max_shift: Optional[int] = None,
+                     device=None, progress: bool = True) -> SmallCNN:
     """Train a SmallCNN on images x [N, C, H, W] in [-1, 1] with labels y [N]; deterministic given seed.
-    Light augmentation (random shifts of up to 1/8 of the side) keeps the features from keying on
-    exact pixel positions, which generated samples never match."""
+    Light augmentation keeps the features from keying on exact pixel positions, which generated
+    samples never match: "batch_roll" rolls each batch by one random shift of up to `max_shift`
+    pixels (default: 1/8 of the side; the digits ruler's), "translate" moves every image by its own
+    random shift of up to `max_shift` pixels, filling with the background -1 (the MNIST ruler's: at
+    16 px a 2-pixel wrap-around roll is too coarse to reach 0.99)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x: expected images [N, C, H, W], got {getattr(x, 'shape', type(x))}")
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
@@ -85,6 +100,10 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
         raise ValueError(f"y: expected labels in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
     if epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs}")
+    if augmentation not in ("batch_roll", "translate"):
+        raise ValueError(f"augmentation: expected 'batch_roll' or 'translate', got {augmentation!r}")
+    if max_shift is not None and (not isinstance(max_shift, int) or isinstance(max_shift, bool) or max_shift < 0):
+        raise ValueError(f"max_shift: expected a non-negative integer or None, got {max_shift!r}")
     from tqdm.auto import tqdm
 
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -94,7 +113,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
         model = SmallCNN(x.shape[1], num_classes, feature_dim=feature_dim, width=width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x.shape[0]
-    shift = max(1, x.shape[-1] // 8)
+    shift = max(1, x.shape[-1] // 8) if max_shift is None else max_shift
     steps = epochs * ((n + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     bar = tqdm(total=steps, desc="classifier for FID", disable=not progress, leave=False)
@@ -104,8 +123,11 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             xb = x[idx]
-            dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
-            xb = torch.roll(xb, shifts=(dx, dy), dims=(2, 3))
+            if augmentation == "batch_roll":
+                dx, dy = torch.randint(-shift, shift + 1, (2,), generator=g).tolist()
+                xb = torch.roll(xb, shifts=(dx, dy), dims=(2, 3))
+            elif shift > 0:
+                xb = _translate(xb, torch.randint(0, 2 * shift + 1, (xb.shape[0], 2), generator=g), shift)
             loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,7 +142,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epoc
 # The classifier behind classifier-FID and the KLD is a fixed ruler per data set and resolution: it never
 # depends on --seed or on the machine. For the embedded data (scikit-learn digits; the MNIST test-set
 # fallback) its weights ship inside the package (cdgfast/data/assets/, trained by
-# `python -m cdgfast.metrics.train_ruler`); for any other data it is trained once on the training split
+# `python -m cdgfast.train.ruler`); for any other data it is trained once on the training split
 # with RULER_SEED and cached under the content hash of that split.
 RULER_SEED = 0
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "data" / "assets"

@@ -3,7 +3,7 @@
     python -m cdgfast.train.ruler                 # every embedded data set found on this machine
     python -m cdgfast.train.ruler --dataset digits
 
-For each embedded data set (`RULERS`: scikit-learn digits) at the cpu-scale resolution, it loads the
+For each embedded data set (`RULERS`: scikit-learn digits, the MNIST test-set fallback) at the cpu-scale resolution, it loads the
 data exactly as `cdgfast.train` does (the same fixed train / evaluation split, independent of --seed), trains a SmallCNN with
 `cdgfast.metrics.classifier.RULER_SEED` in one thread (deterministic on CPU: the same bytes for the same
 torch version), measures its accuracy on the evaluation split and writes
@@ -20,13 +20,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-# data set -> (loader name for load_benchmark_data, image size, training settings, accuracy it must reach)
-# The MNIST test-set fallback ("mnist-test") is not shipped yet: trained on its 8,000-image train part at
-# 16x16 this SmallCNN reached 0.9895 (40 epochs, width 32) and 0.9865 (30 epochs, width 48) on the
-# 2,000 held-out images, short of the 0.99 a shipped MNIST ruler must reach; runs on it train the
-# ruler once with RULER_SEED and cache it by content hash (fixed per machine, not across machines).
+# data set -> (loader name for load_benchmark_data, image size, training settings, accuracy it must reach).
+# MNIST (the test-set fallback, trained on its 8,000-image train part at 16x16): the digits settings
+# (one 2-pixel wrap-around roll per batch) reach 0.9895 (40 epochs, width 32); a 1-pixel translation of
+# each image on its own reaches the 0.99 a shipped MNIST ruler must.
 RULERS: Dict[str, dict] = {
     "digits": {"dataset": "digits", "image_size": 16, "epochs": 30, "width": 32, "min_accuracy": 0.97},
+    "mnist-test": {"dataset": "mnist-test", "image_size": 16, "epochs": 40, "width": 32, "min_accuracy": 0.99,
+                   "augmentation": "translate", "max_shift": 1},
 }
 
 
@@ -37,7 +38,7 @@ def embedded_data(key: str, data_root: Optional[str] = None):
     spec = RULERS[key]
     if spec["dataset"] == "digits":
         return _load_exact("digits", None, spec["image_size"], print)
-    return _mnist_test_set(data_root, spec["image_size"])  # a future "mnist-test" entry
+    return _mnist_test_set(data_root, spec["image_size"])
 
 
 def train_ruler(key: str, data_root: Optional[str] = None, out_dir=None, progress: bool = True) -> Optional[dict]:
@@ -58,13 +59,15 @@ def train_ruler(key: str, data_root: Optional[str] = None, out_dir=None, progres
     try:
         t0 = time.time()
         model = train_classifier(data.train.x, data.train.y, data.num_classes, epochs=spec["epochs"],
-                                 width=spec["width"], seed=RULER_SEED, progress=progress)
+                                 width=spec["width"], augmentation=spec.get("augmentation", "batch_roll"),
+                                 max_shift=spec.get("max_shift"), seed=RULER_SEED, progress=progress)
         acc = accuracy(model, data.eval.x, data.eval.y)
     finally:
         torch.set_num_threads(threads)
     meta = {"dataset": data.name, "train_split_sha256": data_sha256(data.train.x, data.train.y),
             "eval_split_sha256": data_sha256(data.eval.x, data.eval.y), "eval_accuracy": f"{acc:.6f}",
             "num_train": len(data.train), "num_eval": len(data.eval), "epochs": spec["epochs"], "seed": RULER_SEED,
+            "augmentation": spec.get("augmentation", "batch_roll"), "max_shift": spec.get("max_shift", "side // 8"),
             "torch": torch.__version__, "trained_by": "python -m cdgfast.train.ruler"}
     path = Path(out_dir or ASSETS_DIR) / (ruler_stem(data.name, data.image_size, data.channels, data.num_classes)
                                           + ".safetensors")
