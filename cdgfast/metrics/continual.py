@@ -24,21 +24,28 @@ import torch
 from .._validation import check_nonnegative, check_real
 
 
-def _matrix(fid) -> torch.Tensor:
+def _matrix(fid, name: str = "fid", what: str = "FID") -> torch.Tensor:
+    """A [T, T] float64 matrix, row k = after task k: finite on and below the diagonal, anything (NaN, None
+    in a nested list) above it. `name` / `what` are the argument and the quantity the messages name."""
     if isinstance(fid, torch.Tensor):
         m = fid.detach().to(torch.float64)
     else:
-        rows = [[float("nan") if v is None else float(v) for v in row] for row in fid]
+        try:
+            rows = [[float("nan") if v is None else float(v) for v in row] for row in fid]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected a square matrix [T, T] of numbers (a tensor or nested lists), "
+                             f"got {type(fid).__name__} ({exc})") from None
         if len({len(r) for r in rows}) > 1:
-            raise ValueError(f"fid: expected a square matrix [T, T] (row k = after task k, None above the "
+            raise ValueError(f"{name}: expected a square matrix [T, T] (row k = after task k, None above the "
                              f"diagonal), got rows of lengths {[len(r) for r in rows]}")
         m = torch.tensor(rows, dtype=torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
-        raise ValueError(f"fid: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
+        raise ValueError(f"{name}: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
                          f"got shape {tuple(m.shape)}")
     for k in range(m.shape[0]):
         if not torch.isfinite(m[k, :k + 1]).all():
-            raise ValueError(f"fid: row {k} needs finite FID_i(m_{k}) for every i <= {k}, got {m[k, :k + 1].tolist()}")
+            raise ValueError(f"{name}: row {k} needs a finite {what} for every task i <= {k}, got "
+                             f"{m[k, :k + 1].tolist()}")
     return m
 
 
