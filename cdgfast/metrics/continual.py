@@ -24,9 +24,10 @@ import torch
 from .._validation import check_nonnegative, check_real
 
 
-def _matrix(fid, name: str = "fid", what: str = "FID") -> torch.Tensor:
-    """A [T, T] float64 matrix, row k = after task k: finite on and below the diagonal, anything (NaN, None
-    in a nested list) above it. `name` / `what` are the argument and the quantity the messages name."""
+def _matrix(fid, name: str = "fid", what: str = "FID", diagonal: bool = True) -> torch.Tensor:
+    """A [T, T] float64 matrix, row k = after task k: finite below the diagonal and on it (unless
+    `diagonal=False`), anything (NaN, None in a nested list) above. `name` / `what`: the argument and the
+    quantity the messages name."""
     if isinstance(fid, torch.Tensor):
         m = fid.detach().to(torch.float64)
     else:
@@ -43,9 +44,10 @@ def _matrix(fid, name: str = "fid", what: str = "FID") -> torch.Tensor:
         raise ValueError(f"{name}: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
                          f"got shape {tuple(m.shape)}")
     for k in range(m.shape[0]):
-        if not torch.isfinite(m[k, :k + 1]).all():
-            raise ValueError(f"{name}: row {k} needs a finite {what} for every task i <= {k}, got "
-                             f"{m[k, :k + 1].tolist()}")
+        end = k + 1 if diagonal else k
+        if not torch.isfinite(m[k, :end]).all():
+            raise ValueError(f"{name}: row {k} needs a finite {what} for every task i {'<=' if diagonal else '<'} "
+                             f"{k}, got {m[k, :end].tolist()}")
     return m
 
 

@@ -210,7 +210,7 @@ def continual_mmd(to_real, to_own=None) -> Dict[str, object]:
     t = m.shape[0]
     own = None
     if to_own is not None:
-        own = _matrix(to_own, "to_own", "MMD(X_jj, X_ij)")
+        own = _matrix(to_own, "to_own", "MMD(X_jj, X_ij)", diagonal=False)
         if own.shape != m.shape:
             raise ValueError(f"to_own: expected shape {tuple(m.shape)} like to_real, got {tuple(own.shape)}")
     a, bwt, fgt = [], [], []
@@ -309,7 +309,7 @@ class CLIPImageFeatures:
         try:
             self.model = CLIPVisionModelWithProjection.from_pretrained(str(p), local_files_only=True).eval()
             self.processor = CLIPImageProcessor.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # any failure to read a user's checkpoint is a bad `clip` argument
             raise ValueError(f"clip: {p} could not be loaded as a CLIP vision model with its image processor "
                              f"({type(exc).__name__}: {exc})") from None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
