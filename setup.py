@@ -42,10 +42,12 @@ setup(
     install_requires=install_requires,
     extras_require={
         # accelerate: tests/test_accelerate.py runs examples/accelerate_loop.py on two processes
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5", "accelerate>=0.26"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.5", "accelerate>=0.26",
+                 "torchmetrics>=1.0"],
         "accelerate": ["accelerate>=0.26"],
         "cuda": ["cupy-cuda12x"],
-        "text": ["transformers>=4.30"],
+        # torchmetrics: the reference KID and pairwise cosine the personalization metrics are checked against
+        "text": ["transformers>=4.30", "torchmetrics>=1.0"],
         "vision": ["torchvision"],
         # the FID Inception (TF-ported weights) of torch-fidelity, the network torchmetrics' FID wraps; pulls
         # torchvision, which must match the installed torch (pip install --no-deps to keep a CPU torch)

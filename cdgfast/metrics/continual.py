@@ -24,21 +24,30 @@ import torch
 from .._validation import check_nonnegative, check_real
 
 
-def _matrix(fid) -> torch.Tensor:
+def _matrix(fid, name: str = "fid", what: str = "FID", diagonal: bool = True) -> torch.Tensor:
+    """A [T, T] float64 matrix, row k = after task k: finite below the diagonal and on it (unless
+    `diagonal=False`), anything (NaN, None in a nested list) above. `name` / `what`: the argument and the
+    quantity the messages name."""
     if isinstance(fid, torch.Tensor):
         m = fid.detach().to(torch.float64)
     else:
-        rows = [[float("nan") if v is None else float(v) for v in row] for row in fid]
+        try:
+            rows = [[float("nan") if v is None else float(v) for v in row] for row in fid]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: expected a square matrix [T, T] of numbers (a tensor or nested lists), "
+                             f"got {type(fid).__name__} ({exc})") from None
         if len({len(r) for r in rows}) > 1:
-            raise ValueError(f"fid: expected a square matrix [T, T] (row k = after task k, None above the "
+            raise ValueError(f"{name}: expected a square matrix [T, T] (row k = after task k, None above the "
                              f"diagonal), got rows of lengths {[len(r) for r in rows]}")
         m = torch.tensor(rows, dtype=torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
-        raise ValueError(f"fid: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
+        raise ValueError(f"{name}: expected a square matrix [T, T] with T >= 1 (row k = after task k), "
                          f"got shape {tuple(m.shape)}")
     for k in range(m.shape[0]):
-        if not torch.isfinite(m[k, :k + 1]).all():
-            raise ValueError(f"fid: row {k} needs finite FID_i(m_{k}) for every i <= {k}, got {m[k, :k + 1].tolist()}")
+        end = k + 1 if diagonal else k
+        if not torch.isfinite(m[k, :end]).all():
+            raise ValueError(f"{name}: row {k} needs a finite {what} for every task i {'<=' if diagonal else '<'} "
+                             f"{k}, got {m[k, :end].tolist()}")
     return m
 
 
