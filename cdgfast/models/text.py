@@ -11,7 +11,8 @@ and App. H): Stable Diffusion v1.x parts, offline tiny stand-ins, modifier token
   specials) that pads every prompt to a fixed length like the real ``CLIPTokenizer`` does for the driver.
 * ``add_modifier_token(tokenizer, text_encoder, token, init_word=None)``: a new word V*_n, its embedding
   row the only trainable part of the token table (``ModifierTokenEmbedding``); earlier modifier rows are
-  frozen (each task trains only its own token).
+  frozen (each task trains only its own token); ``fold_modifier_tokens`` turns the table back into a
+  plain ``nn.Embedding`` for ``save_pretrained``.
 * ``CROSS_ATTENTION_KV``: LoRA targets for the cross-attention K/V only (``attn2.to_k`` / ``attn2.to_v``)
   for ``cdgfast.models.lora.add_lora``.
 * ``encode_prompts(tokenizer, text_encoder, prompts)``: the text encoder's last hidden states
@@ -46,7 +47,7 @@ from .lora import CROSS_ATTENTION_KV  # LoRA targets: the cross-attention K/V on
 
 __all__ = ["CROSS_ATTENTION_KV", "TINY_TEXT_UNET", "TINY_VOCABULARY", "StableDiffusionParts", "ModifierTokenEmbedding",
            "load_stable_diffusion", "tiny_text_models", "tiny_text_unet", "tiny_tokenizer", "add_modifier_token",
-           "freeze_modifier_tokens", "modifier_token_ids", "encode_prompts", "SD_SCHEDULER_CONFIG"]
+           "freeze_modifier_tokens", "fold_modifier_tokens", "modifier_token_ids", "encode_prompts", "SD_SCHEDULER_CONFIG"]
 
 
 # The tiny text-conditional UNet (latents 4 x 16 x 16, cross-attention width 32): about 0.2M parameters.
@@ -304,6 +305,17 @@ class ModifierTokenEmbedding(nn.Module):
             raise ValueError(f"token_id: expected an id below {self.num_embeddings}, got {token_id}")
         return self.base.weight[token_id] if token_id < self.base_size else self.rows[token_id - self.base_size]
 
+    def to_embedding(self) -> nn.Embedding:
+        """A plain, frozen nn.Embedding holding a copy of the full table (e.g. to hand the text encoder to
+        code that expects one: `text_encoder.set_input_embeddings(emb.to_embedding())`; save_pretrained
+        of a text encoder holding modifier tokens writes `base.weight` and `rows.<i>` instead of
+        `weight`)."""
+        w = self.weight.detach().clone()
+        out = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+        return out.requires_grad_(False)
+
     def append(self, init: torch.Tensor) -> int:
         w = self.base.weight
         self.rows.append(nn.Parameter(init.detach().to(device=w.device, dtype=w.dtype).clone().reshape(-1)))
@@ -352,6 +364,20 @@ def freeze_modifier_tokens(text_encoder) -> None:
         for r in emb.rows:
             r.requires_grad_(False)
             r.grad = None
+
+
+def fold_modifier_tokens(text_encoder):
+    """Replace the ModifierTokenEmbedding by a plain frozen nn.Embedding of the full table and set
+    `config.vocab_size` to its size (what transformers' resize_token_embeddings leaves), so that
+    save_pretrained writes a text encoder CLIPTextModel.from_pretrained reads back. Returns `text_encoder`;
+    a text encoder without modifier tokens is returned as it is."""
+    emb = _check_text_encoder(text_encoder)
+    if isinstance(emb, ModifierTokenEmbedding):
+        text_encoder.set_input_embeddings(emb.to_embedding())
+        cfg = getattr(text_encoder, "config", None)
+        if cfg is not None and hasattr(cfg, "vocab_size"):
+            cfg.vocab_size = emb.num_embeddings
+    return text_encoder
 
 
 def add_modifier_token(tokenizer, text_encoder, token: str, init_word: Optional[str] = None,
