@@ -2,8 +2,8 @@
 UNet2DModel and a text-conditional UNet2DConditionModel; LoRA gradients; processors restored; refusals."""
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
+from cdgfast.models.text import tiny_text_unet
 from cdgfast.models.unet import tiny_unet
 from cdgfast.ops import dc_cross_entropy, dc_errors, dc_predictions, dc_scores
 from cdgfast.ops.dc_predictions import shared_prefix_modules
@@ -13,11 +13,7 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 
 def text_unet(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=D, norm_num_groups=8, attention_head_dim=4).to(dtype)
+    return tiny_text_unet(cross_attention_dim=D, seed=seed).to(dtype)
 
 
 def class_unet(dtype=torch.float32, seed=0):

@@ -26,7 +26,12 @@ from torch import nn
 
 from .._validation import check_real, check_same_device
 
+# Every attention projection. On a UNet2DConditionModel the plain names match both the self-attention
+# (attn1) and the cross-attention (attn2) of every transformer block.
 DEFAULT_TARGETS: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+# The cross-attention K/V only (Custom Diffusion's and C-LoRA's layers, SPEC 2.3): the text projections
+# W^K, W^V of attn2. A plain ("to_k", "to_v") would also adapt attn1's K/V of the image features.
+CROSS_ATTENTION_KV: Tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
 
 
 def _lora_modules(unet: nn.Module, adapter_name: str) -> Dict[str, nn.Module]:
@@ -42,8 +47,9 @@ def add_lora(unet: nn.Module, rank: int = 16, alpha: Optional[float] = None,
              target_modules: Sequence[str] = DEFAULT_TARGETS, adapter_name: str = "default",
              dropout: float = 0.0, seed: Optional[int] = None) -> nn.Module:
     """Inject LoRA (rank `rank`, scaling alpha / rank, alpha defaults to rank) into every module whose
-    qualified name ends with one of `target_modules` (for UNet2DConditionModel the same names cover the
-    cross-attention K/V). Base weights are frozen; only the LoRA matrices train. A is initialised like
+    qualified name ends with one of `target_modules` (a suffix of whole name components: "to_k" matches
+    "...attn1.to_k" and "...attn2.to_k", "attn2.to_k" only the latter; CROSS_ATTENTION_KV adapts only the
+    cross-attention K/V of a UNet2DConditionModel). Base weights are frozen; only the LoRA matrices train. A is initialised like
     peft (Kaiming uniform), B = 0, so the model's output is unchanged. `seed` makes A reproducible.
     Returns the same (modified) module."""
     from peft import LoraConfig, inject_adapter_in_model
