@@ -589,6 +589,57 @@ def _conv_sq_shifted(xp: torch.Tensor, g: torch.Tensor, mod: torch.nn.Conv2d, gr
     return per.square_().sum(1).permute(1, 2, 0).reshape(cout, cin * kh * kw)  # weight order (cin, kh, kw)
 
 
+def _conv_sq_grouped(x: torch.Tensor, g: torch.Tensor, mod: torch.nn.Conv2d, group: int) -> torch.Tensor:
+    """[G, Cout/G, Cin/G*kh*kw]: sum over samples of the squared per-sample weight gradients of any
+    Conv2d, from its input x [c, Cin, H, W] and output gradient g [c, Cout, Ho, Wo] (c = samples *
+    group rows). The c rows side by side are one image of c*Cin channels through the convolution with
+    c*G groups (row b's channels form groups b*G .. b*G+G-1), whose weight gradient
+    (`torch.nn.grad.conv2d_weight`, the backward's own kernel) is every row's weight gradient stacked,
+    [c*Cout, Cin/G, kh, kw]: one call instead of a product per row or per tap."""
+    c, cin = x.shape[:2]
+    cout, cg, kh, kw = mod.weight.shape
+    G = mod.groups
+    if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        x, pad = conv_padded_input(x, mod), (0, 0)
+    else:
+        pad = mod.padding
+    (dh, dw), (sh, sw) = mod.dilation, mod.stride
+    ho = (x.shape[2] + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+    if (ho, wo) != tuple(g.shape[2:]):
+        raise ValueError(f"grad_output: expected {ho * wo} output positions for this input and conv, "
+                         f"got shape {tuple(g.shape)}")
+    per = torch.nn.grad.conv2d_weight(x.reshape(1, c * cin, *x.shape[2:]), (c * cout, cg, kh, kw),
+                                      g.reshape(1, c * cout, *g.shape[2:]), mod.stride, pad, mod.dilation, c * G)
+    per = per.view(c, cout, cg * kh * kw)
+    if group > 1:  # a sample's rows add up before squaring
+        per = per.view(c // group, group, cout, cg * kh * kw).sum(1)
+    return per.square_().sum(0).view(G, cout // G, cg * kh * kw)
+
+
+def _conv_sq_path(mod: torch.nn.Conv2d, input: torch.Tensor, grad_output: torch.Tensor, kern: bool) -> str:
+    """The form `conv2d_sq_grad_sum` takes (the same numbers; speed only): "unfold" for the Triton
+    squares; on the CPU "grouped" (`_conv_sq_grouped`) where its one grouped weight-gradient call was
+    measured faster, else "shifted" (`_conv_sq_shifted`: stride 1, groups 1). Measured on the tiny /
+    small UNets' convolutions (one idle CPU thread, B = 64 / 32): for 3x3 kernels the grouped call takes
+    0.5-0.8x the tap-by-tap products at 32 x 32 outputs and at 16 x 16 with up to 2048 (Cin/G * Cout/G)
+    channel pairs, but 1.2-2.5x at 8 x 8 outputs, with 4096+ pairs at 16 x 16, or one output channel;
+    1x1 kernels are one product either way; strided or grouped convs (no tap-by-tap form) take
+    0.5-0.8x the unfold."""
+    if kern:
+        return "unfold"
+    shifted_ok = mod.groups == 1 and tuple(mod.stride) == (1, 1)
+    if input.device.type == "cpu":
+        if not shifted_ok:
+            return "grouped"
+        kk = mod.kernel_size[0] * mod.kernel_size[1]
+        pairs = mod.in_channels * mod.out_channels
+        positions = grad_output.shape[2] * grad_output.shape[3]
+        if kk > 1 and mod.out_channels > 1 and (positions >= 1024 or (positions >= 256 and pairs <= 2048)):
+            return "grouped"
+    return "shifted" if shifted_ok else "unfold"
+
+
 def conv2d_sq_grad_sum(input: torch.Tensor, grad_output: torch.Tensor, conv_module: torch.nn.Conv2d,
                        out: Optional[torch.Tensor] = None, scale: float = 1.0, *,
                        use_kernel: Optional[bool] = None, acc: Optional[torch.dtype] = None,
@@ -596,11 +647,14 @@ def conv2d_sq_grad_sum(input: torch.Tensor, grad_output: torch.Tensor, conv_modu
     """`sum_i g_i^2` for a Conv2d weight, shaped like `weight` ([Cout, Cin/G, kh, kw]); accumulated into
     `out` (`out += scale * ...`, same shape, e.g. a view of a flat Fisher buffer) when given.
 
-    In chunks of whole samples (at most `max_elements` intermediates). A stride-1, groups-1 convolution
-    without the kernel forms the per-sample gradients tap by tap on the padded input, never unfolded
-    (`_conv_sq_shifted`); otherwise the padded input is unfolded (`conv_unfold`) and, per group, the
-    per-sample gradients `gy_i^T cols_i` are formed by `einsum`, or squared and summed by the Triton
-    `linear_sq_grad_sum` when `use_kernel` (default: on CUDA). rows_per_sample r: a sample's
+    In chunks of whole samples (at most `max_elements` intermediates), in one of three forms
+    (`_conv_sq_path`; the same numbers): on the CPU, the per-sample gradients as the weight gradient of
+    one convolution with the samples as groups (`_conv_sq_grouped`), or, for a stride-1, groups-1
+    convolution where that was measured slower, tap by tap on the padded input, never unfolded
+    (`_conv_sq_shifted`); with the kernel (or off the CPU without the tap form) the padded input is
+    unfolded (`conv_unfold`) and, per group, the per-sample gradients `gy_i^T cols_i` are formed by
+    `einsum`, or squared and summed by the Triton `linear_sq_grad_sum` when `use_kernel` (default: on
+    CUDA). rows_per_sample r: a sample's
     r consecutive rows become r times the output positions. The bias term is
     `conv2d_bias_sq_grad_sum(grad_output)`."""
     _check_conv(input, grad_output, conv_module, rows_per_sample)
@@ -621,14 +675,20 @@ def conv2d_sq_grad_sum(input: torch.Tensor, grad_output: torch.Tensor, conv_modu
     kk = mod.kernel_size[0] * mod.kernel_size[1]
     cg = mod.in_channels // G
     L = grad_output.shape[2] * grad_output.shape[3]
-    per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
+    path = _conv_sq_path(mod, input, grad_output, kern)
+    if path == "grouped":  # a row's weight gradient (and its padded input in a padding mode)
+        per_sample = cout * cg * kk + input[0].numel()
+    else:  # its unfolded input (or the taps' products), output gradient and weight gradient
+        per_sample = cg * kk * L * G + og * L * G + cout * cg * kk
     step = max(1, max_elements // max(1, per_sample)) * group  # whole samples per chunk
     res = torch.zeros(G, og, cg * kk, dtype=acc, device=input.device)
-    shifted = not kern and G == 1 and tuple(mod.stride) == (1, 1)
     for s in range(0, N, step):
+        if path == "grouped":
+            res += _conv_sq_grouped(input[s:s + step].to(acc), grad_output[s:s + step].to(acc), mod, group)
+            continue
         xp = conv_padded_input(input[s:s + step].to(acc), mod)
         c = xp.shape[0]
-        if shifted:
+        if path == "shifted":
             res[0] += _conv_sq_shifted(xp, grad_output[s:s + step].to(acc), mod, group)
             continue
         cols = conv_unfold(xp, mod)

@@ -272,3 +272,76 @@ def test_untracked_graph_tensor_is_mixed():
         out = pre + 1
     assert L.tag(pre) is MIXED and L.tag(out) is MIXED
     assert L.tag(_rand(4, 3)) is None and L.tag(nn.Linear(2, 2).weight) is None
+
+
+def test_metadata_reads_tag_nothing():
+    """Reads of metadata and Python scalars skip the tag bookkeeping (`_METADATA`): under the mode they
+    change no tag, poison nothing, and the ops that follow them are tagged as without them."""
+    from cdgfast.fisher import _layout as LY
+
+    L = SampleLayout()
+    x = _rand(4, 3, 5).requires_grad_()
+    L.set(x, (1, 1))
+    with L:
+        h = torch.tanh(x)
+        before = dict(L._tags)
+        reads = [h.shape, h.dim(), h.size(), h.size(1), h.ndim, h.dtype, h.device, h.numel(), len(h),
+                 h.is_contiguous(), h.stride(), h.requires_grad, h.grad_fn, h._version, h.is_leaf,
+                 h.is_floating_point(), h.element_size(), h.is_inference(), float(h[0, 0, 0].detach()),
+                 h.detach()[0, 0, 0].item()]
+        after = {k: v for k, v in L._tags.items() if k in before}
+        out = F.linear(h.reshape(h.shape[0], h.size(1), -1), _rand(2, 5))
+    assert reads[0] == (4, 3, 5) and reads[3] == 3
+    assert after == before  # the indexing for float()/item() tags new tensors only
+    assert not L.poisoned and L.tag(h) == (1, 1) and L.tag(out) == (1, 1)
+    # a name in _METADATA must not be one a rule reads, nor an in-place op
+    ruled = LY._POINTWISE | LY._SELF_ONLY | LY._CONSTANT | LY._RESHAPE | set(LY._RULES)
+    assert not (LY._METADATA & ruled)
+    assert not any(SampleLayout._inplace(n, {}) for n in LY._METADATA)
+    assert LY.op_name(torch.Tensor.shape.__get__) == "get:shape" and LY.op_name(torch.Tensor.T.__get__) == "get:T"
+
+
+def test_metadata_named_function_returning_a_tensor_is_observed():
+    """The short cut trusts a result without tensors only: a function with a metadata name that
+    returns a tensor after all goes through `observe` (where the hook path notes which parameters
+    entered the graph), and its output proves nothing."""
+    seen = []
+
+    class Spy(SampleLayout):
+        def observe(self, func, args, kwargs, result, inputs, pre=None):
+            seen.append(func.__name__)
+            super().observe(func, args, kwargs, result, inputs, pre)
+
+    def size(t):  # op_name "size", a tensor out
+        return t * 2.0
+
+    L = Spy()
+    x = _rand(4, 3).requires_grad_()
+    L.set(x, (0, 1))
+    with L:
+        h = x * 1.0
+        out = L.__torch_function__(size, (torch.Tensor,), (h,))
+        n = h.size(0)
+    assert n == 4 and "size" in seen
+    assert L.tag(out) is MIXED  # no rule for it
+    assert seen.count("size") == 1  # the real size() read returned an int: not observed
+
+
+@pytest.mark.parametrize("T", [3, 2])
+def test_sequence_first_linear_with_shape_reads(T):
+    """A sequence-first Linear whose forward reads shapes (as diffusers blocks do): with T == B the
+    leading dim has the samples' size but the proof still puts the samples in dim 1."""
+    B = 3
+    w = _rand(4, 5)
+
+    def fn(a):
+        t, b, c = a.shape  # metadata read under the mode
+        h = F.linear(a.reshape(t, b * c).view(t, b, c), w)
+        return h.sum(0) * h.shape[0]
+
+    x = _rand(T, B, 5)
+    got, L = run(fn, [x], [(1, 1)])
+    assert got[0] == (0, 1) and not L.poisoned
+    assert_separable(fn, [x], [(1, 1)], (0, 1))
+    got0, _ = run(fn, [x], [(0, 1)])  # the samples in dim 0 (T of them): summed away
+    assert got0[0] is MIXED

@@ -429,3 +429,63 @@ def test_conv_unfold_matches_f_unfold():
         for sub in (xp, xp[:, : cfg["in_channels"] // G]):  # non-contiguous channel slices (groups)
             ref = F.unfold(sub, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
             assert torch.equal(P.conv_unfold(sub, conv), ref)
+
+
+def _paths_for(conv):
+    """The CPU forms of the conv squares that apply to this conv (the grouped weight gradient and the
+    unfold always; the tap-by-tap form for stride 1, groups 1)."""
+    paths = ["grouped", "unfold"]
+    if conv.groups == 1 and tuple(conv.stride) == (1, 1):
+        paths.append("shifted")
+    return paths
+
+
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: f"k{c['kernel_size']}g{c.get('groups', 1)}")
+@pytest.mark.parametrize("r", [1, 3])
+def test_every_conv_square_path_vs_naive(cfg, r, monkeypatch):
+    """Each form `_conv_sq_path` may pick gives the float64 per-sample reference (rows_per_sample r,
+    chunks of one sample and one chunk), so the choice between them changes the speed only."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(**cfg).double()
+    B = 3
+    x = torch.randn(B * r, cfg["in_channels"], 6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        w = torch.randn_like(conv(x))
+    loss = lambda y, i: (torch.cos(y) * w[i]).sum()  # noqa: E731
+    ref = sum(g["weight"] ** 2 for g in _grouped_conv_reference(conv, x, loss, r))
+    xin, gout = batch_io_grads(conv, x, loss)
+    taken = []
+    real = P._conv_sq_path
+    for path in _paths_for(conv):
+        monkeypatch.setattr(P, "_conv_sq_path", lambda *a, _p=path: taken.append(_p) or _p)
+        for max_elements in (1, 1 << 24):
+            got = P.conv2d_sq_grad_sum(xin, gout, conv, use_kernel=False, rows_per_sample=r, max_elements=max_elements)
+            assert_close_rel(got, ref, 1e-12)
+        with pytest.raises(ValueError, match="grad_output"):  # wrong output size, whichever form
+            P.conv2d_sq_grad_sum(xin, gout[:, :, :-1], conv, use_kernel=False, rows_per_sample=r)
+        got32 = P.conv2d_sq_grad_sum(xin.float(), gout.float(), conv.float(), use_kernel=False, rows_per_sample=r)
+        assert got32.dtype == torch.float32
+        assert_close_rel(got32, ref, RTOL[torch.float32])
+        conv.double()
+    assert set(taken) == set(_paths_for(conv))
+    monkeypatch.setattr(P, "_conv_sq_path", real)
+
+
+def test_conv_square_path_choice():
+    """The CPU choice: the grouped weight gradient for 3x3 convs at large outputs (32 x 32, or 16 x 16
+    with few channel pairs) and for strided / grouped convs; the tap-by-tap products for 1x1 kernels,
+    one output channel, small outputs; the unfold for the Triton squares."""
+    def path(cin, cout, hw, k=3, **kw):
+        conv = nn.Conv2d(cin, cout, k, padding=k // 2, **kw)
+        x = torch.zeros(2, cin, hw, hw)
+        with torch.no_grad():
+            g = torch.zeros_like(conv(x))
+        return P._conv_sq_path(conv, x, g, False), P._conv_sq_path(conv, x, g, True)
+    assert path(16, 16, 16) == ("grouped", "unfold")
+    assert path(64, 64, 32) == ("grouped", "unfold")
+    assert path(64, 64, 16) == ("shifted", "unfold")
+    assert path(32, 32, 8) == ("shifted", "unfold")
+    assert path(16, 1, 32) == ("shifted", "unfold")
+    assert path(64, 64, 32, k=1) == ("shifted", "unfold")
+    assert path(64, 64, 8, stride=2) == ("grouped", "unfold")
+    assert path(64, 64, 8, k=1, groups=2) == ("grouped", "unfold")

@@ -145,7 +145,42 @@ _INPLACE_DUNDER = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__i
                    "__ixor__": "bitwise_xor"}
 
 
+# Reads of metadata or of a Python scalar: no tensor comes out, so the mode tags nothing, writes
+# nothing and has nothing to check; they skip the tag bookkeeping (`SampleLayout.__torch_function__`).
+# A name here must be no in-place op and have no rule (tests/test_fisher_layout.py checks both), and a
+# result that holds a tensor after all still goes through `observe`.
+_METADATA = frozenset("""
+dim ndimension size numel nelement stride storage_offset is_contiguous is_floating_point is_complex
+is_signed is_inference is_leaf is_pinned is_shared element_size data_ptr get_device __len__ __int__
+__float__ __bool__ __index__ __complex__ item tolist __format__ __hash__
+get:shape get:dtype get:device get:ndim get:requires_grad get:grad_fn get:_version get:output_nr
+get:is_leaf get:layout get:is_cuda get:is_cpu get:is_meta get:is_sparse get:is_quantized get:is_mkldnn
+get:is_nested get:itemsize get:nbytes get:names get:_backward_hooks
+""".split())
+
+
 def op_name(func) -> str:
+    """The name the rules are keyed by (cached per function object, see `_op_info`)."""
+    try:
+        return _op_info(func)[0]
+    except TypeError:  # an unhashable callable
+        return _op_name(func)
+
+
+_OP_INFO: Dict[Any, Tuple[str, bool]] = {}
+
+
+def _op_info(func) -> Tuple[str, bool]:
+    """(op_name, is a metadata read) of a function, cached: the same function object always has the
+    same name."""
+    info = _OP_INFO.get(func)
+    if info is None:
+        name = _op_name(func)
+        info = _OP_INFO[func] = (name, name in _METADATA)
+    return info
+
+
+def _op_name(func) -> str:
     qn = getattr(func, "_qualified_op_name", None)  # torch.ops packets: "cdgfast::dc_errors"
     if isinstance(qn, str):
         return qn
@@ -243,10 +278,27 @@ class SampleLayout(TorchFunctionMode):
     # ---- interception
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs: list = []
+        try:
+            name, meta = _op_info(func)
+        except TypeError:  # an unhashable callable
+            name, meta = _op_name(func), False
+        if meta and "out" not in kwargs:
+            # x.shape, x.dim(), x.grad_fn, ...: nothing to tag unless a tensor comes out after all
+            result = func(*args, **kwargs)
+            if not isinstance(result, (torch.Tensor, tuple, list)):
+                return result
+            found: list = []
+            tensors_in(result, found)
+            if not found:
+                return result
+            inputs: list = []
+            tensors_in(args, inputs)
+            tensors_in(kwargs, inputs)
+            self.observe(func, args, kwargs, result, inputs, None)
+            return result
+        inputs = []
         tensors_in(args, inputs)
         tensors_in(kwargs, inputs)
-        name = op_name(func)
         # an in-place op changes its target's grad_fn: read the tags it writes over first. Pointwise
         # functions can also work in place by argument (F.relu(x, inplace=True)): they return their input.
         pre = first = None

@@ -381,6 +381,13 @@ def _hooked_forward(model, loss_fn, batch, plan: HookPlan):
         stack.append(mod)
 
     def post_hook(mod, args, kwargs, out):
+        # The bookkeeping here reads metadata and makes a detached copy that never enters the forward:
+        # it runs outside the tracker (about 730 calls per forward of the tiny UNet it need not see;
+        # the tags it reads are the tracker's own).
+        with torch._C.DisableTorchFunction():
+            _record(mod, args, kwargs, out)
+
+    def _record(mod, args, kwargs, out):
         if stack and stack[-1] is mod:
             stack.pop()
         rec = records[mod]
