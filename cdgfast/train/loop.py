@@ -527,6 +527,10 @@ def _train_task(model, method, loader_factory, steps: int, sc: ScaleConfig, name
     student = D.data_parallel(model)  # DistributedDataParallel under torchrun; the model itself otherwise
     # A-GEM-style before_step hooks edit .grad from rank-local state (its buffer): average once more then
     resync = world > 1 and _overrides_before_step(method)
+    ema = None
+    if sc.ema_decay is not None:
+        from .ema import WeightEMA
+        ema = WeightEMA(params, sc.ema_decay)  # a fresh average every task, from the weights it starts with
     sums: Dict[str, float] = {}
     step = 0
     bar = tqdm(total=steps, desc=f"{name} task {k + 1}/{T} train", disable=not progress, leave=False)
@@ -558,12 +562,16 @@ def _train_task(model, method, loader_factory, steps: int, sc: ScaleConfig, name
             if sched is not None:
                 sched.step()
             method.after_step(model)
+            if ema is not None:
+                ema.update()
             bar.update(1)
             if step % 10 == 0 or step == steps:
                 bar.set_postfix({t: f"{v.item():.4f}" for t, v in terms.items()})
             on_step(name, k, step)
     bar.close()
     opt.zero_grad(set_to_none=True)
+    if ema is not None:  # what end_task, the evaluation, the checkpoint and the next task see
+        ema.copy_to()
     return {t: v / max(1, steps) for t, v in sums.items()}
 
 

@@ -47,6 +47,7 @@ class ScaleConfig:
     warmup_steps: int = 0                    # linear warm-up steps at the start of every task
     grad_clip: Optional[float] = None        # max global gradient norm (None: no clipping)
     dropout: float = 0.0                     # the UNet's dropout
+    ema_decay: Optional[float] = None        # EMA of the weights within each task, swapped in at its end (train/ema.py)
     method_batch_size: Dict[str, int] = field(default_factory=dict)  # method -> its own batch size
     # The model and the evaluation.
     class_conditional: bool = True           # False: an unconditional UNet (no class embedding)

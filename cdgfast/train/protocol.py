@@ -52,6 +52,8 @@ def check_scale_config(sc: ScaleConfig) -> None:
     if sc.grad_clip is not None and (isinstance(sc.grad_clip, bool) or not isinstance(sc.grad_clip, (int, float))
                                      or not math.isfinite(sc.grad_clip) or sc.grad_clip <= 0):
         raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {sc.grad_clip!r}")
+    from .ema import check_ema_decay
+    check_ema_decay(sc.ema_decay)
     if not isinstance(sc.class_conditional, bool):
         raise ValueError(f"class_conditional: expected True or False, got {sc.class_conditional!r}")
     if sc.channels not in (None, 1, 3):
@@ -131,7 +133,11 @@ def training_config(sc: ScaleConfig, methods: List[str]) -> dict:
             "batch_size_per_method": {m: sc.batch_size_for(m) for m in methods},
             "epochs_per_task": sc.epochs_per_task, "steps_per_task": sc.steps_per_task,
             "first_task_steps": sc.first_task_steps, "max_train_per_class": sc.max_train_per_class,
-            "dropout": sc.dropout}
+            "dropout": sc.dropout,
+            "ema": (None if sc.ema_decay is None else
+                    {"decay": sc.ema_decay, "warmup": "min(decay, (1 + n) / (10 + n)) at update n",
+                     "scope": "restarts every task; its weights replace the model's at the end of the task's "
+                              "training (end_task, teacher, replay pool, evaluation and checkpoint use them)"})}
 
 
 # ------------------------------------------------------------------------------------ the evaluation
