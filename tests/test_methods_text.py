@@ -266,3 +266,24 @@ def test_ewc_dc_fisher_equals_a_per_sample_loop_on_lora_parameters():
         torch.testing.assert_close(fisher.double(), ref, rtol=2e-3, atol=1e-12 * float(ref.max()))
 
     run("ewc_dc", check=check)
+
+
+@pytest.mark.parametrize("name", ["custom_diffusion", "cd_ewc", "textual_inversion"])
+def test_text_only_state_saves_and_loads(name, tmp_path):
+    parts, unet, cond, method, _ = run(name, steps=1)
+    method.save(tmp_path / "m")
+    loaded = M.load(tmp_path / "m")
+    loaded.setup(num_classes=len(PROMPTS), schedule=parts.noise_schedule(), conditions=cond)
+    for attr in type(method).state_attrs():
+        a, b = getattr(method, attr), getattr(loaded, attr)
+        if isinstance(a, dict):
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), attr
+        elif isinstance(a, list) and a and isinstance(a[0], dict):
+            assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x), attr
+        elif isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), attr
+        else:
+            assert a == b, attr
+    if name == "custom_diffusion":  # the merge is rebuilt from the loaded state
+        for n, w in method.merged_weights().items():
+            torch.testing.assert_close(loaded.merged_weights()[n], w)
