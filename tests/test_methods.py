@@ -28,7 +28,8 @@ B = 6
 
 REQUIRED = ["finetune", "er", "agem", "kd", "l2", "ewc", "si", "mas", "gd", "rank1", "rankk", "diag", "rank1+gd",
             "rankk+gd", "diag+gd",
-            "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge"]
+            "ccd", "ewc_dc", "dsc", "clora", "lora_seq", "lora_merge", "dsc+ewc", "dsc+ewc_dc",
+            "textual_inversion", "custom_diffusion", "cd_ewc"]
 
 # What the built-in methods' declarations must keep saying (the tables these tests had before the
 # declarations moved next to the methods): small settings so that every method runs in about a second
@@ -41,12 +42,14 @@ FAST = {
     "rankk+gd": dict(pool_per_class=3, pool_steps=2, power_iters=2, fisher_max_samples=8),
     "ccd": dict(buffer_size=16), "dsc": dict(iterations=2), "ewc_dc": dict(k=3),
     "clora": dict(rank=2), "lora_seq": dict(rank=2), "lora_merge": dict(rank=2),
+    "dsc+ewc": {"dsc.iterations": 2}, "dsc+ewc_dc": {"dsc.iterations": 2, "ewc_dc.k": 3},
 }
 TERMS = {"finetune": set(), "er": set(), "agem": set(), "kd": {"kd"}, "l2": {"l2"}, "ewc": {"ewc"}, "si": {"si"},
          "mas": {"mas"}, "gd": {"gd"}, "rank1": {"rank1"}, "diag": {"diag"}, "rank1+gd": {"rank1", "gd"},
          "diag+gd": {"diag", "gd"}, "ccd": {"ikc", "ukc", "lkc"}, "ewc_dc": {"ewc_dc"}, "dsc": set(),
          "clora": {"clora"}, "lora_seq": set(), "lora_merge": set(), "rankk": {"rankk"},
-         "rankk+gd": {"rankk", "gd"}}
+         "rankk+gd": {"rankk", "gd"}, "dsc+ewc": {"ewc"}, "dsc+ewc_dc": {"ewc_dc"}, "textual_inversion": set(),
+         "custom_diffusion": set(), "cd_ewc": {"cd_ewc"}}
 FROZEN = {"ccd": 2, "kd": 1, "gd": 1, "rank1+gd": 1, "diag+gd": 1, "rankk+gd": 1}
 
 
@@ -62,7 +65,14 @@ NEED_CHECKS = {
     "null_class": lambda m: m.config.num_class_embeds >= NUM_CLASSES + 1,
     "attention": lambda m: any(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n, _ in m.named_modules()),
     "mid_block": lambda m: isinstance(getattr(m, "mid_block", None), torch.nn.Module),
+    "text": lambda m: type(m).__name__ == "UNet2DConditionModel",
 }
+
+
+def class_methods():
+    """Every registered name that runs on class-conditional models (the text-only ones run in
+    tests/test_methods_text.py)."""
+    return [n for n in M.available() if "text" not in tiny(n).needs]
 
 
 def model_for(name):
@@ -195,7 +205,7 @@ def check_gradients(name):
     return check
 
 
-@pytest.mark.parametrize("name", M.available())
+@pytest.mark.parametrize("name", class_methods())
 def test_method_runs_two_tasks(name):
     model, method, history = run_two_tasks(name, check=check_gradients(name))
     for task_index, terms in history:
@@ -331,7 +341,7 @@ def test_state_shapes_after_tasks():
     assert len(m.teacher_history) == 2 and m.task_classes == [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("name", M.available())  # every method: the mixins' and each own state
+@pytest.mark.parametrize("name", class_methods())  # every method: the mixins' and each own state
 def test_state_dict_round_trip(name):
     model, m, _ = run_two_tasks(name)
     state = m.state_dict()

@@ -19,7 +19,7 @@ from cdgfast.serialization import (UnreadableState, flatten_state, load_state, l
                                    unflatten_state)
 from cdgfast.train import RunConfig, run
 from cdgfast.train.checkpoint import UnreadableCheckpoint, load_checkpoint, read_checkpoint
-from test_methods import NUM_CLASSES, assert_same_next_task_losses, run_two_tasks
+from test_methods import NUM_CLASSES, assert_same_next_task_losses, class_methods, run_two_tasks
 from cdgfast.diffusion import NoiseSchedule
 
 
@@ -110,7 +110,7 @@ def test_unsupported_values_and_bad_files_are_refused(tmp_path):
         load_state(tmp_path / "k.safetensors", kind="two")
 
 
-@pytest.mark.parametrize("name", M.available())
+@pytest.mark.parametrize("name", class_methods())
 def test_every_method_saves_and_loads_without_pickle(name, tmp_path, no_pickle):
     """Method.save / cdgfast.methods.load carry every method's state: the loaded method continues with
     the same loss terms as the original (as test_methods.test_state_dict_round_trip does in memory)."""

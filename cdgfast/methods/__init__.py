@@ -20,8 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List
 
+from ._conditions import ClassConditions, TextConditions
 from ._registry import (available, create, import_method_modules, load, members, method_class, register,
-                        register_composition, single_methods, tiny_run)
+                        register_composition, single_methods, text_config, tiny_run)
 from .base import Method, TinyRun, load_trainable
 from .compose import Compose
 
@@ -58,4 +59,5 @@ def __dir__() -> List[str]:
 
 
 __all__ = ["available", "create", "load", "load_trainable", "register", "register_composition", "single_methods",
-           "method_class", "members", "tiny_run", "Method", "TinyRun", "Compose"] + sorted(_EXPORTS)
+           "method_class", "members", "tiny_run", "text_config", "Method", "TinyRun", "Compose", "ClassConditions",
+           "TextConditions"] + sorted(_EXPORTS)

@@ -18,7 +18,7 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._hparams import merged_defaults
+from ._hparams import _merged, merged_defaults
 from .base import Method, TinyRun
 from .compose import Compose
 
@@ -176,6 +176,19 @@ def tiny_run(name: str) -> Optional[TinyRun]:
                    needs=frozenset().union(*(r.needs for r in runs)))
 
 
+def text_config(name: str) -> Dict[str, object]:
+    """The overrides that give `name` its text-to-image settings (SPEC 2.3, the DC-score paper's App. H):
+    its classes' `text_defaults` (e.g. `ewc`: lam 1e6 on LoRA parameters; the LoRA methods: the
+    cross-attention K/V only; the DC methods: no label dropout), as `create` takes them
+    (`member.key` for a composition). The class-conditional defaults stay as they are:
+    `create(name, **text_config(name), **yours)`."""
+    entry = _entry(name)
+    if entry.cls is not None:
+        return _merged(entry.cls, "text_defaults")
+    return {f"{m}.{k}": v for m, c in zip(entry.members, _member_classes(entry))
+            for k, v in _merged(c, "text_defaults").items()}
+
+
 def import_method_modules(package: str, path: Sequence[str]) -> List[str]:
     """Import every module of the package at `path` whose name does not start with "_" (sorted by name),
     so that their `@register` decorators run. Returns the module names."""
@@ -186,4 +199,4 @@ def import_method_modules(package: str, path: Sequence[str]) -> List[str]:
 
 
 __all__ = ["register", "register_composition", "available", "create", "single_methods", "method_class",
-           "members", "tiny_run", "import_method_modules"]
+           "members", "tiny_run", "text_config", "import_method_modules"]

@@ -91,6 +91,7 @@ class EWC(_AnchorPenalty):
     specs = {"lam": nonneg(), "online": flag(), "gamma": nonneg(),
              "fisher_max_samples": count(none=True, none_means="the whole task"),
              "fisher_estimator": HP("choice", choices=("per_sample", "batch_squared"))}
+    text_defaults = {"lam": 1e6}  # the DC-score paper's EWC weight on LoRA parameters (App. H)
     tiny = TinyRun(terms={"ewc"})
 
     def penalty_scale(self):

@@ -32,9 +32,10 @@ import torch
 
 from ..params import assign_grads_, flatten, flatten_detached, load_flat_, require_trainable, trainable_named
 from ..params import flat_grads as _flat_grads
-from ..diffusion import Batch, NoiseSchedule, as_schedule, make_batch, predict_eps
+from ..diffusion import Batch, NoiseSchedule, as_schedule, make_batch
 from ..parallel import LOCAL, DataParallel
 from ..parallel import resolve as resolve_parallel
+from ._conditions import ClassConditions, condition_predictions
 from ._hparams import HP, count, merged_defaults, probability, validate_config
 
 Data = Any  # iterable of (x, y), or a callable returning a fresh iterable
@@ -52,9 +53,10 @@ class TinyRun:
       gradient reaches them.
     needs: what the model must offer, from NEEDS: "class_labels" (a class-conditional model),
       "null_class" (the unconditional class `num_classes`: label dropout, DC scores), "attention" (the
-      attention projections LoRA adapts), "mid_block" (a diffusers `mid_block`)."""
+      attention projections LoRA adapts), "mid_block" (a diffusers `mid_block`), "text" (a text-conditional
+      UNet2DConditionModel with `TextConditions`: the method runs only there; tests/test_methods_text.py)."""
 
-    NEEDS = ("class_labels", "null_class", "attention", "mid_block")
+    NEEDS = ("class_labels", "null_class", "attention", "mid_block", "text")
 
     config: Mapping[str, Any] = field(default_factory=dict)
     terms: FrozenSet[str] = frozenset()
@@ -94,6 +96,10 @@ class Method:
     defaults: Dict[str, Any] = {"seed": 0, "label_dropout": 0.0}
     specs: Dict[str, HP] = {"seed": count(0), "label_dropout": probability()}
     tiny: Optional[TinyRun] = None
+    # Hyperparameters that differ on text-to-image models (SPEC 2.3: the DC-score paper's settings), merged
+    # with the bases' like `defaults`; `cdgfast.methods.text_config(name)` gives them. The class-conditional
+    # defaults are not changed by them.
+    text_defaults: Dict[str, Any] = {}
     owns_task_loss: bool = False
     # True when `end_task` only prepares the next task (a Fisher, an anchor, a teacher, a replay pool or
     # buffer) and leaves the model as it is: after the last task `end_last_task` then does only the
@@ -123,6 +129,7 @@ class Method:
         self.generator = torch.Generator().manual_seed(int(self.config["seed"]))
         self.parallel: DataParallel = LOCAL
         self.progress = False
+        self.conditioning = ClassConditions()
         self.global_batches = False  # shard_batches(): noise drawn for the global batch, this block kept
 
     def __repr__(self):
@@ -130,8 +137,11 @@ class Method:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, *, num_classes: int, schedule: Optional[NoiseSchedule] = None, device=None,
-              parallel: Optional[DataParallel] = None, progress: bool = False) -> None:
-        """parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
+              parallel: Optional[DataParallel] = None, progress: bool = False, conditions=None) -> None:
+        """conditions: what a condition is (`cdgfast.methods._conditions`): None for class labels (the
+        prior concept is the null class `num_classes`), or a `TextConditions` (prompts of the
+        `num_classes` concepts and a prior prompt, for a UNet2DConditionModel).
+        parallel: the data-parallel context (`cdgfast.parallel`; None: one process) handed to the
         estimators and the replay pool, and used by a method's own optimisation loop (`rows`,
         `average_gradients`). progress: show the bars of the end-of-task work (off: library code is
         quiet; the driver passes its --progress setting). schedule: a NoiseSchedule, a diffusers
@@ -143,6 +153,12 @@ class Method:
             schedule = as_schedule(schedule)
         if not isinstance(progress, bool):
             raise ValueError(f"progress: expected True or False, got {progress!r}")
+        if conditions is not None and not isinstance(conditions, ClassConditions):
+            raise ValueError(f"conditions: expected None or a cdgfast.methods TextConditions / ClassConditions, "
+                             f"got {type(conditions).__name__}")
+        conditions = (conditions or ClassConditions()).bind(num_classes)
+        conditions.check_method(self)
+        self.conditioning = conditions
         self.parallel = resolve_parallel(parallel)
         self.progress = progress
         self.num_classes = num_classes
@@ -176,7 +192,14 @@ class Method:
         classes = list(getattr(task, "classes", []) or [])
         self.current_classes = [int(c) for c in classes]
         self.steps_in_task = 0
+        self.conditioning.begin_task(task)
         self.restore_pending(model)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> List[torch.nn.Parameter]:
+        """What a trainer optimises after `begin_task`: the model's trainable parameters and the
+        conditions' (a text model's current modifier token)."""
+        own = [p for p in model.parameters() if p.requires_grad]
+        return own + [p for p in self.conditioning.trainable_parameters() if all(p is not q for q in own)]
 
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The named loss terms of one training step on the clean `batch` (always with "task")."""
@@ -222,6 +245,7 @@ class Method:
 
     def end_task(self, model: torch.nn.Module, data: Data) -> None:
         self._require_setup()
+        self.conditioning.end_task()  # a modifier token is fixed from here on
         for c in self.current_classes:
             if c not in self.seen_classes:
                 self.seen_classes.append(c)
@@ -384,7 +408,12 @@ class Method:
     def predict(self, model, batch: Batch, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model output on the noisy batch, in the schedule's prediction type (eps, v or x0)."""
         x_t = self.schedule.add_noise(batch["x"], batch["eps"], batch["t"])
-        return predict_eps(model, x_t, batch["t"], batch.get("y") if y is None else y)
+        return self.conditioning.predict(model, x_t, batch["t"], batch.get("y") if y is None else y)
+
+    def condition_predictions(self, model, batch: Batch, cond: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t, c) for the K conditions `cond` [B, K] of every sample (concept ids; the prior
+        is `null_class`) in one batched forward, in eps space (`cdgfast.methods._conditions.condition_predictions`)."""
+        return condition_predictions(model, batch, cond, self.schedule, conditions=self.conditioning)
 
     def loss_fn(self, model, batch: Batch) -> torch.Tensor:
         """The per-sample loss handed to cdgfast.fisher (no label dropout)."""

@@ -63,9 +63,14 @@ class Compose(Method):
         return routed
 
     # hooks
-    def setup(self, *, num_classes, schedule=None, device=None, parallel=None, progress=False):
-        for m in self.members:
-            m.setup(num_classes=num_classes, schedule=schedule, device=device, parallel=parallel, progress=progress)
+    def setup(self, *, num_classes, schedule=None, device=None, parallel=None, progress=False, conditions=None):
+        for m in self.members:  # one conditions object, shared: its begin_task / end_task are idempotent
+            m.setup(num_classes=num_classes, schedule=schedule, device=device, parallel=parallel, progress=progress,
+                    conditions=conditions)
+
+    @property
+    def conditioning(self):
+        return self.primary.conditioning
 
     def begin_task(self, model, task=None):
         for m in self.members:

@@ -3,8 +3,11 @@ Scores Consolidation (`dsc`).
 
 DC scores `log p(c_k | x) = log_softmax_k(-err_k / tau)` come from `cdgfast.ops.dc.dc_scores` /
 `dc_cross_entropy` on one batched forward over B x K conditions with a shared (t, eps) per sample.
-For class-conditional models the prior concept c_0 is the null class (index `num_classes`); both
-methods train with label dropout p = 0.1 so that the null class is learned.
+Conditions are concept ids run through the method's `conditions` (`cdgfast.methods._conditions`): for
+class-conditional models the prior concept c_0 is the null class (index `num_classes`) and both methods
+train with label dropout p = 0.1 so that the null class is learned; on a text model (TextConditions) the
+ids index the concepts' prompts ("a photo of a V*_n ..."), c_0 is the prior prompt (id `num_classes`)
+and label dropout is off (`text_defaults`). The code below is the same for both.
 """
 from __future__ import annotations
 
@@ -13,34 +16,13 @@ from typing import Dict, List
 
 import torch
 
-from ..diffusion import as_schedule
 from ..fisher import diag_fisher
-from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_predictions, dc_scores
+from ..ops import bregman_distill, dc_cross_entropy, dc_errors, dc_scores
+from ._conditions import condition_predictions
 from ._hparams import count, nonneg, positive
-from ._registry import register
+from ._registry import register, register_composition
 from .anchors import EWC
 from .base import Method, TinyRun, flat_params, frozen_copy, load_flat_params, params_of, reusable, trainable_names
-
-
-def condition_predictions(model, batch, cond: torch.Tensor, schedule) -> torch.Tensor:
-    """eps_theta(x_t, t, c) for every condition of every sample: cond [B, K] -> eps_pred [B, K, *S], one
-    batched forward over B*K with the sample's (t, eps) shared by its K conditions
-    (`cdgfast.ops.dc_predictions`, which also runs the condition-independent prefix once per sample).
-
-    DC errors are always taken in eps space: for a v- or x0-prediction model (`schedule.prediction_type`)
-    the outputs are converted to eps predictions with `NoiseSchedule.eps_from_prediction` before they are
-    returned, so `||eps - eps_hat_k||^2` is the diffusion-classifier error of every model (for v
-    prediction it equals abar_t * ||v - v_hat_k||^2). `schedule`: a NoiseSchedule or a diffusers
-    scheduler."""
-    schedule = as_schedule(schedule)
-    b, k = cond.shape
-    x_t = schedule.add_noise(batch["x"], batch["eps"], batch["t"])
-    pred = dc_predictions(model, x_t, batch["t"], cond)
-    if schedule.prediction_type == "epsilon":
-        return pred
-    xk = x_t.repeat_interleave(k, dim=0)
-    tk = batch["t"].repeat_interleave(k, dim=0)
-    return schedule.eps_from_prediction(pred.reshape(b * k, *x_t.shape[1:]), xk, tk).view(b, k, *x_t.shape[1:])
 
 
 @register("ewc_dc", order=150)
@@ -57,6 +39,7 @@ class EWCDC(EWC):
 
     defaults = {"lam": 1e6, "online": True, "gamma": 1.0, "k": 5, "delta": 0.5, "tau": 1.0, "label_dropout": 0.1}
     specs = {"k": count(2), "delta": nonneg(), "tau": positive()}  # k: the null class and the own class at least
+    text_defaults = {"label_dropout": 0.0}
     tiny = TinyRun(config={"k": 3}, terms={"ewc_dc"}, needs={"class_labels", "null_class"})
 
     def previous_classes(self) -> List[int]:
@@ -76,7 +59,7 @@ class EWCDC(EWC):
     def ewc_loss_fn(self, model, batch) -> torch.Tensor:
         """Per-sample L_ewc [B] (uses batch["cond"] [B, K]; column 1 is the sample's own class)."""
         cond = batch["cond"]
-        pred = condition_predictions(model, batch, cond, self.schedule)
+        pred = self.condition_predictions(model, batch, cond)
         logp = dc_scores(pred, batch["eps"], tau=float(self.config["tau"]))
         own = dc_errors(pred, batch["eps"])[:, 1]
         sign = -torch.ones(cond.shape[1], dtype=logp.dtype, device=logp.device)
@@ -120,6 +103,7 @@ class DSC(Method):
     specs = {"gamma": nonneg(), "lam": nonneg(), "teacher_tau": positive(), "student_tau": positive(),
              "iteration_ratio": positive(), "lr": positive(),
              "iterations": count(none=True, none_means="iteration_ratio x the task's steps")}
+    text_defaults = {"label_dropout": 0.0}
     tiny = TinyRun(config={"iterations": 2}, needs={"class_labels", "null_class"})
     _state_attrs = ("task_models", "task_classes", "teacher_history")
 
@@ -137,13 +121,13 @@ class DSC(Method):
 
     def dsc_terms(self, student, teacher_n, teacher_j, batch, c_j: torch.Tensor) -> Dict[str, torch.Tensor]:
         y = batch["y"]
-        cond = torch.stack([torch.full_like(y, self.null_class), y, c_j], dim=1)
+        cond = torch.stack([torch.full_like(y, self.null_class), y, c_j], dim=1)  # {c_0, c_n, c_j}
         with torch.no_grad():
-            eps_n = condition_predictions(teacher_n, batch, cond, self.schedule)
-            eps_j = condition_predictions(teacher_j, batch, cond, self.schedule)
+            eps_n = self.condition_predictions(teacher_n, batch, cond)
+            eps_j = self.condition_predictions(teacher_j, batch, cond)
             p_n = dc_scores(eps_n, batch["eps"], tau=float(self.config["teacher_tau"])).exp()
             p_j = dc_scores(eps_j, batch["eps"], tau=float(self.config["teacher_tau"])).exp()
-        eps_s = condition_predictions(student, batch, cond, self.schedule)
+        eps_s = self.condition_predictions(student, batch, cond)
         tau_s = float(self.config["student_tau"])
         h = dc_cross_entropy(eps_s, batch["eps"], p_n, tau=tau_s) + dc_cross_entropy(eps_s, batch["eps"], p_j, tau=tau_s)
         mse = bregman_distill(eps_s[:, 1], eps_n[:, 1]) + bregman_distill(eps_s[:, 2], eps_j[:, 2])
@@ -201,6 +185,10 @@ class DSC(Method):
             bar.update(1)
         bar.close()
         opt.zero_grad(set_to_none=True)
+
+
+register_composition("dsc+ewc", "dsc", "ewc", order=200)
+register_composition("dsc+ewc_dc", "dsc", "ewc_dc", order=210)
 
 
 __all__ = ["EWCDC", "DSC", "condition_predictions"]

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..models.lora import CROSS_ATTENTION_KV
 from ..ops import lora_overlap_penalty
 from ._hparams import HP, count, nonneg
 from ._registry import register
@@ -26,6 +27,8 @@ def lora_module():
 class _LoRAMethod(Method):
     defaults = {"rank": 16, "target_modules": ("to_q", "to_k", "to_v", "to_out.0"), "adapter_name": "default"}
     specs = {"rank": count(), "target_modules": HP("names"), "adapter_name": HP("str")}
+    # text-to-image models (SPEC 2.3): one LoRA of rank 16 on the cross-attention K/V only
+    text_defaults = {"target_modules": CROSS_ATTENTION_KV}
 
     def _has_lora(self, model) -> bool:
         try:
