@@ -287,3 +287,14 @@ def test_text_only_state_saves_and_loads(name, tmp_path):
     if name == "custom_diffusion":  # the merge is rebuilt from the loaded state
         for n, w in method.merged_weights().items():
             torch.testing.assert_close(loaded.merged_weights()[n], w)
+
+
+def test_driver_refuses_text_only_methods_before_any_work(tmp_path):
+    """The class-conditional driver refuses a text-only method at validation, before a folder is made."""
+    from cdgfast.train import RunConfig, RunError, run
+
+    for name in ("textual_inversion", "custom_diffusion", "cd_ewc"):
+        out = tmp_path / name
+        with pytest.raises(RunError, match="text-conditional"):
+            run(RunConfig(scale="smoke", steps=1, methods=[name], out=str(out), progress=False))
+        assert not out.exists()

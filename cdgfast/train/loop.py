@@ -155,6 +155,14 @@ def all_method_names() -> List[str]:
     return list(available()) + [m for m in TRAINER_METHODS if m not in available()]
 
 
+def text_only_methods() -> List[str]:
+    """Registered methods that only run on text-conditional models (their TinyRun needs "text")."""
+    from cdgfast.methods import available
+    from cdgfast.methods._registry import tiny_run
+
+    return [m for m in available() if "text" in getattr(tiny_run(m), "needs", ())]
+
+
 def derive_seed(seed: int, *keys) -> int:
     """A 31-bit seed from (seed, keys...), stable across processes and Python versions."""
     h = hashlib.sha256("|".join([str(int(seed))] + [str(k) for k in keys]).encode()).hexdigest()
@@ -232,6 +240,9 @@ def resolve(cfg: RunConfig):
     for m in methods:
         if m not in names:
             raise RunError(f"method: unknown method {m!r}; expected one of {names}")
+        if m in text_only_methods():
+            raise RunError(f"method: {m!r} needs a text-conditional model (modifier tokens, prompts); the driver's "
+                           f"presets are class-conditional (the text-to-image presets are not in the driver yet)")
     if len(set(methods)) != len(methods):
         raise RunError(f"method: listed twice in {methods}")
     members = {part for m in methods for part in _method_base(m).split("+")} | {_method_base(m) for m in methods}
