@@ -220,16 +220,23 @@ def tiny_tokenizer(words: Sequence[str] = TINY_VOCABULARY, max_length: int = 77)
         eos_token="<|endoftext|>", model_max_length=max_length)
 
 
-def tiny_text_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: Optional[int] = None):
-    """The tiny UNet2DConditionModel (TINY_TEXT_UNET: 4 latent channels, one cross-attention block down
-    and up). `seed`: build it under torch.manual_seed(seed) without touching the global RNG."""
+def tiny_text_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: Optional[int] = None,
+                   channels: int = 4, width: int = 16):
+    """The tiny UNet2DConditionModel (TINY_TEXT_UNET: one cross-attention block down and up, block widths
+    (width, 2 width)). `channels`: input = output channels (4: SD latents; 1: grey pixels, the dc-digits
+    benchmark). `seed`: build it under torch.manual_seed(seed) without touching the global RNG."""
     from diffusers import UNet2DConditionModel
 
     _check_int("cross_attention_dim", cross_attention_dim)
     _check_int("sample_size", sample_size)
+    _check_int("channels", channels)
+    _check_int("width", width)
     if sample_size % 2:
         raise ValueError(f"sample_size: expected an even size (one downsampling), got {sample_size}")
-    cfg = {**TINY_TEXT_UNET, "sample_size": sample_size, "cross_attention_dim": cross_attention_dim}
+    if width % 8:
+        raise ValueError(f"width: expected a multiple of 8 (GroupNorm with 8 groups), got {width}")
+    cfg = {**TINY_TEXT_UNET, "sample_size": sample_size, "cross_attention_dim": cross_attention_dim,
+           "in_channels": channels, "out_channels": channels, "block_out_channels": (width, 2 * width)}
     if seed is None:
         return UNet2DConditionModel(**cfg)
     _check_int("seed", seed, 0)

@@ -17,6 +17,7 @@ from cdgfast.data import DATASET_ALIASES, DATASET_REGISTRY, canonical_dataset
 from cdgfast.metrics.fid import FID_BACKBONES, FidBackboneUnavailable, resolve_fid_backbone
 
 from .presets import DEFAULT_PRESET, FAMILIES, PRESETS, SCALES
+from .text_presets import TEXT_METHODS, TEXT_PRESETS
 
 
 def _method_names() -> List[str]:
@@ -30,6 +31,9 @@ def listing() -> str:
     for fam, names in FAMILIES.items():
         for n in names:
             lines.append(f"  {n:<22} {PRESETS[n].description}")
+    lines.append("personalization presets (text-to-image, the DC-score paper; methods: " + ", ".join(TEXT_METHODS) + "):")
+    for n, p in TEXT_PRESETS.items():
+        lines.append(f"  {n:<22} {p.description} (scales: {', '.join(p.scales)})")
     lines.append("methods (cdgfast.methods.available() and the trainer's own):")
     from cdgfast.methods import available
     avail = available()
@@ -45,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods = _method_names()
     epilog = (
         f"presets: {', '.join(PRESETS)}\n"
+        f"personalization presets: {', '.join(TEXT_PRESETS)} (--pretrained, --concepts, --clip)\n"
         f"methods: {', '.join(methods)}\n"
         f"data sets: {', '.join(DATASET_REGISTRY)}\n\n"
         "Without arguments: the embedded default (scikit-learn digits at 16x16, 5 tasks x 2 classes, finetune vs gd "
@@ -86,7 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID features: inception (the FID Inception; refuses without its weights), classifier "
                         "(classifier-FID) or auto (default: inception when its weights are present, else classifier; "
                         "at --scale paper, refuses without them)")
-    p.add_argument("--cache-dir", metavar="DIR", help="where the FID classifier is cached (default ~/.cache/cdgfast)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where the FID classifier and the dc-digits base model are cached (default ~/.cache/cdgfast)")
+    p.add_argument("--pretrained", metavar="DIR",
+                   help="personalization presets: a local Stable Diffusion v1.x directory (unet/, vae/, text_encoder/, "
+                        "tokenizer/, scheduler/; nothing is downloaded)")
+    p.add_argument("--concepts", metavar="DIR",
+                   help="personalization presets: one folder of images per concept (DIR/<concept>/*.jpg, tasks in "
+                        "name order; an optional DIR/<concept>/prompts.txt names the concept's class word)")
+    p.add_argument("--clip", metavar="DIR",
+                   help="personalization presets: a local CLIP directory (save_pretrained) for the metrics; dc-digits "
+                        "without it uses the digits classifier's features")
     p.add_argument("--steps", type=int, metavar="N", help="override: training steps per task")
     p.add_argument("--fid-samples", type=int, metavar="N", help="override: generated samples per class for FID/KLD")
     p.add_argument("--batch-size", type=int, metavar="N", help="override: training batch size")
@@ -136,8 +151,14 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
                        run_seeds)
     from .data import DataUnavailable
 
+    if args.preset in TEXT_PRESETS:
+        return _main_personalization(parser, args, argv)
+    for opt in ("pretrained", "concepts", "clip"):
+        if getattr(args, opt) is not None:
+            parser.error(f"argument --{opt}: only the personalization presets ({', '.join(TEXT_PRESETS)}) take it")
     if args.preset not in PRESETS:
-        parser.error(f"argument --preset: unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
+        parser.error(f"argument --preset: unknown preset {args.preset!r}; expected one of "
+                     f"{', '.join(list(PRESETS) + list(TEXT_PRESETS))}")
     methods = [m for group in args.methods for m in group] if args.methods else None
     valid = all_method_names()
     for m in methods or []:
@@ -196,4 +217,52 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
     finally:
         from .distributed import cleanup
         cleanup()
+    return 0
+
+
+# options of the class-incremental presets that a personalization run does not have
+_CLASS_ONLY_OPTIONS = (("dataset", None), ("data_root", None), ("inception", None), ("fid", "auto"),
+                       ("fid_samples", None), ("batch_size", None), ("seeds", None), ("allow_pickle", False))
+
+
+def _main_personalization(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
+    """`--preset dc-*`: the continual-personalization driver (cdgfast.train.personalize)."""
+    from .loop import RunError, RunStopped, parse_method_args
+    from .personalize import TextRunConfig, resolved_text_config, run_personalization, text_out_dir
+
+    for opt, default in _CLASS_ONLY_OPTIONS:
+        if getattr(args, opt) != default:
+            parser.error(f"argument --{opt.replace('_', '-')}: the personalization presets do not take it")
+    methods = [m for group in args.methods for m in group] if args.methods else None
+    for m in methods or []:
+        if m not in TEXT_METHODS:
+            parser.error(f"argument --method: {m!r} is not a row of the personalization benchmark; expected one of "
+                         f"{', '.join(TEXT_METHODS)}")
+    try:
+        method_args = parse_method_args(args.method_args)
+    except ValueError as exc:
+        parser.error(f"argument --{exc}")
+    cfg = TextRunConfig(preset=args.preset, scale=args.scale, methods=methods, out=args.out, resume=args.resume,
+                        overwrite=args.overwrite, seed=0 if args.seed is None else args.seed, device=args.device,
+                        pretrained=args.pretrained, concepts=args.concepts, clip=args.clip, cache_dir=args.cache_dir,
+                        steps=args.steps, num_tasks=args.num_tasks, progress=not args.no_progress,
+                        method_args=method_args)
+    try:
+        if args.print_config:
+            import json
+            print(json.dumps(resolved_text_config(cfg), indent=1))
+            return 0
+        cfg.out = str(text_out_dir(cfg))  # spelled out, so an interrupted run's --resume command names it
+        run_personalization(cfg)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C); finished methods are kept. Continue with:\n  "
+              f"{resume_command(argv, args, cfg.out)}",
+              file=sys.stderr)
+        return 130
     return 0
