@@ -1,7 +1,7 @@
 """cdgfast: a consolidation engine for continual learning of diffusion models.
 
-`kernels/` (the Triton sources) is installed inside the package as `cdgfast.kernels`,
-never as a top-level module named `kernels`.
+The Triton sources live inside the package (`cdgfast/kernels/`), never in a top-level folder `kernels/`:
+transformers imports Hugging Face's `kernels`, which such a folder would shadow from the checkout.
 """
 import platform
 import re
@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "cdgfast" / "__init__.py").read_text()).group(1)
 
-packages = find_packages(include=["cdgfast", "cdgfast.*"]) + ["cdgfast.kernels", "cdgfast.csrc"]
+packages = find_packages(include=["cdgfast", "cdgfast.*"]) + ["cdgfast.csrc"]
 
 install_requires = [
     "torch>=2.4",
@@ -36,7 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=packages,
-    package_dir={"cdgfast.kernels": "kernels", "cdgfast.csrc": "csrc"},
+    package_dir={"cdgfast.csrc": "csrc"},
     package_data={"cdgfast.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "cdgfast": ["data/assets/*.safetensors"]},
     include_package_data=True,
     install_requires=install_requires,

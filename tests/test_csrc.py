@@ -10,6 +10,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -37,10 +38,10 @@ def test_there_are_cuda_sources():
 
 
 def loaded_sources():
-    """source name -> "file:line" of each `get_kernel(<source>, ...)` call in cdgfast/ and kernels/, the
+    """source name -> "file:line" of each `get_kernel(<source>, ...)` call in cdgfast/ (cdgfast/kernels/ included), the
     source given as a string or as a module-level string constant of the calling module."""
     found = {}
-    for base in (ROOT / "cdgfast", ROOT / "kernels"):
+    for base in (ROOT / "cdgfast",):
         for path in sorted(base.rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
             consts = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
@@ -116,7 +117,7 @@ def _copy_source_tree(dst: Path) -> Path:
     for name in ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, tree / name)
-    for name in ("cdgfast", "kernels", "csrc"):
+    for name in ("cdgfast", "csrc"):
         shutil.copytree(ROOT / name, tree / name, ignore=ignore)
     return tree
 
@@ -134,7 +135,7 @@ def test_non_editable_install_layout(tmp_path):
 
     assert not (target / "kernels").exists(), "a top-level `kernels` package was installed"
     installed_kernels = target / "cdgfast" / "kernels"
-    for src in sorted((ROOT / "kernels").glob("*.py")):
+    for src in sorted((ROOT / "cdgfast" / "kernels").glob("*.py")):
         assert (installed_kernels / src.name).is_file(), f"cdgfast/kernels/{src.name} missing from the install"
     for src in SOURCES:
         assert (target / "cdgfast" / "csrc" / src.name).read_text() == src.read_text(), f"cdgfast/csrc/{src.name}"
@@ -153,6 +154,39 @@ def test_non_editable_install_layout(tmp_path):
     kernels_file, cu = proc.stdout.strip().splitlines()
     assert Path(kernels_file).resolve().is_relative_to(target.resolve())
     assert cu.split(",") == [s.name for s in SOURCES]
+
+
+def root_folders_shadowing_installed_modules(root: Path, installed_top_level) -> List[str]:
+    """Folders at `root` that Python can import under a name some installed distribution also provides.
+    `python -m pytest` and `python -m cdgfast.train` put the checkout's root first on sys.path, so such a
+    folder hides the real module from every library that imports it (a root-level `kernels/` broke
+    transformers 5.25, which imports Hugging Face's `kernels`)."""
+    own = {"cdgfast"}
+    bad = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isidentifier()):
+        # a regular package, or a folder of .py files (importable as a namespace package)
+        importable = (folder / "__init__.py").is_file() or any(folder.glob("*.py"))
+        if importable and folder.name not in own and folder.name in installed_top_level:
+            bad.append(f"{folder.name}/ shadows the installed {installed_top_level[folder.name]}")
+    return bad
+
+
+def test_no_root_folder_shadows_an_installed_module():
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    bad = root_folders_shadowing_installed_modules(ROOT, installed)
+    assert not bad, "move these folders inside cdgfast/ or rename them: " + "; ".join(bad)
+
+
+def test_the_shadowing_rule_catches_a_root_kernels_folder(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "dc.py").write_text("")
+    (tmp_path / "data").mkdir()  # not importable: no .py files
+    (tmp_path / "cdgfast").mkdir()
+    (tmp_path / "cdgfast" / "__init__.py").write_text("")
+    installed = {"kernels": ["kernels"], "data": ["somedist"], "cdgfast": ["cdgfast"]}
+    assert root_folders_shadowing_installed_modules(tmp_path, installed) == ["kernels/ shadows the installed ['kernels']"]
 
 
 TRITON_AOT = r"""
