@@ -223,7 +223,8 @@ def resolved_text_config(cfg: TextRunConfig) -> dict:
                  "named_prompt_methods": list(NAMED_PROMPT_METHODS),
                  "train_images_per_concept": r.sc.train_images_per_concept, "prior_images": r.sc.prior_images,
                  "resolution": r.sc.resolution,
-                 **({"base_classes": list(DIGITS_BASE_CLASSES), "concept_digits": list(DIGITS_CONCEPTS[:r.num_tasks])}
+                 **({"pretrain_digits": "all ten", "named_digits": list(DIGITS_BASE_CLASSES),
+                     "concept_digits": list(DIGITS_CONCEPTS[:r.num_tasks])}
                     if r.preset.source == "digits" else {"concepts_dir": cfg.concepts})},
         "model": ({"kind": "tiny text UNet2DConditionModel, pixel space", "unet_width": r.sc.unet_width,
                    "text_encoder": f"CLIPTextModel hidden {DIGITS_HIDDEN}, 2 layers", "pretrain_steps": r.sc.pretrain_steps,
@@ -383,20 +384,25 @@ def _digits_makers(sc: TextScale, seed: int):
     return make_unet, make_text
 
 
-def _digits_prompt(c: Optional[int], r: float) -> str:
-    """The pretraining prompt of a digit-c image: 10 % empty (classifier-free guidance), 45 % the prior
-    prompt, 45 % the digit's name."""
+def _digits_prompt(c: int, r: float) -> str:
+    """The pretraining prompt of a digit-c image: 10 % empty (classifier-free guidance), else the prior
+    prompt, and for the named digits (DIGITS_BASE_CLASSES) the digit's name half of the time.
+
+    The base sees every digit but can name only 0-3: it can draw a 4 (under "a photo of a digit") without
+    a word that asks for one, as Stable Diffusion can draw a person but not *this* person. Personalization
+    then binds a new token to one concept the model can already render, which LoRA on the cross-attention
+    K/V can do; a base that had never seen a 4 would need new shapes, which K/V LoRA cannot create."""
     if r < 0.1:
         return ""
-    if r < 0.55:
+    if r < 0.55 or c not in DIGITS_BASE_CLASSES:
         return "a photo of a digit"
     return f"a photo of a {DIGIT_NAMES[c]} digit"
 
 
 def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_prompt: str, seed: int, device,
                     cache_dir: Optional[str], progress: bool, log) -> Base:
-    """The dc-digits base model: the tiny text UNet and text encoder trained together on the digits
-    DIGITS_BASE_CLASSES under _digits_prompt, then `sc.prior_images` samples of the prior prompt (the
+    """The dc-digits base model: the tiny text UNet and text encoder trained together on all ten digits
+    under _digits_prompt (names only for DIGITS_BASE_CLASSES), then `sc.prior_images` samples of the prior prompt (the
     prior-preservation images). Cached under cache_dir by the content of everything that decides it."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
@@ -405,15 +411,15 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     from cdgfast.models.text import SD_SCHEDULER_CONFIG, encode_prompts
 
     make_unet, make_text = _digits_makers(sc, seed)
-    keep = torch.isin(y, torch.tensor(DIGITS_BASE_CLASSES))
-    xb, yb = x[keep], y[keep]
+    xb, yb = x, y
     key = _digest({"data": data_sha256(xb, yb), "steps": sc.pretrain_steps, "batch": sc.pretrain_batch_size,
                    "lr": sc.pretrain_lr, "width": sc.unet_width, "res": sc.resolution, "prior": prior_prompt,
                    "prior_images": sc.prior_images, "sampler": [sc.sampler, sc.sampler_steps, sc.guidance],
-                   "seed": seed, "torch": torch.__version__.split("+")[0], "v": 1})[:16]
+                   "seed": seed, "torch": torch.__version__.split("+")[0], "v": 2})[:16]
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / f"dc-digits-base-{key}.safetensors"
-    info = {"cache": str(path), "base_classes": list(DIGITS_BASE_CLASSES), "pretrain_steps": sc.pretrain_steps}
+    info = {"cache": str(path), "pretrain_digits": list(range(len(DIGIT_NAMES))),
+            "named_digits": list(DIGITS_BASE_CLASSES), "pretrain_steps": sc.pretrain_steps}
     sched_cfg = dict(SD_SCHEDULER_CONFIG)
     if path.is_file():
         try:
@@ -464,7 +470,7 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file(blob, str(tmp))
     os.replace(tmp, path)
-    log(f"base model: pretrained on digits {list(DIGITS_BASE_CLASSES)} in {time.time() - t0:.0f}s, cached at {path}")
+    log(f"base model: pretrained on all digits (named: {list(DIGITS_BASE_CLASSES)}) in {time.time() - t0:.0f}s, cached at {path}")
     return Base(unet_state={k[5:]: v for k, v in blob.items() if k.startswith("unet.")},
                 text_state={k[5:]: v for k, v in blob.items() if k.startswith("text.")},
                 make_unet=make_unet, make_text=make_text, scheduler_config=sched_cfg, codec=Codec(),

@@ -1,7 +1,8 @@
 """Presets of the continual-personalization benchmark (the DC-score paper, SPEC 2.2 / 2.3; PROTOCOLS.md).
 
 `dc-digits` runs offline on the CPU: a tiny text-conditional UNet (pixel space, 16 x 16 grey digits) is
-pretrained by the run on the digits 0-3 under generic and class-name prompts (cached), then personalized
+pretrained by the run on all ten digits under a generic prompt, with class names for 0-3 only (cached), so
+that it can draw a 4 but has no word for one (as SD draws people but not a given person), then personalized
 on one new digit per task (4, 5, ..., 9: six tasks, as Custom Concept has six concepts), each with its own
 modifier token ("a photo of a <v1> digit"), prior preservation on images the base model generates from
 "a photo of a digit", and metrics on the shipped digits classifier's features.
@@ -110,7 +111,8 @@ class TextPreset:
         return copy.deepcopy(self.scales[scale])
 
 
-# dc-digits: the digits the base model is pretrained on, and the ones it is personalized on (one per task).
+# dc-digits: the digits the base model can name (it is pretrained on all ten), and the ones it is personalized
+# on (one per task).
 DIGITS_BASE_CLASSES: Tuple[int, ...] = (0, 1, 2, 3)
 DIGITS_CONCEPTS: Tuple[int, ...] = (4, 5, 6, 7, 8, 9)
 DIGIT_NAMES: Tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -148,8 +150,8 @@ def _folder(name: str, n: int, what: str, prior: str, steps: int = 1000) -> Text
 TEXT_PRESETS: Dict[str, TextPreset] = {
     "dc-digits": TextPreset(
         name="dc-digits", source="digits", num_concepts=len(DIGITS_CONCEPTS), prior_prompt="a photo of a digit",
-        description="continual personalization on the CPU: a tiny text UNet pretrained on digits 0-3, then one new "
-                    "digit per task (4..9) with modifier tokens and LoRA; classifier-feature metrics",
+        description="continual personalization on the CPU: a tiny text UNet pretrained on all digits (names for "
+                    "0-3 only), then one new digit per task (4..9) with modifier tokens and LoRA; classifier-feature metrics",
         scales={"smoke": _DIGITS_SMOKE, "cpu": _DIGITS_CPU},
         paper=PAPER_TABLE1, paper_source=PAPER_TABLE1_SOURCE + " (Stable Diffusion on photos; dc-digits is a "
                                                                "stand-in: compare orderings, not values)"),
