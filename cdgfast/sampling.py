@@ -15,6 +15,12 @@ timestep to be t - T // n, which is off by one for trailing spacing when n does 
 divides T the two agree (tests/test_sampling.py checks both against each other and against a
 reference loop written in the test).
 
+Classifier-free guidance (Ho & Salimans, 2021), `guidance` = s: eps = eps_u + s (eps_c - eps_u), eps_u the
+prediction for the null class (index num_class_embeds - 1; SPEC section 1), both from one forward over
+2B rows; s = 1 (the default) is the conditional prediction alone and makes no second forward. The scale
+is the one diffusers and the personalization driver use (7.5 for Stable Diffusion). It needs a model
+trained with label dropout (the methods' `label_dropout`), else eps_u is an untrained row's guess.
+
 Random draws, in order, from `generator`: the initial noise x_T, then (only when eta > 0) one noise
 tensor per step. Draws are made on the generator's device and moved to the model's device.
 
@@ -29,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 from diffusers import DDIMScheduler
 
-from ._validation import check_generator, check_probability
+from ._validation import check_generator, check_nonnegative, check_probability
 from .diffusion import NoiseSchedule, as_schedule, predict_eps
 
 
@@ -86,9 +92,11 @@ def _ddim_update(x, eps, a_t: float, a_prev: float, eta: float, noise, clip: boo
 def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, schedule: NoiseSchedule,
                 num_steps: int = 50, eta: float = 0.0, generator: Optional[torch.Generator] = None,
                 shape: Optional[Sequence[int]] = None, progress: bool = False, clip_sample: bool = True,
-                timestep_spacing: str = "trailing") -> torch.Tensor:
+                timestep_spacing: str = "trailing", guidance: float = 1.0) -> torch.Tensor:
     """Generate x0 [B, C, H, W] in [-1, 1] with DDIM from `model` (eps prediction, called as
     `model(x_t, t, class_labels=labels)`; `labels=None` calls it unconditionally and needs `shape`).
+    `guidance` != 1: classifier-free guidance towards `labels` against the null class (module docstring);
+    it needs labels and a class-conditional diffusers model (`config.num_class_embeds`).
 
     Runs in eval mode under no_grad and restores the model's training flag afterwards. With eta = 0
     the result is a deterministic function of the initial noise (so of `generator`'s state).
@@ -108,6 +116,15 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
     # eta > 1 would make sigma^2 exceed 1 - a_prev, so the eps coefficient's square root would be negative
     eta = check_probability("eta", eta)
     check_generator("generator", generator)
+    guidance = check_nonnegative("guidance", guidance)
+    null_class = None
+    if guidance != 1.0:
+        n_embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+        if labels is None or not isinstance(n_embeds, int) or n_embeds < 2:
+            raise ValueError(f"guidance: classifier-free guidance (guidance != 1, got {guidance}) needs class labels "
+                             f"and a class-conditional model whose last class embedding is the null class; got "
+                             f"{'no labels' if labels is None else f'a model with num_class_embeds={n_embeds!r}'}")
+        null_class = n_embeds - 1
     if shape is None:
         if labels is None:
             raise ValueError("shape: needed when labels is None (unconditional sampling)")
@@ -142,8 +159,15 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
                 steps = tqdm(steps, desc="DDIM", leave=False)
             for i, t in enumerate(steps):
                 tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-                out = predict_eps(model, x.to(dtype), tt, labels).to(state)
-                eps = schedule.eps_from_prediction(out, x, tt).to(state)  # `out` itself for eps prediction
+                if null_class is None:
+                    out = predict_eps(model, x.to(dtype), tt, labels).to(state)
+                    eps = schedule.eps_from_prediction(out, x, tt).to(state)  # `out` itself for eps prediction
+                else:  # one forward over [conditional; null] rows
+                    x2 = torch.cat([x, x]).to(dtype)
+                    y2 = torch.cat([labels, torch.full_like(labels, null_class)])
+                    out = predict_eps(model, x2, torch.cat([tt, tt]), y2).to(state)
+                    eps_c, eps_u = schedule.eps_from_prediction(out, torch.cat([x, x]), torch.cat([tt, tt])).to(state).chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
                 x = _ddim_update(x, eps, a[i], a_prev[i], eta, noise if eta > 0 else None, clip_sample)
     finally:
         model.train(was_training)

@@ -520,6 +520,22 @@ def test_replay_pool_resume(tmp_path):
         generate_replay_pool(model, [0], 0, schedule=sched)
     with pytest.raises(ValueError, match="classes"):
         generate_replay_pool(model, [], 3, schedule=sched)
+    # guided pools: each chunk is ddim_sample with the same guidance and eta; a guided pool never reuses an
+    # unguided one's chunks
+    from cdgfast.data.replay import chunk_seed
+    from cdgfast.sampling import ddim_sample
+
+    gx, gy = generate_replay_pool(model, [2, 0], 5, **{**kw, "guidance": 3.0, "eta": 1.0})
+    for i, sl in enumerate((slice(0, 4), slice(4, 8), slice(8, 10))):
+        want = ddim_sample(model, gy[sl], schedule=sched, num_steps=2, eta=1.0, guidance=3.0,
+                           generator=torch.Generator().manual_seed(chunk_seed(9, i)))
+        torch.testing.assert_close(gx[sl], want, rtol=0, atol=0)
+    assert not torch.allclose(gx, generate_replay_pool(model, [2, 0], 5, **{**kw, "eta": 1.0})[0])
+    with pytest.raises(ValueError, match="guidance"):
+        generate_replay_pool(model, [2, 0], 5, path=tmp_path / "pool", **{**kw, "guidance": 3.0})
+    with pytest.raises(ValueError, match="guidance"):
+        generate_replay_pool(build_unet("tiny", sample_size=8, class_conditional=False), [0], 2,
+                             **{**kw, "guidance": 2.0})
 
 
 def test_one_dataset_registry_for_the_loaders_and_the_driver():

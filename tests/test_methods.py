@@ -314,6 +314,27 @@ def test_gd_online_replay_uses_two_step_ddim():
     assert set(history[-1][1]) == {"task", "gd"}
 
 
+def test_gd_guided_replay_pool_and_its_refusal(monkeypatch):
+    """replay_guidance / replay_eta reach the pool's sampler; guiding towards a null class that label_dropout = 0
+    never trains is refused at construction."""
+    import cdgfast.methods.distill as distill
+
+    with pytest.raises(ValueError, match="label_dropout"):
+        M.create("gd", replay_guidance=3.0)
+    with pytest.raises(ValueError, match="replay_eta"):
+        M.create("gd", replay_eta=1.5)
+    seen = []
+    real = distill.generate_replay_pool
+
+    def spy(*a, **kw):
+        seen.append((kw["guidance"], kw["eta"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(distill, "generate_replay_pool", spy)
+    model, m, _ = run_two_tasks("gd", replay_guidance=2.5, replay_eta=1.0, label_dropout=0.2)
+    assert seen and set(seen) == {(2.5, 1.0)} and m.pool_x.shape[0] > 0
+
+
 def _flat_size(model):
     return sum(p.numel() for p in trainable_parameters(model))
 

@@ -28,8 +28,9 @@ def unet64():
     return randomised_tiny_unet(1)
 
 
-def reference_ddim(model, labels, shape, num_steps, eta, seed, clip=True):
-    """DDIM (Song et al. Eq. 12) from scratch: own betas, own trailing timesteps, own noise draws."""
+def reference_ddim(model, labels, shape, num_steps, eta, seed, clip=True, guidance=None, null=None):
+    """DDIM (Song et al. Eq. 12) from scratch: own betas, own trailing timesteps, own noise draws; with
+    `guidance`, eps = eps(null) + guidance * (eps(labels) - eps(null)) from two separate forwards."""
     betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
     abar, prod = [], 1.0
     for b in betas:
@@ -41,7 +42,11 @@ def reference_ddim(model, labels, shape, num_steps, eta, seed, clip=True):
     for i, t in enumerate(ts):
         a_t = abar[t]
         a_p = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        eps = model(x, torch.full((shape[0],), t, dtype=torch.long), class_labels=labels).sample
+        tt = torch.full((shape[0],), t, dtype=torch.long)
+        eps = model(x, tt, class_labels=labels).sample
+        if guidance is not None:
+            eps_u = model(x, tt, class_labels=torch.full_like(labels, null)).sample
+            eps = eps_u + guidance * (eps - eps_u)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -62,6 +67,39 @@ def test_matches_reference_loop(unet64, num_steps, eta):
                       generator=torch.Generator().manual_seed(5))
     assert out.dtype == torch.float64 and out.shape == (3, 1, 8, 8)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.5, 7.5])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_classifier_free_guidance_matches_two_forward_reference(unet64, guidance, eta):
+    """guidance = s: eps_u + s (eps_c - eps_u) against the null class (index num_class_embeds - 1), from
+    one batched forward, equal to the reference's two separate forwards; s = 1 is the plain sampler."""
+    labels = torch.tensor([0, 2, 1, 0, 2])
+    with torch.no_grad():
+        ref = reference_ddim(unet64, labels, (5, 1, 8, 8), 3, eta, seed=7, guidance=guidance, null=3)
+        plain = reference_ddim(unet64, labels, (5, 1, 8, 8), 3, eta, seed=7)
+    got = ddim_sample(unet64, labels, schedule=NoiseSchedule(), num_steps=3, eta=eta,
+                      generator=torch.Generator().manual_seed(7), guidance=guidance)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    assert (got - plain).abs().max() > 1e-3  # guidance changes the samples, so the comparison can fail
+    one = ddim_sample(unet64, labels, schedule=NoiseSchedule(), num_steps=3, eta=eta,
+                      generator=torch.Generator().manual_seed(7), guidance=1.0)
+    torch.testing.assert_close(one, plain, rtol=1e-9, atol=1e-9)
+
+
+def test_guidance_refused_without_labels_or_null_class(unet64):
+    from cdgfast.models.unet import build_unet as build
+
+    uncond = build("tiny", sample_size=8, class_conditional=False)
+    with pytest.raises(ValueError, match="guidance"):
+        ddim_sample(uncond, None, schedule=NoiseSchedule(), num_steps=2, shape=(2, 1, 8, 8), guidance=3.0)
+    with pytest.raises(ValueError, match="guidance"):
+        ddim_sample(unet64, None, schedule=NoiseSchedule(), num_steps=2, shape=(2, 1, 8, 8), guidance=3.0)
+    for bad in (-1.0, float("nan"), float("inf"), "3", True):
+        with pytest.raises(ValueError, match="guidance"):
+            ddim_sample(unet64, torch.tensor([0, 1]), schedule=NoiseSchedule(), num_steps=2, guidance=bad)
+    # guidance 1 needs nothing: unconditional sampling works as before
+    ddim_sample(uncond, None, schedule=NoiseSchedule(), num_steps=1, shape=(1, 1, 8, 8), guidance=1.0)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])

@@ -191,11 +191,55 @@ def test_bad_training_options_refused():
 
     for field, value in (("optimizer", "sgd"), ("lr_schedule", "step"), ("warmup_steps", -1), ("grad_clip", 0.0),
                          ("dropout", 1.0), ("ddim_spacing", "middle"), ("fid_protocol", "all"),
-                         ("class_order", "random"), ("channels", 2), ("fid_samples_per_task", 1)):
+                         ("class_order", "random"), ("channels", 2), ("fid_samples_per_task", 1),
+                         ("ddim_eta", 1.5), ("ddim_eta", -0.1), ("guidance", -1.0), ("guidance", float("nan")),
+                         ("guidance", True)):
         with pytest.raises(ValueError, match=field):
             check_scale_config(ScaleConfig(**{field: value}))
     with pytest.raises(ValueError, match="fid_protocol"):
         check_scale_config(ScaleConfig(class_conditional=False))
+    with pytest.raises(ValueError, match="guidance"):
+        check_scale_config(ScaleConfig(class_conditional=False, fid_protocol="seen_classes", fid_samples_total=8,
+                                       guidance=2.0))
+
+
+def test_guided_default_is_printed_and_needs_label_dropout(capsys):
+    """The embedded default samples with guidance 3 and eta 1 (evaluation and GD's pool); a method whose null
+    class would be untrained (label_dropout 0) is refused before any work, for every method of the preset."""
+    cfg = print_config(capsys, "--preset", "default", "--scale", "cpu")
+    assert cfg["evaluation"]["guidance"] == 3.0 and cfg["evaluation"]["ddim_eta"] == 1.0
+    hp = cfg["methods"]
+    assert hp["gd"]["label_dropout"] == 0.1 and hp["gd"]["replay_guidance"] == 3.0 and hp["gd"]["replay_eta"] == 1.0
+    assert hp["finetune"]["label_dropout"] == 0.1 and hp["rank1+gd"]["gd.label_dropout"] == 0.1
+    for m, member in (("finetune", "finetune"), ("gd", "gd"), ("rank1+gd", "gd")):
+        assert main(["--preset", "default", "--method", m, "--set", f"{member}.label_dropout=0", "--print-config"]) == 2
+        assert "label_dropout" in capsys.readouterr().err
+    # the paper presets keep the papers' unguided DDIM
+    paper = print_config(capsys, "--preset", "rank1-mnist", "--scale", "paper")
+    assert paper["evaluation"]["guidance"] == 1.0 and paper["evaluation"]["ddim_eta"] == 0.0
+    assert paper["methods"]["gd"]["replay_guidance"] == 1.0
+
+
+def test_guidance_reaches_the_evaluation_sampler(tmp_path, cache_dir, monkeypatch):
+    """A scale with guidance / ddim_eta: every evaluation sample is drawn with them, and the protocol says so."""
+    from cdgfast import sampling
+    from cdgfast.train import presets
+
+    p = copy.deepcopy(PRESETS["default"])
+    p.scales["smoke"].guidance, p.scales["smoke"].ddim_eta = 2.0, 1.0
+    p.scales["smoke"].method_overrides["finetune"] = {"label_dropout": 0.2}
+    monkeypatch.setitem(presets.PRESETS, "default", p)
+    seen = []
+    real = sampling.ddim_sample
+
+    def spy(model, labels, **kw):
+        seen.append((kw.get("guidance", 1.0), kw.get("eta", 0.0)))
+        return real(model, labels, **kw)
+
+    monkeypatch.setattr(sampling, "ddim_sample", spy)
+    res = run(RunConfig(**TINY, out=str(tmp_path / "g"), cache_dir=cache_dir, methods=["finetune"]))
+    assert seen and set(seen) == {(2.0, 1.0)}
+    assert res["protocol"]["sampler"]["guidance"] == 2.0 and res["protocol"]["sampler"]["eta"] == 1.0
 
 
 @pytest.mark.parametrize("cpt, expected", [(2, [1024, 1024]), (10, [205] * 8 + [204] * 2), (20, [103] * 8 + [102] * 12)])

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._validation import check_nonnegative
 from ..diffusion import NoiseSchedule, as_schedule
 from ..parallel import DataParallel, resolve
 from ..sampling import _infer_shape, ddim_sample
@@ -63,7 +64,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
                          schedule: NoiseSchedule, num_steps: int = 50, batch_size: int = 256, seed: int = 0,
                          path: Optional[Union[str, os.PathLike]] = None, device=None, progress: bool = False,
                          eta: float = 0.0, shape: Optional[Sequence[int]] = None,
-                         parallel: Optional[DataParallel] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         parallel: Optional[DataParallel] = None, guidance: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate `per_class` DDIM samples for every class in `classes` -> (x [N, C, H, W], y [N]) on the CPU,
     N = len(classes) * per_class, ordered class by class as given.
 
@@ -74,6 +75,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     library code should be; the driver asks for it).
     parallel: a `cdgfast.parallel.DataParallel`; chunk i is then made (or read from `path`) by rank
     i % world_size and the chunks are gathered, so every process returns the one-process pool.
+    eta, guidance: the sampler's (`cdgfast.sampling.ddim_sample`; guidance != 1 is classifier-free guidance).
     """
     par = resolve(parallel)
     schedule = as_schedule(schedule)  # a NoiseSchedule or a diffusers scheduler
@@ -86,6 +88,10 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if shape is not None and len(shape) != 3:
         raise ValueError(f"shape: expected (C, H, W), got {tuple(shape)}")
+    guidance = check_nonnegative("guidance", guidance)
+    if guidance != 1.0 and not isinstance(getattr(getattr(model, "config", None), "num_class_embeds", None), int):
+        raise ValueError(f"guidance: classifier-free guidance (got {guidance}) needs a class-conditional model "
+                         f"(config.num_class_embeds with the null class last)")
     if device is not None:
         device = torch.device(device)
         p = next(iter(model.parameters()), None)
@@ -98,6 +104,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     meta = {"classes": classes, "per_class": per_class, "num_steps": int(num_steps), "batch_size": batch_size,
             "seed": int(seed), "eta": float(eta), "num_timesteps": schedule.num_timesteps,
             "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
+            **({} if guidance == 1.0 else {"guidance": guidance}),  # pools made before guidance existed keep their meta
             "shape": None if shape is None else [int(v) for v in shape]}
     if schedule != NoiseSchedule(schedule.num_timesteps, schedule.beta_start, schedule.beta_end):
         # another beta schedule or prediction type: recorded (pools of the linear eps default keep their meta)
@@ -139,7 +146,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
             g = torch.Generator().manual_seed(chunk_seed(seed, i))
             shp = None if shape is None else (y.numel(), *shape)
             x = ddim_sample(model, y.to(dev), schedule=schedule, num_steps=num_steps, eta=eta, generator=g,
-                            shape=shp).cpu()
+                            shape=shp, guidance=guidance).cpu()
             xs[i], ys[i] = x, y.clone()
             if out_dir is not None:
                 _atomic_save({"x": x, "y": ys[i]}, out_dir / f"chunk_{i:06d}.pt")

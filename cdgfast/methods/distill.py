@@ -50,6 +50,9 @@ class GD(Teacher):
     default; the rank-1 paper uses 5000 per class, the small default suits CPU runs).
     replay="online": `online_steps` (2) DDIM steps per training step with `cdgfast.sampling.ddim_sample`.
     `replay_batch` replayed samples per step (None: as many as the current batch).
+    `replay_eta` (0: DDIM; 1: DDPM-like stochastic steps) and `replay_guidance` (1: none; s > 1:
+    classifier-free guidance, which needs `label_dropout` > 0 so that the null class is trained) are the
+    replay sampler's, for the pool and online replay alike (the papers: 0 and 1).
 
     weighting="uniform" (default): task loss over the concatenated rows (current and replayed, when
     `replay_in_task_loss`) + `lam_gd * distill`. weighting="task_fraction" (the generative-distillation
@@ -60,17 +63,23 @@ class GD(Teacher):
     """
 
     defaults = {"lam_gd": 1.0, "replay": "pool", "pool_per_class": 32, "pool_steps": 50, "online_steps": 2,
-                "replay_batch": None, "pool_batch_size": 256, "weighting": "uniform", "replay_in_task_loss": True}
+                "replay_batch": None, "pool_batch_size": 256, "weighting": "uniform", "replay_in_task_loss": True,
+                "replay_eta": 0.0, "replay_guidance": 1.0}
     specs = {"lam_gd": nonneg(), "replay": HP("choice", choices=("pool", "online")), "pool_per_class": count(),
              "pool_steps": count(), "online_steps": count(),
              "replay_batch": count(none=True, none_means="as many as the current batch"), "pool_batch_size": count(),
-             "weighting": HP("choice", choices=("uniform", "task_fraction")), "replay_in_task_loss": flag()}
+             "weighting": HP("choice", choices=("uniform", "task_fraction")), "replay_in_task_loss": flag(),
+             "replay_eta": HP("float", lo=0.0, hi=1.0), "replay_guidance": nonneg()}
     owns_task_loss = True
     tiny = TinyRun(config={"pool_per_class": 3, "pool_steps": 2}, terms={"gd"}, frozen=("teacher",))
     _state_attrs = ("pool_x", "pool_y")
 
     def __init__(self, **overrides):
         super().__init__(**overrides)
+        if self.config["replay_guidance"] != 1.0 and self.config["label_dropout"] == 0.0:
+            raise ValueError(f"replay_guidance: {self.config['replay_guidance']} guides the replay towards the null "
+                             f"class, which a model trained with label_dropout = 0 never learned; set label_dropout "
+                             f"> 0 (0.1 is usual) or replay_guidance = 1")
         self.pool_x: Optional[torch.Tensor] = None
         self.pool_y: Optional[torch.Tensor] = None
 
@@ -82,7 +91,9 @@ class GD(Teacher):
                                         schedule=self.schedule, num_steps=int(self.config["pool_steps"]),
                                         batch_size=int(self.config["pool_batch_size"]),
                                         seed=int(self.config["seed"]) + 1000 * (self.task_index + 1),
-                                        device=device, parallel=self.parallel, progress=self.progress)
+                                        device=device, parallel=self.parallel, progress=self.progress,
+                                        eta=float(self.config["replay_eta"]),
+                                        guidance=float(self.config["replay_guidance"]))
             self.pool_x, self.pool_y = x.detach().cpu(), y.detach().cpu().long()
 
     def replay(self, n: int, like: torch.Tensor):
@@ -95,7 +106,8 @@ class GD(Teacher):
         classes = torch.tensor(self.seen_classes, dtype=torch.long)
         yr = classes[torch.randint(0, len(classes), (n,), generator=self.generator)].to(like.device)
         xr = ddim_sample(self.teacher, yr, schedule=self.schedule, num_steps=int(self.config["online_steps"]),
-                         generator=self.generator)
+                         generator=self.generator, eta=float(self.config["replay_eta"]),
+                         guidance=float(self.config["replay_guidance"]))
         return xr.to(like), yr
 
     def step_terms(self, model, batch) -> Dict[str, torch.Tensor]:

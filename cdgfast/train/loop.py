@@ -279,8 +279,28 @@ def resolve(cfg: RunConfig):
     except ValueError as exc:
         raise RunError(f"scale config of {preset.name} at {cfg.scale}: {exc}") from None
     for m in methods:  # unknown --set keys fail here, before any data loading or training
-        _build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)
+        _check_guidance(m, _build_method(m, preset, cfg.scale, cfg.seed, cfg.method_args)[0], sc)
     return preset, sc, methods, dataset
+
+
+def _check_guidance(name: str, method, sc: ScaleConfig) -> None:
+    """RunError where a sampler would guide towards a null class the method never trains: classifier-free
+    guidance (the evaluation's `guidance`, GD's `replay_guidance`) needs label dropout in the member that
+    computes the task loss, and a class-conditional model."""
+    owner = getattr(method, "primary", method)
+    members = getattr(method, "members", [method])
+    dropout = float(owner.config.get("label_dropout", 0.0))
+    if sc.guidance != 1 and dropout == 0:
+        raise RunError(f"guidance: the evaluation samples with classifier-free guidance {sc.guidance}, but method "
+                       f"{name} trains with label_dropout = 0, so its null class is never learned; set "
+                       f"--set {owner.name}.label_dropout=0.1 or a scale with guidance 1")
+    for m in members:
+        g = float(m.config.get("replay_guidance", 1.0))
+        if g != 1 and not sc.class_conditional:
+            raise RunError(f"replay_guidance: method {name} guides its replay ({g}) but the model is unconditional")
+        if g != 1 and dropout == 0:
+            raise RunError(f"replay_guidance: method {name} guides its replay ({g}) but trains with label_dropout = 0; "
+                           f"set --set {owner.name}.label_dropout=0.1")
 
 
 def resolved_config(cfg: RunConfig) -> dict:
@@ -463,7 +483,8 @@ class Evaluator:
             n = min(chunk, count - i * chunk)
             y = labels[i * chunk:(i + 1) * chunk].to(self.device) if labels is not None else None
             xs.append(ddim_sample(model, y, schedule=self.schedule, num_steps=self.sc.ddim_steps, generator=g,
-                                  shape=(n,) + self.shape, timestep_spacing=self.sc.ddim_spacing))
+                                  shape=(n,) + self.shape, timestep_spacing=self.sc.ddim_spacing,
+                                  eta=float(self.sc.ddim_eta), guidance=float(self.sc.guidance) if y is not None else 1.0))
         if D.get_world_size() > 1:
             mine_x = torch.cat(xs) if xs else torch.zeros(
                 (0, model.config.in_channels, model.config.sample_size, model.config.sample_size), device=self.device)
@@ -1039,8 +1060,9 @@ def evaluation_protocol(*, data: BenchmarkData, sc: ScaleConfig, extractor, clas
             **({} if (sc.fid_protocol, sc.fid_samples_per_task) == ("per_task", None) else  # as before by default
                {"fid_protocol": sc.fid_protocol, "fid_samples_per_task": sc.fid_samples_per_task,
                 "fid_samples_total": sc.fid_samples_total}),
-            "sampler": {"name": "ddim", "steps": sc.ddim_steps, "eta": 0.0,
+            "sampler": {"name": "ddim", "steps": sc.ddim_steps, "eta": float(sc.ddim_eta),
                         **({} if sc.ddim_spacing == "trailing" else {"spacing": sc.ddim_spacing}),
+                        **({} if sc.guidance == 1 else {"guidance": float(sc.guidance), "null_class": "num_classes"}),
                         "noise_schedule": {"num_timesteps": evaluator.schedule.num_timesteps,
                                            "beta_start": evaluator.schedule.beta_start,
                                            "beta_end": evaluator.schedule.beta_end}}}

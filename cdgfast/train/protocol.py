@@ -54,6 +54,13 @@ def check_scale_config(sc: ScaleConfig) -> None:
         raise ValueError(f"grad_clip: expected a finite number > 0 or None, got {sc.grad_clip!r}")
     from .ema import check_ema_decay
     check_ema_decay(sc.ema_decay)
+    if isinstance(sc.ddim_eta, bool) or not isinstance(sc.ddim_eta, (int, float)) or not 0 <= sc.ddim_eta <= 1:
+        raise ValueError(f"ddim_eta: expected a number in [0, 1], got {sc.ddim_eta!r}")
+    if isinstance(sc.guidance, bool) or not isinstance(sc.guidance, (int, float)) or not math.isfinite(sc.guidance) \
+            or sc.guidance < 0:
+        raise ValueError(f"guidance: expected a finite number >= 0 (1: no guidance), got {sc.guidance!r}")
+    if sc.guidance != 1 and not sc.class_conditional:
+        raise ValueError(f"guidance: classifier-free guidance ({sc.guidance}) needs a class-conditional model")
     if not isinstance(sc.class_conditional, bool):
         raise ValueError(f"class_conditional: expected True or False, got {sc.class_conditional!r}")
     if sc.channels not in (None, 1, 3):
@@ -174,7 +181,8 @@ def evaluation_config(sc: ScaleConfig, *, classes_per_task: int) -> dict:
                               else "held-out images of every class seen so far"),
             "kld_samples": ("the per-task FID samples (class-balanced, conditional)" if sc.fid_protocol == "per_task"
                             else "the unconditional FID samples"),
-            "sampler": "ddim", "sampler_steps": sc.ddim_steps, "ddim_spacing": sc.ddim_spacing, "ddim_eta": 0.0,
+            "sampler": "ddim", "sampler_steps": sc.ddim_steps, "ddim_spacing": sc.ddim_spacing, "ddim_eta": sc.ddim_eta,
+            "guidance": sc.guidance,
             "classifier_epochs": sc.classifier_epochs, "class_conditional": sc.class_conditional}
 
 
