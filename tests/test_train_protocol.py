@@ -193,7 +193,7 @@ def test_bad_training_options_refused():
                          ("dropout", 1.0), ("ddim_spacing", "middle"), ("fid_protocol", "all"),
                          ("class_order", "random"), ("channels", 2), ("fid_samples_per_task", 1),
                          ("ddim_eta", 1.5), ("ddim_eta", -0.1), ("guidance", -1.0), ("guidance", float("nan")),
-                         ("guidance", True)):
+                         ("guidance", True), ("label_dropout", 1.0), ("label_dropout", "0.1")):
         with pytest.raises(ValueError, match=field):
             check_scale_config(ScaleConfig(**{field: value}))
     with pytest.raises(ValueError, match="fid_protocol"):
@@ -211,6 +211,10 @@ def test_guided_default_is_printed_and_needs_label_dropout(capsys):
     hp = cfg["methods"]
     assert hp["gd"]["label_dropout"] == 0.1 and hp["gd"]["replay_guidance"] == 3.0 and hp["gd"]["replay_eta"] == 1.0
     assert hp["finetune"]["label_dropout"] == 0.1 and hp["rank1+gd"]["gd.label_dropout"] == 0.1
+    # the scale's label dropout reaches every method, not only the preset's three
+    for m in ("er", "ewc", "diag+gd"):
+        other = print_config(capsys, "--preset", "default", "--scale", "cpu", "--method", m)["methods"][m]
+        assert all(v == 0.1 for k, v in other.items() if k.endswith("label_dropout")), (m, other)
     for m, member in (("finetune", "finetune"), ("gd", "gd"), ("rank1+gd", "gd")):
         assert main(["--preset", "default", "--method", m, "--set", f"{member}.label_dropout=0", "--print-config"]) == 2
         assert "label_dropout" in capsys.readouterr().err

@@ -529,6 +529,9 @@ def _build_method(name: str, preset: Preset, scale: str, seed: int, method_args:
     spec = TRAINER_METHODS.get(name)
     base = _method_base(name)
     overrides = preset.overrides_for(base, scale)
+    dropout = preset.scales[scale].label_dropout
+    if dropout is not None:  # the scale's label dropout (a guided evaluation needs it in every method) ...
+        overrides = {"label_dropout": float(dropout), **overrides}  # ... unless the preset sets the method's own
     if spec:
         overrides.update(spec["overrides"])
     for member, kw in (method_args or {}).items():  # --set: member-qualified keys inside a composition

@@ -56,6 +56,7 @@ class ScaleConfig:
     ddim_eta: float = 0.0                    # the evaluation sampler's eta (0: DDIM; 1: DDPM-like stochastic steps)
     guidance: float = 1.0                    # classifier-free guidance of the evaluation sampler (1: none; needs
     #                                          every method's label_dropout > 0)
+    label_dropout: Optional[float] = None    # every method's label_dropout unless its overrides set one (None: its own)
     fid_protocol: str = "per_task"           # "per_task": FID_i(m_k) per task; "seen_classes": one FID of
     #                                          unconditional samples against all seen classes' test images
     fid_samples_per_task: Optional[int] = None  # per_task: class-balanced samples per task (None: per class x classes)
@@ -258,12 +259,10 @@ def _build() -> Dict[str, Preset]:
             # classifier accuracy on samples 0.51 (DDIM, no guidance) -> 0.86.
             "cpu": ScaleConfig(unet="tiny", image_size=16, batch_size=64, lr=3e-3, ema_decay=0.999, steps_per_task=70,
                                first_task_steps=200, fid_samples_per_class=50, ddim_steps=20, ddim_eta=1.0,
-                               guidance=3.0, classifier_epochs=10, grid_per_class=8,
-                               method_overrides={"finetune": {"label_dropout": 0.1},
-                                                 "gd": {"pool_per_class": 40, "pool_steps": 20, "replay_batch": 32,
-                                                        "label_dropout": 0.1, "replay_eta": 1.0,
-                                                        "replay_guidance": 3.0},
-                                                 "rank1": {"fisher_max_samples": 256, "label_dropout": 0.1}}),
+                               guidance=3.0, label_dropout=0.1, classifier_epochs=10, grid_per_class=8,
+                               method_overrides={"gd": {"pool_per_class": 40, "pool_steps": 20, "replay_batch": 32,
+                                                        "replay_eta": 1.0, "replay_guidance": 3.0},
+                                                 "rank1": {"fisher_max_samples": 256}}),
             "paper": ScaleConfig(unet="small", image_size=16, batch_size=128, lr=2e-4, steps_per_task=None,
                                  epochs_per_task=200, fid_samples_per_class=200, ddim_steps=50, classifier_epochs=20,
                                  method_overrides={"gd": {"pool_per_class": 1000, "pool_steps": 50},

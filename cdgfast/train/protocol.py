@@ -59,6 +59,9 @@ def check_scale_config(sc: ScaleConfig) -> None:
     if isinstance(sc.guidance, bool) or not isinstance(sc.guidance, (int, float)) or not math.isfinite(sc.guidance) \
             or sc.guidance < 0:
         raise ValueError(f"guidance: expected a finite number >= 0 (1: no guidance), got {sc.guidance!r}")
+    if sc.label_dropout is not None and (isinstance(sc.label_dropout, bool) or not isinstance(sc.label_dropout, (int, float))
+                                         or not 0 <= sc.label_dropout < 1):
+        raise ValueError(f"label_dropout: expected None or a probability in [0, 1), got {sc.label_dropout!r}")
     if sc.guidance != 1 and not sc.class_conditional:
         raise ValueError(f"guidance: classifier-free guidance ({sc.guidance}) needs a class-conditional model")
     if not isinstance(sc.class_conditional, bool):
