@@ -216,6 +216,36 @@ def test_base_model_is_cached(smoke_all, cache, tmp_path):
     assert again["methods"]["lora_seq"]["final"] == payload["methods"]["lora_seq"]["final"]  # same numbers
 
 
+def test_base_prompt_following_counts_the_classifier_hits(smoke_all, cache):
+    """results.json and report.md carry how well the base follows its named prompts; the fraction is the
+    classifier's hits on each named prompt's samples (checked with classifiers that always say one digit)."""
+    from cdgfast.train.personalize import base_prompt_following, pretrain_digits
+    from cdgfast.train.ruler import embedded_data
+    from cdgfast.train.text_presets import DIGIT_NAMES, DIGITS_BASE_CLASSES, TEXT_PRESETS
+
+    out, payload = smoke_all
+    follow = payload["base"]["named_prompt_recognised"]
+    assert list(follow) == [DIGIT_NAMES[d] for d in DIGITS_BASE_CLASSES] and all(0 <= v <= 1 for v in follow.values())
+    assert "named prompts" in (out / "report.md").read_text()
+    sc = TEXT_PRESETS["dc-digits"].scale("smoke")
+    data = embedded_data("digits")
+    base = pretrain_digits(data.train.x, data.train.y, sc, "a photo of a digit", 0, torch.device("cpu"), str(cache),
+                           False, lambda *_: None)
+
+    class Always(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), self.d), 10).float() + 0 * self.w
+
+    for d in (0, 2):
+        got = base_prompt_following(base, Always(d), sc, 0, torch.device("cpu"))
+        assert got == {DIGIT_NAMES[c]: (1.0 if c == d else 0.0) for c in DIGITS_BASE_CLASSES}
+
+
 def test_cli_runs_prints_config_and_refuses(tmp_path, cache, capsys):
     rc = main(["--preset", "dc-digits", "--print-config", "--scale", "smoke"])
     cfg = json.loads(capsys.readouterr().out)

@@ -477,6 +477,30 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
                 prior_latents=prior, pixel_space=True, info={**info, "source": "trained"})
 
 
+def base_prompt_following(base: Base, classifier, sc: TextScale, seed: int, device) -> Dict[str, float]:
+    """How well the dc-digits base follows the prompts it was pretrained on: for each named digit
+    (DIGITS_BASE_CLASSES), the fraction of `sc.eval_samples_per_concept` samples of "a photo of a <name>
+    digit" (the evaluation sampler and guidance) that the digits classifier recognises as that digit.
+    Personalization can only bind a token as well as the base's text pathway conditions at all, so the
+    run reports this beside its table (chance is 0.1)."""
+    from cdgfast.metrics.classifier import predict
+    from cdgfast.models.text import encode_prompts
+
+    unet, tokenizer, text_encoder = base.fresh(device)
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        uncond = encode_prompts(tokenizer, text_encoder, [""])[0]
+        for d in DIGITS_BASE_CLASSES:
+            cond = encode_prompts(tokenizer, text_encoder, [f"a photo of a {DIGIT_NAMES[d]} digit"])[0]
+            x = sample_text(unet, cond, uncond, sc.eval_samples_per_concept, size=sc.resolution,
+                            scheduler_config=base.scheduler_config, sampler=sc.sampler, steps=sc.sampler_steps,
+                            guidance=sc.guidance, generator=torch.Generator().manual_seed(derive_seed(seed, "base", d)),
+                            clip_sample=True)
+            pred = predict(classifier, x.to(next(classifier.parameters()).device))
+            out[DIGIT_NAMES[d]] = round(float((pred.cpu() == d).double().mean()), 4)
+    return out
+
+
 def load_sd_base(pretrained: str, prior_prompt: str, sc: TextScale, seed: int, device, out: Path, log) -> Base:
     """A local Stable Diffusion v1.x: its UNet / text encoder as every method's start, its VAE as the codec,
     and `sc.prior_images` samples of the prior prompt (kept in OUT/checkpoints/prior.safetensors, so a
@@ -760,6 +784,10 @@ def run_personalization(cfg: TextRunConfig) -> dict:
     if r.preset.source == "digits":
         base = pretrain_digits(data.train.x, data.train.y, r.sc, r.preset.prior_prompt, cfg.seed, r.device,
                                cfg.cache_dir, cfg.progress, log)
+        follow = base_prompt_following(base, classifier, r.sc, cfg.seed, r.device)
+        base.info["named_prompt_recognised"] = follow
+        log("base model: samples of its named prompts recognised as their digit: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in follow.items()) + " (chance 0.10)")
     else:
         base = load_sd_base(cfg.pretrained, r.preset.prior_prompt, r.sc, cfg.seed, r.device, out, log)
     log(f"metrics on {label} features" + (" (the digits classifier's: not comparable with the paper's CLIP "
@@ -884,6 +912,11 @@ def text_report(payload: dict) -> str:
                   + ("appears." if o["same"] else "does not appear."),
                   "", "One seed: the differences between close methods are within the seed-to-seed spread "
                       "(the paper reports means over 3 seeds)."]
+    follow = (payload.get("base") or {}).get("named_prompt_recognised")
+    if follow:
+        lines += ["", "The base model before personalization: samples of its named prompts (\"a photo of a <name> "
+                      "digit\") recognised as their digit: " + ", ".join(f"{k} {v:.2f}" for k, v in follow.items())
+                  + " (chance 0.10). A token can be bound to a concept only as well as the base follows text at all."]
     lines += ["", "## Per task (A_MMD x1e3 after each task)", ""]
     for m, res in payload["methods"].items():
         a = [None if v is None else v * 1e3 for v in res["per_task"]["a_mmd"]]
@@ -896,5 +929,5 @@ def text_report(payload: dict) -> str:
 
 
 __all__ = ["TextRunConfig", "Concept", "Codec", "resolve_text", "resolved_text_config", "run_personalization",
-           "sample_text", "text_out_dir", "pretrain_digits", "digits_concepts", "folder_concepts", "ordering", "text_report",
+           "sample_text", "text_out_dir", "pretrain_digits", "base_prompt_following", "digits_concepts", "folder_concepts", "ordering", "text_report",
            "OUTPUT_FILES"]
