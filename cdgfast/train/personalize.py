@@ -929,5 +929,5 @@ def text_report(payload: dict) -> str:
 
 
 __all__ = ["TextRunConfig", "Concept", "Codec", "resolve_text", "resolved_text_config", "run_personalization",
-           "sample_text", "text_out_dir", "pretrain_digits", "base_prompt_following", "digits_concepts", "folder_concepts", "ordering", "text_report",
-           "OUTPUT_FILES"]
+           "sample_text", "text_out_dir", "pretrain_digits", "base_prompt_following", "digits_concepts",
+           "folder_concepts", "ordering", "text_report", "OUTPUT_FILES"]
