@@ -47,11 +47,34 @@ def is_json(path: Path) -> bool:
 
 
 def assert_no_pickle(folder: Path):
+    """Every file parses as safetensors (structurally, to its last byte) or as JSON. No magic-byte test on
+    top: a safetensors file begins with its header length, whose low byte is 0x80 for one length in 256
+    (a pickle's first byte), so such a test fails valid files; a torch.save zip or a pickle never parses
+    as either (test_the_no_pickle_check_tells_formats_apart)."""
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert files
     for p in files:
         assert is_safetensors(p) or is_json(p), f"{p} is neither safetensors nor JSON"
-        assert not p.read_bytes().startswith((b"PK", b"\x80")), p  # torch.save zip / raw pickle
+
+
+def test_the_no_pickle_check_tells_formats_apart(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "zip.pt")
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+    for bad in ("zip.pt", "raw.pkl"):
+        assert not is_safetensors(tmp_path / bad) and not is_json(tmp_path / bad), bad
+    # a valid safetensors file whose header length's low byte is 0x80, the byte a pickle starts with
+    for n in range(300):
+        f = tmp_path / "edge.safetensors"
+        save_file({"w": torch.ones(2)}, str(f), metadata={"pad": "x" * n})
+        if f.read_bytes()[0] == 0x80:
+            break
+    assert f.read_bytes()[0] == 0x80 and is_safetensors(f)
+    edge_dir = tmp_path / "edge_dir"
+    edge_dir.mkdir()
+    f.rename(edge_dir / f.name)
+    assert_no_pickle(edge_dir)
 
 
 @pytest.fixture
