@@ -69,6 +69,13 @@ def _infer_shape(model: torch.nn.Module, batch: int) -> tuple:
     return (batch, int(cfg.in_channels), int(h), int(w))
 
 
+def null_class_of(model: torch.nn.Module) -> Optional[int]:
+    """The null class of a class-conditional diffusers model (its last class embedding, SPEC section 1), or
+    None for a model without one (classifier-free guidance then has nothing to guide against)."""
+    n_embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    return n_embeds - 1 if isinstance(n_embeds, int) and n_embeds >= 2 else None
+
+
 def _model_device_dtype(model: torch.nn.Module):
     p = next(iter(model.parameters()), None)
     if p is None:
@@ -119,12 +126,12 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
     guidance = check_nonnegative("guidance", guidance)
     null_class = None
     if guidance != 1.0:
-        n_embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
-        if labels is None or not isinstance(n_embeds, int) or n_embeds < 2:
+        null_class = null_class_of(model)
+        if labels is None or null_class is None:
+            n_embeds = getattr(getattr(model, "config", None), "num_class_embeds", None)
             raise ValueError(f"guidance: classifier-free guidance (guidance != 1, got {guidance}) needs class labels "
                              f"and a class-conditional model whose last class embedding is the null class; got "
                              f"{'no labels' if labels is None else f'a model with num_class_embeds={n_embeds!r}'}")
-        null_class = n_embeds - 1
     if shape is None:
         if labels is None:
             raise ValueError("shape: needed when labels is None (unconditional sampling)")
@@ -140,6 +147,8 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
     gen_device = generator.device if generator is not None else device
     if labels is not None:
         labels = labels.to(device)
+    # the guided forward's labels: the conditional rows, then as many null-class rows (the same every step)
+    guided_labels = None if null_class is None else torch.cat([labels, torch.full_like(labels, null_class)])
 
     def noise():
         return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, state)
@@ -163,10 +172,9 @@ def ddim_sample(model: torch.nn.Module, labels: Optional[torch.Tensor], *, sched
                     out = predict_eps(model, x.to(dtype), tt, labels).to(state)
                     eps = schedule.eps_from_prediction(out, x, tt).to(state)  # `out` itself for eps prediction
                 else:  # one forward over [conditional; null] rows
-                    x2 = torch.cat([x, x]).to(dtype)
-                    y2 = torch.cat([labels, torch.full_like(labels, null_class)])
-                    out = predict_eps(model, x2, torch.cat([tt, tt]), y2).to(state)
-                    eps_c, eps_u = schedule.eps_from_prediction(out, torch.cat([x, x]), torch.cat([tt, tt])).to(state).chunk(2)
+                    x2, tt2 = torch.cat([x, x]), torch.cat([tt, tt])
+                    out = predict_eps(model, x2.to(dtype), tt2, guided_labels).to(state)
+                    eps_c, eps_u = schedule.eps_from_prediction(out, x2, tt2).to(state).chunk(2)
                     eps = eps_u + guidance * (eps_c - eps_u)
                 x = _ddim_update(x, eps, a[i], a_prev[i], eta, noise if eta > 0 else None, clip_sample)
     finally:

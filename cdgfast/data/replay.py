@@ -23,7 +23,7 @@ import torch
 from .._validation import check_nonnegative
 from ..diffusion import NoiseSchedule, as_schedule
 from ..parallel import DataParallel, resolve
-from ..sampling import _infer_shape, ddim_sample
+from ..sampling import _infer_shape, ddim_sample, null_class_of
 
 _META = "meta.json"
 
@@ -89,7 +89,7 @@ def generate_replay_pool(model: torch.nn.Module, classes: Sequence[int], per_cla
     if shape is not None and len(shape) != 3:
         raise ValueError(f"shape: expected (C, H, W), got {tuple(shape)}")
     guidance = check_nonnegative("guidance", guidance)
-    if guidance != 1.0 and not isinstance(getattr(getattr(model, "config", None), "num_class_embeds", None), int):
+    if guidance != 1.0 and null_class_of(model) is None:
         raise ValueError(f"guidance: classifier-free guidance (got {guidance}) needs a class-conditional model "
                          f"(config.num_class_embeds with the null class last)")
     if device is not None:

@@ -284,23 +284,18 @@ def resolve(cfg: RunConfig):
 
 
 def _check_guidance(name: str, method, sc: ScaleConfig) -> None:
-    """RunError where a sampler would guide towards a null class the method never trains: classifier-free
-    guidance (the evaluation's `guidance`, GD's `replay_guidance`) needs label dropout in the member that
-    computes the task loss, and a class-conditional model."""
+    """RunError where a sampler would guide towards a null class the method never trains: the evaluation's
+    classifier-free `guidance` needs label dropout in the member that computes the task loss; GD's
+    `replay_guidance` needs a class-conditional model (GD itself refuses it without label dropout)."""
     owner = getattr(method, "primary", method)
-    members = getattr(method, "members", [method])
-    dropout = float(owner.config.get("label_dropout", 0.0))
-    if sc.guidance != 1 and dropout == 0:
+    if sc.guidance != 1 and float(owner.config.get("label_dropout", 0.0)) == 0:
         raise RunError(f"guidance: the evaluation samples with classifier-free guidance {sc.guidance}, but method "
                        f"{name} trains with label_dropout = 0, so its null class is never learned; set "
                        f"--set {owner.name}.label_dropout=0.1 or a scale with guidance 1")
-    for m in members:
+    for m in getattr(method, "members", [method]):
         g = float(m.config.get("replay_guidance", 1.0))
         if g != 1 and not sc.class_conditional:
             raise RunError(f"replay_guidance: method {name} guides its replay ({g}) but the model is unconditional")
-        if g != 1 and dropout == 0:
-            raise RunError(f"replay_guidance: method {name} guides its replay ({g}) but trains with label_dropout = 0; "
-                           f"set --set {owner.name}.label_dropout=0.1")
 
 
 def resolved_config(cfg: RunConfig) -> dict:

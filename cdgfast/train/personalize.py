@@ -411,8 +411,7 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     from cdgfast.models.text import SD_SCHEDULER_CONFIG, encode_prompts
 
     make_unet, make_text = _digits_makers(sc, seed)
-    xb, yb = x, y
-    key = _digest({"data": data_sha256(xb, yb), "steps": sc.pretrain_steps, "batch": sc.pretrain_batch_size,
+    key = _digest({"data": data_sha256(x, y), "steps": sc.pretrain_steps, "batch": sc.pretrain_batch_size,
                    "lr": sc.pretrain_lr, "width": sc.unet_width, "res": sc.resolution, "prior": prior_prompt,
                    "prior_images": sc.prior_images, "sampler": [sc.sampler, sc.sampler_steps, sc.guidance],
                    "seed": seed, "torch": torch.__version__.split("+")[0], "v": 2})[:16]
@@ -442,10 +441,10 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     bar = tqdm(range(sc.pretrain_steps), desc="pretraining the dc-digits base model", disable=not progress,
                leave=False)
     for _ in bar:
-        idx = torch.randint(0, xb.shape[0], (sc.pretrain_batch_size,), generator=g)
+        idx = torch.randint(0, x.shape[0], (sc.pretrain_batch_size,), generator=g)
         r = torch.rand(sc.pretrain_batch_size, generator=g).tolist()
-        prompts = [_digits_prompt(int(c), ri) for c, ri in zip(yb[idx].tolist(), r)]
-        x0 = xb[idx].to(device)
+        prompts = [_digits_prompt(int(c), ri) for c, ri in zip(y[idx].tolist(), r)]
+        x0 = x[idx].to(device)
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=g).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
         xt = schedule.add_noise(x0, eps, t)
