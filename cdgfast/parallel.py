@@ -207,12 +207,13 @@ def current() -> DataParallel:
     return ProcessGroup() if dist.is_available() and dist.is_initialized() else LOCAL
 
 
-def initialize(backend: str) -> ProcessGroup:
-    """Initialise the default process group from torchrun's environment (once) and return its context."""
+def initialize(backend: str, timeout=None) -> ProcessGroup:
+    """Initialise the default process group from torchrun's environment (once) and return its context.
+    timeout: a datetime.timedelta for its collectives (None: torch's default)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return ProcessGroup()
 
 

@@ -262,3 +262,71 @@ def test_cli_runs_prints_config_and_refuses(tmp_path, cache, capsys):
         main(["--preset", "dc-digits", "--inception", "/x"])
     with pytest.raises(SystemExit):
         main(["--clip", "/x"])  # a class-incremental preset has no CLIP metrics
+
+
+def test_seeds_run_aggregates_each_seed_and_resumes(tmp_path, cache, capsys):
+    """--seeds on a personalization preset: one complete run per seed (the same base model for every seed,
+    as Stable Diffusion is for the paper's seeds), mean and standard error recomputed here from the
+    per-seed results.json files, --resume adds a seed without re-running the others, and a folder that
+    holds the run is refused without --resume."""
+    import statistics
+
+    from cdgfast.train.personalize import run_text_seeds
+
+    out = tmp_path / "seeds"
+    cfg = TextRunConfig(preset="dc-digits", scale="smoke", num_tasks=2, methods=["lora_seq"], out=str(out),
+                        cache_dir=str(cache), progress=False)
+    agg = run_text_seeds(cfg, [0, 1])
+    per = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert per[0]["base"]["cache"] == per[1]["base"]["cache"]  # one base for every seed
+    assert per[0]["methods"]["lora_seq"]["final"] != per[1]["methods"]["lora_seq"]["final"]  # the seeds differ
+    for key in ("a_mmd", "kid", "bwt_mmd", "clip_i2i", "f_mmd"):
+        vals = [per[s]["methods"]["lora_seq"]["paper_units"][key] for s in (0, 1)]
+        e = agg["methods"]["lora_seq"][key]
+        assert e["values"] == vals and e["n"] == 2
+        assert e["mean"] == pytest.approx(sum(vals) / 2) and e["se"] == pytest.approx(statistics.stdev(vals) / 2 ** 0.5)
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
+    assert "±" in (out / "report.md").read_text()
+    with pytest.raises(RunError, match="is not empty"):
+        run_text_seeds(cfg, [0, 1])
+    more = run_text_seeds(TextRunConfig(**{**cfg.__dict__, "resume": True}), [2])
+    assert more["seeds"] == [0, 1, 2]
+    assert more["methods"]["lora_seq"]["a_mmd"]["values"][:2] == agg["methods"]["lora_seq"]["a_mmd"]["values"]
+    assert "finished earlier" not in (out / "seed-2" / "train.log").read_text()
+    rc = main(["--preset", "dc-digits", "--scale", "smoke", "--num-tasks", "2", "--method", "lora_seq", "--seeds", "0",
+               "--out", str(tmp_path / "cli"), "--cache-dir", str(cache), "--no-progress"])
+    assert rc == 0 and (tmp_path / "cli" / "seed-0" / "results.json").is_file()
+    with pytest.raises(RunError, match="seeds: listed twice"):
+        run_text_seeds(TextRunConfig(**{**cfg.__dict__, "out": str(tmp_path / "never")}), [1, 1])
+    assert not (tmp_path / "never").exists()
+
+
+def test_torchrun_runs_whole_methods_per_process(smoke_all, cache, tmp_path):
+    """`torchrun --nproc_per_node 2` on a personalization preset: each process runs whole methods (rank 0
+    lora_seq, rank 1 ewc), rank 0 writes one results.json with both, and every number equals the
+    single-process run's (the same seeds; nothing is shared between methods). More processes than
+    methods are refused before any work."""
+    import os
+    import subprocess
+    import sys
+
+    out, payload = smoke_all
+    run_dir = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "cdgfast.train"]
+    args = ["--preset", "dc-digits", "--scale", "smoke", "--num-tasks", "2", "--method", "lora_seq", "ewc",
+            "--cache-dir", str(cache), "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(launch + args + ["--out", str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["world_size"] == 2 and list(res["methods"]) == ["lora_seq", "ewc"]
+    for m in ("lora_seq", "ewc"):
+        for k, v in res["methods"][m]["final"].items():
+            assert v == pytest.approx(payload["methods"][m]["final"][k], rel=1e-4, abs=1e-9), (m, k)
+    assert "lora_seq: training" in (run_dir / "train.log").read_text()
+    assert "ewc: training 2 tasks (rank 1 of 2)" in (run_dir / "train.rank1.log").read_text()
+    three = subprocess.run(launch[:4] + ["--nproc_per_node", "3", "-m", "cdgfast.train"] + args
+                           + ["--out", str(tmp_path / "never")], env=env, capture_output=True, text=True, timeout=600)
+    assert three.returncode != 0 and "torchrun: 3 processes for 2 method(s)" in three.stderr
+    assert not (tmp_path / "never").exists()

@@ -222,13 +222,13 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[
 
 # options of the class-incremental presets that a personalization run does not have
 _CLASS_ONLY_OPTIONS = (("dataset", None), ("data_root", None), ("inception", None), ("fid", "auto"),
-                       ("fid_samples", None), ("batch_size", None), ("seeds", None), ("allow_pickle", False))
+                       ("fid_samples", None), ("batch_size", None), ("allow_pickle", False))
 
 
 def _main_personalization(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
     """`--preset dc-*`: the continual-personalization driver (cdgfast.train.personalize)."""
     from .loop import RunError, RunStopped, parse_method_args
-    from .personalize import TextRunConfig, resolved_text_config, run_personalization, text_out_dir
+    from .personalize import TextRunConfig, resolved_text_config, run_personalization, run_text_seeds, text_out_dir
 
     for opt, default in _CLASS_ONLY_OPTIONS:
         if getattr(args, opt) != default:
@@ -253,7 +253,10 @@ def _main_personalization(parser: argparse.ArgumentParser, args: argparse.Namesp
             print(json.dumps(resolved_text_config(cfg), indent=1))
             return 0
         cfg.out = str(text_out_dir(cfg))  # spelled out, so an interrupted run's --resume command names it
-        run_personalization(cfg)
+        if args.seeds:
+            run_text_seeds(cfg, args.seeds)
+        else:
+            run_personalization(cfg)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -261,8 +264,12 @@ def _main_personalization(parser: argparse.ArgumentParser, args: argparse.Namesp
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted (Ctrl-C); finished methods are kept. Continue with:\n  "
-              f"{resume_command(argv, args, cfg.out)}",
-              file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\ninterrupted (Ctrl-C); finished methods are kept. Continue with:\n  "
+                  f"{resume_command(argv, args, cfg.out, int(os.environ.get('WORLD_SIZE', '1')))}",
+                  file=sys.stderr)
         return 130
+    finally:
+        from .distributed import cleanup
+        cleanup()
     return 0

@@ -45,10 +45,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -> DistInfo:
+def init_from_env(device: Optional[str] = None, backend: Optional[str] = None, timeout=None) -> DistInfo:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT). Single process (no WORLD_SIZE or 1): nothing is initialised.
-    device: "cpu" / "cuda" / None (cuda when available). On CUDA each rank uses cuda:LOCAL_RANK."""
+    device: "cpu" / "cuda" / None (cuda when available). On CUDA each rank uses cuda:LOCAL_RANK.
+    backend: None picks gloo on CPU, NCCL on CUDA; timeout: the collectives' (a datetime.timedelta)."""
     world = env_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device == "cuda") or (device is None and torch.cuda.is_available())
@@ -60,7 +61,7 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
     if world <= 1:
         return DistInfo(P.LOCAL, 0, None, dev)
     backend = backend or ("nccl" if use_cuda else "gloo")
-    ctx = P.initialize(backend)
+    ctx = P.initialize(backend, timeout)
     return DistInfo(ctx, local, backend, dev)
 
 

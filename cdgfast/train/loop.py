@@ -389,6 +389,8 @@ def clear_run_outputs(out: Path) -> None:
     for f in OUTPUT_FILES:
         if (out / f).is_file():
             (out / f).unlink()
+    for f in out.glob("train.rank*.log"):  # the other ranks' logs of a torchrun personalization run
+        f.unlink()
     for d in OUTPUT_DIRS:
         if (out / d).is_dir():
             shutil.rmtree(out / d)
@@ -1342,6 +1344,50 @@ def mean_se(values: List[float]) -> dict:
     return {"mean": mean, "se": se, "n": n, "values": list(values)}
 
 
+def check_seeds(seeds, resume: bool, overwrite: bool) -> None:
+    """The `--seeds` list itself: one or more distinct integers (and not --resume with --overwrite)."""
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise RunError("seeds: expected one or more integer seeds")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
+        raise RunError(f"seeds: expected integers, got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise RunError(f"seeds: listed twice in {list(seeds)}")
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+
+
+def open_seeds_dir(out: Path, seeds: List[int], resume: bool, overwrite: bool, config: dict,
+                   write: bool = True) -> List[int]:
+    """The folder of a `--seeds` run (the class-incremental and the personalization drivers): refuses a
+    file, a non-empty folder without --resume / --overwrite, and --resume of a folder that holds no
+    --seeds run; writes seeds.json (every seed asked for so far, and `config`) when `write`. Returns the
+    seeds of the run, earlier sessions' first."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
+    if resume and not (out / "seeds.json").is_file():
+        raise RunError(f"--resume: {out} holds no --seeds run to resume (no seeds.json)")
+    if not resume and not overwrite and not _is_free(out):
+        raise RunError(f"out: {out} is not empty. Pass --resume to continue the --seeds run there, --overwrite to "
+                       f"replace it, or choose another --out.")
+    old = _read_json(out / "seeds.json", "--resume") if resume else None
+    all_seeds = list(dict.fromkeys(list((old or {}).get("seeds") or []) + list(seeds)))
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "seeds.json", json.dumps({"seeds": all_seeds, "config": config}, indent=1,
+                                                         default=str))
+    return all_seeds
+
+
+def finished_seeds(out: Path, all_seeds: List[int], per_seed: Dict[int, dict]) -> None:
+    """Adds to `per_seed` the finished results of seeds of earlier sessions that were not asked for now."""
+    for seed in all_seeds:
+        if seed not in per_seed:
+            prev = _read_json(seed_dir(out, seed) / "results.json", "--resume")
+            if prev is not None:
+                per_seed[seed] = prev
+
+
 def aggregate_seeds(per_seed: Dict[int, dict]) -> dict:
     """The summary of a `--seeds` run from each seed's results.json content: per method and metric the
     per-seed values, mean and standard error; for every pair of methods the MF gap and whether it exceeds
@@ -1391,31 +1437,12 @@ def run_seeds(cfg: RunConfig, seeds: List[int], callbacks: Optional[RunCallbacks
     checkpoints, results and report, and its own --resume: a finished seed is kept, an interrupted one
     continues, a new one starts), then <out>/results.json with every seed's results and their mean and
     standard error, and <out>/report.md with the mean ± s.e. tables. Returns that results.json content."""
-    if not isinstance(seeds, (list, tuple)) or not seeds:
-        raise RunError("seeds: expected one or more integer seeds")
-    if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
-        raise RunError(f"seeds: expected integers, got {list(seeds)}")
-    if len(set(seeds)) != len(seeds):
-        raise RunError(f"seeds: listed twice in {list(seeds)}")
-    if cfg.resume and cfg.overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
+    check_seeds(seeds, cfg.resume, cfg.overwrite)
     preset, _, _, _ = resolve(cfg)  # bad names and --set values fail before any folder is touched
     out = Path(cfg.out) if cfg.out else default_out_dir(preset.name, cfg.scale, cfg.resume)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
-    is_seeds_run = (out / "seeds.json").is_file()
-    if cfg.resume and not is_seeds_run:
-        raise RunError(f"--resume: {out} holds no --seeds run to resume (no seeds.json)")
-    if not cfg.resume and not cfg.overwrite and not _is_free(out):
-        raise RunError(f"out: {out} is not empty. Pass --resume to continue the --seeds run there, --overwrite to "
-                       f"replace it, or choose another --out.")
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    old = _read_json(out / "seeds.json", "--resume") if cfg.resume else None
-    all_seeds = list(dict.fromkeys(list((old or {}).get("seeds") or []) + list(seeds)))
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "seeds.json", json.dumps({"seeds": all_seeds, "config": {
-            **asdict(cfg), "seed": None, "out": str(out)}}, indent=1, default=str))
+    all_seeds = open_seeds_dir(out, seeds, cfg.resume, cfg.overwrite, {**asdict(cfg), "seed": None, "out": str(out)},
+                               write=main_rank)
     per_seed: Dict[int, dict] = {}
     for seed in seeds:
         d = seed_dir(out, seed)
@@ -1425,11 +1452,7 @@ def run_seeds(cfg: RunConfig, seeds: List[int], callbacks: Optional[RunCallbacks
             per_seed[seed] = run(child, callbacks)
         except RunInterrupted as exc:
             raise RunInterrupted(f"{exc.where} (seed {seed} of {list(seeds)})", out, exc.world_size) from None
-    for seed in all_seeds:  # seeds of earlier sessions not asked for now: their finished results
-        if seed not in per_seed:
-            prev = _read_json(seed_dir(out, seed) / "results.json", "--resume")
-            if prev is not None:
-                per_seed[seed] = prev
+    finished_seeds(out, all_seeds, per_seed)
     agg = aggregate_seeds(per_seed)
     payload = {"preset": preset.name, "description": preset.description, "scale": cfg.scale,
                "config": {**asdict(cfg), "seed": None, "seeds": sorted(per_seed)},

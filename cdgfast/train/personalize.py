@@ -21,6 +21,7 @@ features, then every method (its result is kept in OUT/checkpoints/<method>/ as 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -41,6 +42,9 @@ from .text_presets import (DIGIT_NAMES, DIGITS_BASE_CLASSES, DIGITS_CONCEPTS, FU
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DIGITS_MAX_LENGTH = 16  # tokens per prompt of the tiny tokenizer ("a photo of a <v1> four" is 8 with bos / eos)
 DIGITS_HIDDEN = 32      # the tiny text encoder's width = the UNet's cross-attention width
+# The dc-digits base is one model for every run seed, as Stable Diffusion is for the paper's seeds: the run
+# seed varies the personalization (token and LoRA init, data order, sampling noise), not the base.
+DIGITS_BASE_SEED = 0
 
 
 @dataclass
@@ -124,9 +128,11 @@ def resolve_text(cfg: TextRunConfig) -> _Resolved:
     _check_set_values(cfg.method_args)
     for m in methods:  # the whole configuration of every method, as the run will build it
         _build_method(m, sc, cfg.seed, cfg.method_args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RunError("torchrun: the personalization presets run in one process (batch 1 with gradient "
-                       "accumulation, as the paper); start them with python -m cdgfast.train")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > len(methods):
+        raise RunError(f"torchrun: {world} processes for {len(methods)} method(s); each process runs whole methods "
+                       f"(a Table-1 row is batch 1 with gradient accumulation, as in the paper), so start at most "
+                       f"{len(methods)} (--nproc_per_node), or run more methods")
     if cfg.device not in (None, "cpu", "cuda"):
         raise RunError(f"device: expected cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -749,17 +755,34 @@ def run_personalization(cfg: TextRunConfig) -> dict:
 
     from cdgfast.metrics.personalization import nparam_percent, personalization_metrics, resolve_personalization_features
 
+    from . import distributed as D
+
     r = resolve_text(cfg)  # every option, before anything is written
     out = text_out_dir(cfg, r)
-    prepare_out_dir(out, cfg.resume, cfg.overwrite)
+    world = D.env_world_size()
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        prepare_out_dir(out, cfg.resume, cfg.overwrite)
     fingerprint = _digest({"preset": r.preset.name, "scale": r.scale, "sc": dataclasses.asdict(r.sc),
                            "num_tasks": r.num_tasks, "seed": cfg.seed, "pretrained": cfg.pretrained,
                            "concepts": cfg.concepts, "clip": cfg.clip, "set": cfg.method_args})
     old = _read(out / "run.json")
-    if cfg.resume and old is not None and old.get("fingerprint") != fingerprint:
+    if main and cfg.resume and old is not None and old.get("fingerprint") != fingerprint:
         raise RunError(f"--resume: {out} holds a run with other settings (preset, scale, sizes, seed, paths or "
                        f"--set differ); resume it with the command that started it, or choose another --out")
-    log = Logger(out / "train.log", enabled=True)
+    if world > 1:
+        # torchrun: whole methods per process (r.methods[rank::world]); the process group only orders the
+        # start (rank 0 prepares the folder and the base model first) and the end (rank 0 writes the
+        # results once every method is done). A method can take hours at paper scale, hence the timeout.
+        info = D.init_from_env(cfg.device, backend="gloo", timeout=datetime.timedelta(days=7))
+        if info.device.type == "cuda":
+            r = dataclasses.replace(r, device=info.device)
+        rank = info.rank
+    else:
+        rank = 0
+    log = Logger(out / ("train.log" if main else f"train.rank{rank}.log"), enabled=True)
+    if not main:
+        D.barrier()  # rank 0 first checks the inputs, prepares the folder and makes the base model
     # the inputs before anything is written: data, the base model, the features
     from cdgfast.metrics.classifier import get_classifier
 
@@ -774,35 +797,32 @@ def run_personalization(cfg: TextRunConfig) -> dict:
     else:
         concepts = folder_concepts(Path(cfg.concepts), r.sc, r.num_tasks)
     extractor, label = resolve_personalization_features(cfg.clip, classifier, device=r.device)
-    if cfg.overwrite:
-        clear_run_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        if cfg.overwrite:
+            clear_run_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "run.json", {"fingerprint": fingerprint, "config": _as_json(dataclasses.asdict(cfg)),
+                                  "versions": versions()})
     log.start_file()
-    _write(out / "run.json", {"fingerprint": fingerprint, "config": _as_json(dataclasses.asdict(cfg)),
-                              "versions": versions()})
-    if r.preset.source == "digits":
-        base = pretrain_digits(data.train.x, data.train.y, r.sc, r.preset.prior_prompt, cfg.seed, r.device,
-                               cfg.cache_dir, cfg.progress, log)
-        follow = base_prompt_following(base, classifier, r.sc, cfg.seed, r.device)
+    base = _base(cfg, r, data if r.preset.source == "digits" else None, out, log)
+    if main:
+        D.barrier()  # the other ranks go on and load what is now on disk: the cached base, the prior images
+    if main and r.preset.source == "digits":
+        follow = base_prompt_following(base, classifier, r.sc, DIGITS_BASE_SEED, r.device)
         base.info["named_prompt_recognised"] = follow
         log("base model: samples of its named prompts recognised as their digit: "
             + ", ".join(f"{k} {v:.2f}" for k, v in follow.items()) + " (chance 0.10)")
-    else:
-        base = load_sd_base(cfg.pretrained, r.preset.prior_prompt, r.sc, cfg.seed, r.device, out, log)
     log(f"metrics on {label} features" + (" (the digits classifier's: not comparable with the paper's CLIP "
                                              "numbers)" if label == "classifier-fallback" else ""))
     real = [extractor(c.reference.to(r.device)).float().cpu() for c in concepts]
-    results: Dict[str, dict] = {}
-    for name in r.methods:
+    for name in r.methods[rank::world]:
         ck = out / "checkpoints" / _safe(name)
-        done = _read(ck / "result.json")
-        if done is not None and done.get("fingerprint") == fingerprint and (ck / "features.safetensors").is_file():
+        if _finished(out, name, fingerprint) is not None:
             log(f"{name}: finished earlier, kept")
-            results[name] = done["result"]
             continue
-        log(f"{name}: training {r.num_tasks} tasks")
+        log(f"{name}: training {r.num_tasks} tasks" + (f" (rank {rank} of {world})" if world > 1 else ""))
         raw = MethodRun(name, r, base, concepts, extractor, classifier, cfg.seed, cfg.method_args, out, log,
-                        cfg.progress).run()
+                        cfg.progress and main).run()  # one process draws progress bars
         nparam = nparam_percent(raw["trained"], raw["stored"], raw["unet"])
         metrics = personalization_metrics(real, raw["features"], label, kid_subsets=r.sc.kid_subsets,
                                           generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "kid")),
@@ -813,18 +833,130 @@ def run_personalization(cfg: TextRunConfig) -> dict:
         save_file({f"{i}.{j}": f.contiguous() for i, row in enumerate(raw["features"]) for j, f in enumerate(row)},
                   str(ck / "features.safetensors"))
         _write(ck / "result.json", {"fingerprint": fingerprint, "result": _as_json(metrics)})
-        results[name] = _as_json(metrics)
-        payload = _payload(r, cfg, label, base, results, concepts)
-        _write(out / "results.json", payload)
-        (out / "report.md").write_text(text_report(payload))
+        if main:  # the table so far: every method finished by any rank
+            _write_outputs(out, _payload(r, cfg, label, base, _collect(out, r.methods, fingerprint), concepts, world))
         log(f"{name}: A_MMD {metrics['paper_units']['a_mmd']:.2f} (x1e3), KID {metrics['paper_units']['kid']:.2f} "
             f"(x1e5), {raw['time_s']:.0f}s")
-    payload = _payload(r, cfg, label, base, results, concepts)
-    _write(out / "results.json", payload)
-    (out / "report.md").write_text(text_report(payload))
-    log(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
+    D.barrier()  # every rank's methods are done
+    payload = _payload(r, cfg, label, base, _collect(out, r.methods, fingerprint), concepts, world)
+    if main:
+        _write_outputs(out, payload)
+        log(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
     log.close()
     return payload
+
+
+def _base(cfg: TextRunConfig, r: _Resolved, data, out: Path, log) -> "Base":
+    """The run's base model: dc-digits pretrains (or loads from the cache) its tiny model, the folder
+    presets load the local Stable Diffusion (and make or load the prior images in OUT/checkpoints)."""
+    if r.preset.source == "digits":
+        return pretrain_digits(data.train.x, data.train.y, r.sc, r.preset.prior_prompt, DIGITS_BASE_SEED, r.device,
+                               cfg.cache_dir, cfg.progress, log)
+    return load_sd_base(cfg.pretrained, r.preset.prior_prompt, r.sc, cfg.seed, r.device, out, log)
+
+
+def _finished(out: Path, name: str, fingerprint: str) -> Optional[dict]:
+    """A method's metrics if it finished in this run's folder with these settings, else None."""
+    ck = out / "checkpoints" / _safe(name)
+    done = _read(ck / "result.json")
+    if done is not None and done.get("fingerprint") == fingerprint and (ck / "features.safetensors").is_file():
+        return done["result"]
+    return None
+
+
+def _collect(out: Path, methods: List[str], fingerprint: str) -> Dict[str, dict]:
+    """The finished methods of the run, in the run's order (whichever process ran them)."""
+    return {m: res for m in methods if (res := _finished(out, m, fingerprint)) is not None}
+
+
+def _write_outputs(out: Path, payload: dict) -> None:
+    _write(out / "results.json", payload)
+    (out / "report.md").write_text(text_report(payload))
+
+
+# -------------------------------------------------------------------------------------------------- --seeds
+TEXT_SEED_METRICS = ("a_mmd", "bwt_mmd", "kid", "clip_i2i", "f_mmd")  # paper units (x1e3, x1e3, x1e5, x100, 1)
+
+
+def run_text_seeds(cfg: TextRunConfig, seeds: List[int]) -> dict:
+    """`--seeds S1 S2 ...` for a personalization preset: one complete run per seed in <out>/seed-<s>/ (its
+    own results, report, samples and --resume), then <out>/results.json and <out>/report.md with every
+    metric's mean and standard error per method and the A_MMD ordering of the means against the paper's
+    (the paper reports means over 3 seeds). The dc-digits base model is the same for every seed (it plays
+    the part of the pretrained Stable Diffusion, DIGITS_BASE_SEED): the seeds vary the personalization."""
+    from .loop import check_seeds, finished_seeds, mean_se, open_seeds_dir, seed_dir
+
+    check_seeds(seeds, cfg.resume, cfg.overwrite)
+    r = resolve_text(cfg)  # bad names and --set values fail before any folder is touched
+    out = text_out_dir(cfg, r)
+    all_seeds = open_seeds_dir(out, seeds, cfg.resume, cfg.overwrite,
+                               _as_json({**dataclasses.asdict(cfg), "seed": None, "out": str(out)}))
+    per_seed: Dict[int, dict] = {}
+    for seed in seeds:
+        d = seed_dir(out, seed)
+        child = dataclasses.replace(cfg, seed=int(seed), out=str(d), resume=bool(cfg.resume and _read(d / "run.json")),
+                                    overwrite=bool(cfg.overwrite))
+        per_seed[seed] = run_personalization(child)
+    finished_seeds(out, all_seeds, per_seed)
+    order = sorted(per_seed)
+    methods: List[str] = []
+    for s in order:
+        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    summary = {}
+    for m in methods:
+        rows = [per_seed[s]["methods"].get(m) for s in order]
+        entry = {k: mean_se([row["paper_units"][k] if row else None for row in rows]) for k in TEXT_SEED_METRICS}
+        entry["recognised_last_task"] = mean_se([_last_recognised(row) for row in rows])
+        summary[m] = entry
+    means = {m: {"final": {"a_mmd": e["a_mmd"]["mean"]}} for m, e in summary.items() if e["a_mmd"]["mean"] is not None}
+    first = per_seed[order[0]]
+    payload = _as_json({"kind": "personalization-seeds", "preset": r.preset.name, "scale": r.scale, "seeds": order,
+                        "features": first["features"], "num_tasks": first["num_tasks"], "concepts": first["concepts"],
+                        "base": first["base"], "methods": summary, "ordering_a_mmd": ordering(means),
+                        "ordering_per_seed": {str(s): per_seed[s]["ordering_a_mmd"] for s in order},
+                        "paper": r.preset.paper, "paper_source": r.preset.paper_source,
+                        "per_seed": {str(s): {"out": seed_dir(out, s).name, "methods": per_seed[s]["methods"]}
+                                     for s in order}, "versions": versions()})
+    _write(out / "results.json", payload)
+    (out / "report.md").write_text(text_seeds_report(payload))
+    if cfg.progress:
+        print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
+    return payload
+
+
+def _last_recognised(row: Optional[dict]) -> Optional[float]:
+    rec = (row or {}).get("recognised") or []
+    return rec[-1] if rec and isinstance(rec[-1], (int, float)) and math.isfinite(rec[-1]) else None
+
+
+def _pm(e: dict) -> str:
+    if e["mean"] is None:
+        return "-"
+    return _fmt(e["mean"]) + ("" if e["se"] is None else f" ± {_fmt(e['se'])}")
+
+
+def text_seeds_report(payload: dict) -> str:
+    """report.md of a --seeds personalization run: mean ± standard error per method and metric, the
+    ordering of the mean A_MMD against the paper's, and each seed's own ordering."""
+    seeds = payload["seeds"]
+    lines = [f"# {payload['preset']} ({payload['scale']}), seeds {seeds}", "",
+             f"{payload['num_tasks']} tasks: {', '.join(payload['concepts'])}. Metrics on **{payload['features']}** "
+             f"features. Each seed is a complete run in `seed-<s>/` (its own report.md and samples); mean ± standard "
+             f"error (sample standard deviation / sqrt(seeds)).", "",
+             "| method | " + " | ".join(h for k, h in METRIC_COLUMNS if k in TEXT_SEED_METRICS)
+             + " | recognised (last task) | seeds |", "|---|" + "---|" * (len(TEXT_SEED_METRICS) + 2)]
+    for m, e in payload["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(_pm(e[k]) for k, _ in METRIC_COLUMNS if k in TEXT_SEED_METRICS)
+                     + f" | {_pm(e['recognised_last_task'])} | {e['a_mmd']['n']} of {len(seeds)} |")
+    o = payload["ordering_a_mmd"]
+    if o["paper"]:
+        lines += ["", "A_MMD ordering of the means (lower is better):", "", f"- paper: {' < '.join(o['paper'])}",
+                  f"- these seeds: {' < '.join(o['ours'])}",
+                  f"- Kendall's tau {_fmt(o['kendall_tau'])}; the paper's ordering "
+                  + ("appears." if o["same"] else "does not appear."), "", "Per seed:", ""]
+        for s, os_ in payload["ordering_per_seed"].items():
+            lines.append(f"- seed {s}: {' < '.join(os_['ours'])} (tau {_fmt(os_['kendall_tau'])})")
+    return "\n".join(lines) + "\n"
 
 
 def text_out_dir(cfg: TextRunConfig, r: Optional[_Resolved] = None) -> Path:
@@ -865,8 +997,9 @@ def ordering(results: Dict[str, dict], metric: str = "a_mmd") -> dict:
 
 
 def _payload(r: _Resolved, cfg: TextRunConfig, label: str, base: Base, results: Dict[str, dict],
-             concepts: List[Concept]) -> dict:
+             concepts: List[Concept], world_size: int = 1) -> dict:
     return _as_json({"kind": "personalization", "preset": r.preset.name, "scale": r.scale, "seed": cfg.seed,
+                     "world_size": world_size,
                      "features": label, "num_tasks": r.num_tasks, "concepts": [c.name for c in concepts],
                      "base": base.info, "methods": results, "ordering_a_mmd": ordering(results),
                      "paper": r.preset.paper, "paper_source": r.preset.paper_source, "versions": versions()})
@@ -928,5 +1061,5 @@ def text_report(payload: dict) -> str:
 
 
 __all__ = ["TextRunConfig", "Concept", "Codec", "resolve_text", "resolved_text_config", "run_personalization",
-           "sample_text", "text_out_dir", "pretrain_digits", "base_prompt_following", "digits_concepts",
+           "run_text_seeds", "sample_text", "text_out_dir", "pretrain_digits", "base_prompt_following", "digits_concepts",
            "folder_concepts", "ordering", "text_report", "OUTPUT_FILES"]
