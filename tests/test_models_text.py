@@ -176,9 +176,26 @@ def test_tiny_models_shapes_and_sizes(parts):
     for bad in ({"hidden_size": 7}, {"hidden_size": 0}, {"seed": -1}, {"max_length": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_text_models(**bad)
-    for bad in ({"cross_attention_dim": 0}, {"sample_size": 15}, {"seed": 1.5}):
+    for bad in ({"cross_attention_dim": 0}, {"sample_size": 15}, {"seed": 1.5}, {"cross_attention_levels": 3},
+                {"cross_attention_levels": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tiny_text_unet(**bad)
+
+
+def test_tiny_unet_cross_attention_levels():
+    """levels 1: cross-attention at full resolution (down 0, up 1) and in the mid block; levels 2: at
+    both resolutions. The forward runs either way and reads the text states at every cross-attention."""
+    def xattn(unet):
+        return sorted(n.split(".attentions")[0] for n, _ in unet.named_modules() if n.endswith("attn2"))
+
+    one, two = tiny_text_unet(seed=0), tiny_text_unet(seed=0, cross_attention_levels=2)
+    assert xattn(one) == ["down_blocks.0", "mid_block", "up_blocks.1", "up_blocks.1"]
+    assert xattn(two) == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.0", "up_blocks.1",
+                          "up_blocks.1"]
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 500])
+    h1, h2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert not torch.allclose(two(x, t, encoder_hidden_states=h1).sample, two(x, t, encoder_hidden_states=h2).sample)
 
 
 # --- modifier tokens -------------------------------------------------------------------------------------------------

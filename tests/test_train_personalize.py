@@ -330,3 +330,31 @@ def test_torchrun_runs_whole_methods_per_process(smoke_all, cache, tmp_path):
                            + ["--out", str(tmp_path / "never")], env=env, capture_output=True, text=True, timeout=600)
     assert three.returncode != 0 and "torchrun: 3 processes for 2 method(s)" in three.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_digits_prompt_shares_and_the_base_ema(cache, tmp_path):
+    """The pretraining captions: 10 % empty, `named_fraction` of a digit's images with its name, the rest
+    the prior prompt. The base's EMA: decay 0 is the raw
+    weights (d_n = 0), a positive decay gives other weights."""
+    import dataclasses
+
+    from cdgfast.train.personalize import _digits_prompt, pretrain_digits
+    from cdgfast.train.ruler import embedded_data
+    from cdgfast.train.text_presets import TEXT_PRESETS
+
+    rs = [(i + 0.5) / 1000 for i in range(1000)]
+    for frac in (0.45, 0.9):
+        named = [_digits_prompt(2, r, frac) for r in rs]
+        assert named.count("") == 100 and named.count("a photo of a two digit") == round(1000 * frac)
+        assert named.count("a photo of a digit") == 900 - round(1000 * frac)
+    data = embedded_data("digits")
+    sc = dataclasses.replace(TEXT_PRESETS["dc-digits"].scale("smoke"), pretrain_steps=3, prior_images=2)
+
+    def base(**kw):
+        b = pretrain_digits(data.train.x, data.train.y, dataclasses.replace(sc, **kw), "a photo of a digit", 0,
+                            torch.device("cpu"), str(tmp_path), False, lambda *_: None)
+        return b.unet_state
+
+    raw, zero, avg = base(pretrain_ema_decay=None), base(pretrain_ema_decay=0.0), base(pretrain_ema_decay=0.9)
+    assert all(torch.equal(raw[k], zero[k]) for k in raw)
+    assert any(not torch.allclose(raw[k], avg[k]) for k in raw)

@@ -221,22 +221,29 @@ def tiny_tokenizer(words: Sequence[str] = TINY_VOCABULARY, max_length: int = 77)
 
 
 def tiny_text_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: Optional[int] = None,
-                   channels: int = 4, width: int = 16):
-    """The tiny UNet2DConditionModel (TINY_TEXT_UNET: one cross-attention block down and up, block widths
-    (width, 2 width)). `channels`: input = output channels (4: SD latents; 1: grey pixels, the dc-digits
-    benchmark). `seed`: build it under torch.manual_seed(seed) without touching the global RNG."""
+                   channels: int = 4, width: int = 16, cross_attention_levels: int = 1):
+    """The tiny UNet2DConditionModel (TINY_TEXT_UNET: block widths (width, 2 width), cross-attention in
+    the mid block and at the first `cross_attention_levels` resolutions, down and up: 1 (TINY_TEXT_UNET,
+    full resolution only) or 2 (also at half resolution, where a small image's shape is decided)).
+    `channels`: input = output channels (4: SD latents; 1: grey pixels, the dc-digits benchmark).
+    `seed`: build it under torch.manual_seed(seed) without touching the global RNG."""
     from diffusers import UNet2DConditionModel
 
     _check_int("cross_attention_dim", cross_attention_dim)
     _check_int("sample_size", sample_size)
     _check_int("channels", channels)
     _check_int("width", width)
+    if cross_attention_levels not in (1, 2) or isinstance(cross_attention_levels, bool):
+        raise ValueError(f"cross_attention_levels: expected 1 or 2, got {cross_attention_levels!r}")
     if sample_size % 2:
         raise ValueError(f"sample_size: expected an even size (one downsampling), got {sample_size}")
     if width % 8:
         raise ValueError(f"width: expected a multiple of 8 (GroupNorm with 8 groups), got {width}")
     cfg = {**TINY_TEXT_UNET, "sample_size": sample_size, "cross_attention_dim": cross_attention_dim,
            "in_channels": channels, "out_channels": channels, "block_out_channels": (width, 2 * width)}
+    if cross_attention_levels == 2:
+        cfg.update(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     if seed is None:
         return UNet2DConditionModel(**cfg)
     _check_int("seed", seed, 0)

@@ -234,7 +234,9 @@ def resolved_text_config(cfg: TextRunConfig) -> dict:
                     if r.preset.source == "digits" else {"concepts_dir": cfg.concepts})},
         "model": ({"kind": "tiny text UNet2DConditionModel, pixel space", "unet_width": r.sc.unet_width,
                    "text_encoder": f"CLIPTextModel hidden {DIGITS_HIDDEN}, 2 layers", "pretrain_steps": r.sc.pretrain_steps,
-                   "pretrain_batch_size": r.sc.pretrain_batch_size, "pretrain_lr": r.sc.pretrain_lr}
+                   "pretrain_batch_size": r.sc.pretrain_batch_size, "pretrain_lr": r.sc.pretrain_lr,
+                   "pretrain_ema_decay": r.sc.pretrain_ema_decay, "pretrain_named_fraction": r.sc.pretrain_named_fraction,
+                   "cross_attention_levels": r.sc.unet_cross_attention_levels, "base_seed": DIGITS_BASE_SEED}
                   if r.preset.source == "digits" else {"kind": "Stable Diffusion v1.x", "pretrained": cfg.pretrained}),
         "training": {"optimizer": "adamw", "steps_per_task": r.sc.steps_per_task, "batch_size": r.sc.batch_size,
                      "prior_batch_size": r.sc.prior_batch_size, "grad_accumulation": r.sc.grad_accumulation,
@@ -381,7 +383,7 @@ def _digits_makers(sc: TextScale, seed: int):
 
     def make_unet():
         return tiny_text_unet(cross_attention_dim=DIGITS_HIDDEN, sample_size=sc.resolution, seed=seed, channels=1,
-                              width=sc.unet_width)
+                              width=sc.unet_width, cross_attention_levels=sc.unet_cross_attention_levels)
 
     def make_text():
         parts = tiny_text_models(max_length=DIGITS_MAX_LENGTH, hidden_size=DIGITS_HIDDEN, seed=seed)
@@ -390,17 +392,19 @@ def _digits_makers(sc: TextScale, seed: int):
     return make_unet, make_text
 
 
-def _digits_prompt(c: int, r: float) -> str:
-    """The pretraining prompt of a digit-c image: 10 % empty (classifier-free guidance), else the prior
-    prompt, and for the named digits (DIGITS_BASE_CLASSES) the digit's name half of the time.
+def _digits_prompt(c: int, r: float, named_fraction: float = 0.45) -> str:
+    """The pretraining prompt of a digit-c image (r uniform in [0, 1)): 10 % empty (classifier-free
+    guidance); for the named digits (DIGITS_BASE_CLASSES) the digit's name for `named_fraction` of the
+    images, else the prior prompt.
 
-    The base sees every digit but can name only 0-3: it can draw a 4 (under "a photo of a digit") without
-    a word that asks for one, as Stable Diffusion can draw a person but not *this* person. Personalization
-    then binds a new token to one concept the model can already render, which LoRA on the cross-attention
-    K/V can do; a base that had never seen a 4 would need new shapes, which K/V LoRA cannot create."""
+    The base names every digit, as Stable Diffusion knows "dog" before it is taught *your* dog: the task
+    then binds a new token to 20 images of a digit through the cross-attention K/V, which works only where
+    the text pathway already carries the concept (a base naming only 0-3 bound 4..9 for 6-36 % of the
+    samples; PROTOCOLS.md, dc-digits).
+    """
     if r < 0.1:
         return ""
-    if r < 0.55 or c not in DIGITS_BASE_CLASSES:
+    if r < 1.0 - named_fraction or c not in DIGITS_BASE_CLASSES:
         return "a photo of a digit"
     return f"a photo of a {DIGIT_NAMES[c]} digit"
 
@@ -416,11 +420,14 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     from cdgfast.metrics.classifier import data_sha256, default_cache_dir
     from cdgfast.models.text import SD_SCHEDULER_CONFIG, encode_prompts
 
+    from .ema import WeightEMA
+
     make_unet, make_text = _digits_makers(sc, seed)
     key = _digest({"data": data_sha256(x, y), "steps": sc.pretrain_steps, "batch": sc.pretrain_batch_size,
                    "lr": sc.pretrain_lr, "width": sc.unet_width, "res": sc.resolution, "prior": prior_prompt,
                    "prior_images": sc.prior_images, "sampler": [sc.sampler, sc.sampler_steps, sc.guidance],
-                   "seed": seed, "torch": torch.__version__.split("+")[0], "v": 2})[:16]
+                   "xattn": sc.unet_cross_attention_levels, "named": sc.pretrain_named_fraction,
+                   "ema": sc.pretrain_ema_decay, "seed": seed, "torch": torch.__version__.split("+")[0], "v": 2})[:16]
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     path = path / f"dc-digits-base-{key}.safetensors"
     info = {"cache": str(path), "pretrain_digits": list(range(len(DIGIT_NAMES))),
@@ -443,13 +450,14 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     schedule = training_schedule(sched_cfg)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=sc.pretrain_lr)
+    ema = WeightEMA(params, sc.pretrain_ema_decay) if sc.pretrain_ema_decay is not None else None
     g = torch.Generator().manual_seed(derive_seed(seed, "pretrain"))
     bar = tqdm(range(sc.pretrain_steps), desc="pretraining the dc-digits base model", disable=not progress,
                leave=False)
     for _ in bar:
         idx = torch.randint(0, x.shape[0], (sc.pretrain_batch_size,), generator=g)
         r = torch.rand(sc.pretrain_batch_size, generator=g).tolist()
-        prompts = [_digits_prompt(int(c), ri) for c, ri in zip(y[idx].tolist(), r)]
+        prompts = [_digits_prompt(int(c), ri, sc.pretrain_named_fraction) for c, ri in zip(y[idx].tolist(), r)]
         x0 = x[idx].to(device)
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=g).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
@@ -459,8 +467,12 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
+    if ema is not None:  # the base is the average
+        ema.copy_to()
     unet.eval()
     text_encoder.eval()
     with torch.no_grad():
@@ -475,7 +487,7 @@ def pretrain_digits(x: torch.Tensor, y: torch.Tensor, sc: TextScale, prior_promp
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file(blob, str(tmp))
     os.replace(tmp, path)
-    log(f"base model: pretrained on all digits (named: {list(DIGITS_BASE_CLASSES)}) in {time.time() - t0:.0f}s, cached at {path}")
+    log(f"base model: pretrained on the digits {list(DIGITS_BASE_CLASSES)} in {time.time() - t0:.0f}s, cached at {path}")
     return Base(unet_state={k[5:]: v for k, v in blob.items() if k.startswith("unet.")},
                 text_state={k[5:]: v for k, v in blob.items() if k.startswith("text.")},
                 make_unet=make_unet, make_text=make_text, scheduler_config=sched_cfg, codec=Codec(),
