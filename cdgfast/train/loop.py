@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -1388,18 +1388,25 @@ def finished_seeds(out: Path, all_seeds: List[int], per_seed: Dict[int, dict]) -
                 per_seed[seed] = prev
 
 
+def method_rows(per_seed: Dict[int, dict]) -> Tuple[List[int], Dict[str, List[Optional[dict]]]]:
+    """The seeds in order, and per method (in order of first appearance) its results.json entry of every
+    seed (None where that seed did not run it)."""
+    seeds = sorted(per_seed)
+    methods: List[str] = []
+    for s in seeds:
+        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    return seeds, {m: [per_seed[s]["methods"].get(m) for s in seeds] for m in methods}
+
+
 def aggregate_seeds(per_seed: Dict[int, dict]) -> dict:
     """The summary of a `--seeds` run from each seed's results.json content: per method and metric the
     per-seed values, mean and standard error; for every pair of methods the MF gap and whether it exceeds
     the combined error sqrt(se_a^2 + se_b^2); and whether every seed was measured with the same
     evaluation protocol (a seed measured with another ruler is flagged, not averaged silently)."""
-    seeds = sorted(per_seed)
-    methods: List[str] = []
-    for s in seeds:
-        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    seeds, by_method = method_rows(per_seed)
+    methods = list(by_method)
     summary = {}
-    for m in methods:
-        rows = [per_seed[s]["methods"].get(m) for s in seeds]
+    for m, rows in by_method.items():
         entry = {}
         for key in SEED_METRICS:
             if key == "final_accuracy_on_samples":

@@ -896,7 +896,7 @@ def run_text_seeds(cfg: TextRunConfig, seeds: List[int]) -> dict:
     metric's mean and standard error per method and the A_MMD ordering of the means against the paper's
     (the paper reports means over 3 seeds). The dc-digits base model is the same for every seed (it plays
     the part of the pretrained Stable Diffusion, DIGITS_BASE_SEED): the seeds vary the personalization."""
-    from .loop import check_seeds, finished_seeds, mean_se, open_seeds_dir, seed_dir
+    from .loop import check_seeds, finished_seeds, mean_se, method_rows, open_seeds_dir, seed_dir
 
     check_seeds(seeds, cfg.resume, cfg.overwrite)
     r = resolve_text(cfg)  # bad names and --set values fail before any folder is touched
@@ -910,13 +910,9 @@ def run_text_seeds(cfg: TextRunConfig, seeds: List[int]) -> dict:
                                     overwrite=bool(cfg.overwrite))
         per_seed[seed] = run_personalization(child)
     finished_seeds(out, all_seeds, per_seed)
-    order = sorted(per_seed)
-    methods: List[str] = []
-    for s in order:
-        methods += [m for m in per_seed[s]["methods"] if m not in methods]
+    order, by_method = method_rows(per_seed)
     summary = {}
-    for m in methods:
-        rows = [per_seed[s]["methods"].get(m) for s in order]
+    for m, rows in by_method.items():
         entry = {k: mean_se([row["paper_units"][k] if row else None for row in rows]) for k in TEXT_SEED_METRICS}
         entry["recognised_last_task"] = mean_se([_last_recognised(row) for row in rows])
         summary[m] = entry
