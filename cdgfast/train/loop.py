@@ -1367,7 +1367,8 @@ def open_seeds_dir(out: Path, seeds: List[int], resume: bool, overwrite: bool, c
         raise RunError(f"out: {out} exists and is not a folder; choose a new or empty folder for the run")
     if resume and not (out / "seeds.json").is_file():
         raise RunError(f"--resume: {out} holds no --seeds run to resume (no seeds.json)")
-    if not resume and not overwrite and not _is_free(out):
+    # only the writer refuses a non-empty folder: under torchrun rank 0 may have written seeds.json already
+    if write and not resume and not overwrite and not _is_free(out):
         raise RunError(f"out: {out} is not empty. Pass --resume to continue the --seeds run there, --overwrite to "
                        f"replace it, or choose another --out.")
     old = _read_json(out / "seeds.json", "--resume") if resume else None

@@ -901,8 +901,9 @@ def run_text_seeds(cfg: TextRunConfig, seeds: List[int]) -> dict:
     check_seeds(seeds, cfg.resume, cfg.overwrite)
     r = resolve_text(cfg)  # bad names and --set values fail before any folder is touched
     out = text_out_dir(cfg, r)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the seeds' files
     all_seeds = open_seeds_dir(out, seeds, cfg.resume, cfg.overwrite,
-                               _as_json({**dataclasses.asdict(cfg), "seed": None, "out": str(out)}))
+                               _as_json({**dataclasses.asdict(cfg), "seed": None, "out": str(out)}), write=main)
     per_seed: Dict[int, dict] = {}
     for seed in seeds:
         d = seed_dir(out, seed)
@@ -925,9 +926,10 @@ def run_text_seeds(cfg: TextRunConfig, seeds: List[int]) -> dict:
                         "paper": r.preset.paper, "paper_source": r.preset.paper_source,
                         "per_seed": {str(s): {"out": seed_dir(out, s).name, "methods": per_seed[s]["methods"]}
                                      for s in order}, "versions": versions()})
-    _write(out / "results.json", payload)
-    (out / "report.md").write_text(text_seeds_report(payload))
-    if cfg.progress:
+    if main:
+        _write(out / "results.json", payload)
+        (out / "report.md").write_text(text_seeds_report(payload))
+    if main and cfg.progress:
         print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
     return payload
 
